@@ -1,0 +1,41 @@
+"""Domain errors. Each message states the numbers involved and what to do about it."""
+
+
+class ChatError(Exception):
+    """Base class: the message is safe and useful to show to a user as is."""
+
+
+class InvalidSetting(ChatError, ValueError):
+    """A sampling setting is out of range, NaN or of the wrong type."""
+
+
+class ContextTooLong(ChatError):
+    """The prompt plus max_new_tokens cannot fit into the model's context."""
+
+
+class UnknownBranch(ChatError, ValueError):
+    """A quantization branch that the catalogue does not know."""
+
+
+class NoGPU(ChatError):
+    """No usable CUDA GPU, so exllamav2 cannot run."""
+
+
+class ModelFolderInvalid(ChatError):
+    """A folder that is not a loadable StarCoder2 EXL2/FP16 model."""
+
+
+class DoesNotFit(ChatError):
+    """Weights plus cache do not fit into free GPU memory."""
+
+
+class NotReady(ChatError):
+    """No model is loaded (or one is loading) so nothing can be generated yet."""
+
+
+class GenerationFailed(ChatError):
+    """The GPU job failed; the engine recovered and the next request can run."""
+
+
+class DownloadError(ChatError):
+    """Fetching a model from the Hugging Face Hub failed."""
