@@ -39,3 +39,7 @@ class GenerationFailed(ChatError):
 
 class DownloadError(ChatError):
     """Fetching a model from the Hugging Face Hub failed."""
+
+
+class InvalidMessages(ChatError, ValueError):
+    """A chat history that the StarCoder2-Instruct template cannot render."""
