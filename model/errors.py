@@ -43,3 +43,27 @@ class DownloadError(ChatError):
 
 class InvalidMessages(ChatError, ValueError):
     """A chat history that the StarCoder2-Instruct template cannot render."""
+
+
+class ModelNotFound(DownloadError):
+    """The repository or the branch does not exist on the Hub (or is private)."""
+
+
+class HubAccessDenied(DownloadError):
+    """The Hub refused access: a gated or private repository, or a wrong HF_TOKEN."""
+
+
+class HubUnreachable(DownloadError):
+    """The Hub could not be reached or failed, and the cache cannot stand in."""
+
+
+class ModelNotCached(DownloadError):
+    """Offline mode is on and the branch is not (completely) in the Hub cache."""
+
+
+class DiskFull(DownloadError):
+    """Not enough free disk space for the files still to download."""
+
+
+class CorruptDownload(DownloadError):
+    """A downloaded file had the wrong size and was discarded."""
