@@ -1,0 +1,700 @@
+"""Gradio UI: chat with StarCoder2-15B-Instruct (EXL2) on one NVIDIA GPU, plus a /generate API."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import sys
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+
+import gradio as gr
+
+from model.branches import (
+    BRANCHES,
+    CACHE_MODES,
+    CONTEXT_STEP,
+    DEFAULT_REPO,
+    MAX_CONTEXT,
+    MIN_CONTEXT,
+    estimate_vram_gb,
+    pick_branch,
+    validate_context,
+)
+from model.download import DownloadProgress, resolve_model_dir
+from model.engine import EngineStatus, Finished, GpuInfo
+from model.errors import ChatError, NoGPU, NotReady
+from model.prompt import FittedPrompt, build_prompt, fit_to_context
+from model.settings import FIELDS, SamplingSettings, validate_settings
+
+logger = logging.getLogger(__name__)
+
+NO_GPU_MESSAGE = (
+    "A CUDA GPU is required: exllamav2 runs only on NVIDIA GPUs and none was found. "
+    "On a Hugging Face Space, pick GPU hardware in Settings; locally, install the CUDA build "
+    "of torch."
+)
+GENERIC_ERROR = "Something went wrong on the server (the details are in its log); please try again."
+AUTO = "auto"
+# Every event that runs a GPU job shares this group, so the limit covers chat and API together.
+GPU_GROUP = "gpu"
+SETTING_NAMES = tuple(spec.name for spec in FIELDS)
+DEFAULTS = {spec.name: spec.default for spec in FIELDS}
+
+Message = dict[str, str]
+
+
+# ---- configuration ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AppConfig:
+    """Everything main() reads from flags and environment variables."""
+
+    model_dir: str | None = None
+    repo: str = DEFAULT_REPO
+    branch: str = AUTO
+    context: int = 4096
+    cache_mode: str = "fp16"
+    host: str = "127.0.0.1"
+    port: int = 7860
+    queue_size: int = 32
+    auth: str | None = None
+    load_at_start: bool = False  # a folder, repo or branch was named: load it while serving
+
+
+def parse_config(
+    argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None
+) -> AppConfig:
+    """Read flags, falling back to environment variables, then to defaults."""
+    env = os.environ if environ is None else environ
+    host_default = "0.0.0.0" if env.get("SPACE_ID") else "127.0.0.1"
+    options = (
+        ("--model-dir", ("SC2_MODEL_DIR",), None, str, "a local model folder (skips the download)"),
+        ("--repo", ("SC2_REPO",), DEFAULT_REPO, str, "Hugging Face repo with EXL2 branches"),
+        ("--branch", ("SC2_BRANCH",), AUTO, str,
+         f"quant branch: {', '.join(BRANCHES)} or auto (the largest that fits the GPU)"),
+        ("--context", ("SC2_CONTEXT",), 4096, int,
+         f"context size in tokens ({MIN_CONTEXT}-{MAX_CONTEXT}, multiple of {CONTEXT_STEP})"),
+        ("--cache-mode", ("SC2_CACHE_MODE",), "fp16", str,
+         f"K/V cache precision: {', '.join(CACHE_MODES)}"),
+        ("--host", ("SC2_HOST",), host_default, str,
+         "address to listen on (0.0.0.0 on a Space)"),
+        ("--port", ("SC2_PORT", "GRADIO_SERVER_PORT"), 7860, int, "port to listen on"),
+        ("--queue-size", ("SC2_QUEUE_SIZE",), 32, int,
+         "requests that may wait in the queue before new ones are turned away"),
+        ("--auth", ("SC2_AUTH",), None, str, 'require a login, given as "user:password"'),
+    )  # fmt: skip
+    parser = argparse.ArgumentParser(
+        prog="app.py",
+        description="Chat with StarCoder2-15B-Instruct (EXL2) on one NVIDIA GPU.",
+    )
+    for flag, env_names, default, kind, text in options:
+        from_env = next((env[name] for name in env_names if env.get(name)), None)
+        value = default if from_env is None else from_env
+        shown = "none" if default is None else default
+        # argparse converts string defaults with `type`, so a bad env value gets a clean error.
+        parser.add_argument(
+            flag,
+            type=kind,
+            default=value,
+            help=f"{text} (env {' / '.join(env_names)}; default: {shown})",
+        )
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(arguments)
+    if args.cache_mode not in CACHE_MODES:
+        parser.error(f"--cache-mode must be one of {', '.join(CACHE_MODES)}")
+    if args.branch != AUTO and args.branch not in BRANCHES:
+        parser.error(f"--branch must be auto or one of {', '.join(BRANCHES)}")
+    try:
+        validate_context(args.context)
+    except ChatError as error:
+        parser.error(str(error))
+    if args.auth is not None and ":" not in args.auth:
+        parser.error('--auth must look like "user:password"')
+    load_at_start = (
+        bool(args.model_dir)
+        or any(arg.startswith(("--repo", "--branch")) for arg in arguments)
+        or any(env.get(name) for name in ("SC2_REPO", "SC2_BRANCH"))
+    )
+    return AppConfig(**vars(args), load_at_start=load_at_start)
+
+
+# ---- errors at the edge -------------------------------------------------------------------------
+
+
+def user_error(error: Exception) -> gr.Error:
+    """The one place exceptions become what users see: domain messages as is, others generic."""
+    if isinstance(error, gr.Error):
+        return error
+    if isinstance(error, ChatError):
+        return gr.Error(str(error))
+    logger.exception("Unexpected error while handling a request", exc_info=error)
+    return gr.Error(GENERIC_ERROR)
+
+
+# ---- chat history (pure functions, tested directly) ---------------------------------------------
+
+
+def add_user_message(message: str, history: list[Message]) -> tuple[str, list[Message]]:
+    """Append the typed message as a user turn; clear the box. A blank message changes nothing."""
+    if not message or not message.strip():
+        return message, history
+    if history and history[-1]["role"] == "user":
+        # The last question was never answered (stopped or failed): replace it, keep turns paired.
+        history = history[:-1]
+    return "", [*history, {"role": "user", "content": message}]
+
+
+def retry_history(history: list[Message]) -> list[Message]:
+    """Drop the last answer so its question is asked again."""
+    if history and history[-1]["role"] == "assistant":
+        return history[:-1]
+    return history
+
+
+def undo_history(history: list[Message]) -> tuple[list[Message], str]:
+    """Remove the last question and its answer; return the question so it can be edited."""
+    if not history:
+        return history, ""
+    if history[-1]["role"] == "assistant":
+        history = history[:-1]
+    if history and history[-1]["role"] == "user":
+        return history[:-1], history[-1]["content"]
+    return history, ""
+
+
+def read_settings(values: Sequence[object], seed: float | None) -> SamplingSettings:
+    """Validate the sliders (in FIELDS order) and the seed box; blank seed means random."""
+    raw: dict[str, object] = dict(zip(SETTING_NAMES, values, strict=True))
+    raw["seed"] = None if seed is None or seed == "" else seed
+    return validate_settings(raw)
+
+
+# ---- rendering ----------------------------------------------------------------------------------
+
+
+def format_stats(finished: Finished) -> str:
+    """One line of numbers for a finished reply."""
+    cached = f", {finished.cached_tokens:,} of them cached" if finished.cached_tokens else ""
+    return (
+        f"**Last reply:** {finished.time_to_first_token_s:.2f} s to first token · "
+        f"{finished.decode_tokens_per_s:.1f} tok/s · {finished.prompt_tokens:,} prompt tokens"
+        f"{cached} · {finished.new_tokens:,} new tokens · stopped by: {finished.stop_reason}"
+    )
+
+
+def context_meter(fitted: FittedPrompt, max_new_tokens: int, context_tokens: int) -> str:
+    """An HTML bar: prompt plus max new tokens against the context, and a note on dropped turns."""
+    used = fitted.prompt_tokens + max_new_tokens
+    share = min(100.0, 100.0 * used / context_tokens) if context_tokens else 100.0
+    dropped = ""
+    if fitted.dropped_turns:
+        turns = "turn was" if fitted.dropped_turns == 1 else "turns were"
+        dropped = (
+            f"<div style='color:#b45309'>The {fitted.dropped_turns} oldest {turns} left out to "
+            "fit the context.</div>"
+        )
+    bar = (
+        "<div style='height:8px;background:#e5e7eb;border-radius:4px;overflow:hidden;"
+        f"margin-bottom:4px'><div style='height:100%;width:{share:.1f}%;background:#f97316'>"
+        "</div></div>"
+    )
+    return (
+        f"<div style='font-size:0.9em'>{bar}<div>Context: {fitted.prompt_tokens:,} prompt + "
+        f"{max_new_tokens:,} max new = {used:,} of {context_tokens:,} tokens ({share:.0f}%)</div>"
+        f"{dropped}</div>"
+    )
+
+
+def gpu_markdown(gpu: GpuInfo | None) -> str:
+    """The GPU line of the model panel."""
+    if gpu is None:
+        return "**GPU:** none found"
+    return f"**GPU:** {gpu.name} · {gpu.free_gb:.1f} GB free of {gpu.total_gb:.1f} GB"
+
+
+def status_markdown(status: EngineStatus) -> str:
+    """The model line of the model panel, from an EngineStatus."""
+    if status.state == "ready":
+        return (
+            f"**Model:** ready · {status.message} Loaded in {status.load_seconds:.1f} s, "
+            f"{status.vram_used_gb:.1f} GB of VRAM, up to {status.max_concurrency} "
+            f"concurrent replies ({status.batching})."
+        )
+    return f"**Model:** {status.state} · {status.message}"
+
+
+def available_vram_gb(engine) -> float | None:
+    """Free VRAM plus what the loaded model holds, since a reload frees that first."""
+    gpu = engine.gpu_info()
+    if gpu is None:
+        return None
+    status = engine.status
+    return gpu.free_gb + (status.vram_used_gb if status.state == "ready" else 0.0)
+
+
+def branch_choices(
+    free_gb: float | None, context_tokens: int, cache_mode: str
+) -> list[tuple[str, str]]:
+    """Dropdown entries: each branch's VRAM estimate and whether it fits; auto names its pick."""
+    names = list(BRANCHES)
+    picked = None if free_gb is None else pick_branch(free_gb, context_tokens, cache_mode)
+    if free_gb is None:
+        auto = f"{AUTO} (no GPU found)"
+    elif picked is None:
+        auto = f"{AUTO} (none fits in {free_gb:.1f} GB)"
+    else:
+        auto = f"{AUTO} → {picked}"
+    choices = [(auto, AUTO)]
+    for name in names:
+        need = estimate_vram_gb(name, context_tokens, cache_mode)
+        if free_gb is None:
+            verdict = ""
+        elif picked is not None and names.index(name) <= names.index(picked):
+            verdict = " · fits"
+        else:
+            verdict = " · too big"
+        choices.append((f"{name} · {BRANCHES[name].bits:g} bits · ~{need:.1f} GB{verdict}", name))
+    return choices
+
+
+# ---- model loading ------------------------------------------------------------------------------
+
+
+class ModelLoader:
+    """Download then load one model at a time; shared by the Load button and start-up."""
+
+    def __init__(self, engine, config: AppConfig) -> None:
+        self.engine = engine
+        self.config = config
+        self.progress_text = ""
+        self._lock = threading.Lock()
+        self._listeners: list[Callable[[object], None]] = []
+
+    @property
+    def busy(self) -> bool:
+        return self._lock.locked()
+
+    def on_loaded(self, listener: Callable[[object], None]) -> None:
+        """Call listener(status) after every successful load."""
+        self._listeners.append(listener)
+
+    def load(
+        self,
+        branch: str,
+        context_tokens: int,
+        cache_mode: str,
+        report: Callable[[float | None, str], None] | None = None,
+    ):
+        """Resolve the folder (downloading if needed), load it and return the EngineStatus."""
+        if not self._lock.acquire(blocking=False):
+            raise NotReady("A model is already loading; wait for it to finish, then try again.")
+        try:
+
+            def show(fraction: float | None, text: str) -> None:
+                self.progress_text = text
+                if report is not None:
+                    report(fraction, text)
+
+            free_gb = available_vram_gb(self.engine)
+            if free_gb is None:
+                raise NoGPU(NO_GPU_MESSAGE)
+            context_tokens = validate_context(context_tokens)
+
+            def downloaded(progress: DownloadProgress) -> None:
+                total = progress.bytes_total or 1
+                show(
+                    progress.bytes_done / total,
+                    f"Downloading: {progress.bytes_done / 1e9:.1f} of {total / 1e9:.1f} GB, "
+                    f"{progress.files_done} of {progress.files_total} files, "
+                    f"{progress.bytes_per_s / 1e6:.0f} MB/s",
+                )
+
+            show(None, "Finding the model…")
+            folder = resolve_model_dir(
+                model_dir=self.config.model_dir,
+                repo=self.config.repo,
+                branch=branch,
+                context_tokens=context_tokens,
+                cache_mode=cache_mode,
+                free_vram_gb=free_gb,
+                on_progress=downloaded,
+            )
+            show(0.0, f"Loading {folder}…")
+            status = self.engine.load(
+                str(folder),
+                max_seq_len=context_tokens,
+                cache_mode=cache_mode,
+                on_progress=lambda done, total: show(
+                    done / max(total, 1), f"Loading layers: {done} of {total}"
+                ),
+            )
+            for listener in self._listeners:
+                listener(status)
+            return status
+        finally:
+            self.progress_text = ""
+            self._lock.release()
+
+    def load_in_background(self) -> threading.Thread:
+        """Start loading the configured model in a thread, logging progress; errors are logged."""
+
+        def run() -> None:
+            last = [""]
+
+            def log(_fraction: float | None, text: str) -> None:
+                if text.split(":")[0] != last[0]:
+                    logger.info(text)
+                    last[0] = text.split(":")[0]
+
+            try:
+                status = self.load(
+                    self.config.branch, self.config.context, self.config.cache_mode, log
+                )
+                logger.info(status.message)
+            except ChatError as error:
+                logger.error("Loading the model at start-up failed: %s", error)
+            except Exception:
+                logger.exception("Loading the model at start-up failed")
+
+        thread = threading.Thread(target=run, name="model-loader", daemon=True)
+        thread.start()
+        return thread
+
+
+def set_gpu_concurrency(demo: gr.Blocks, limit: int) -> None:
+    """Let `limit` GPU jobs run at once, also on a running queue (the limit is set per event)."""
+    limit = max(1, int(limit))
+    for block_fn in demo.fns.values():
+        if block_fn.concurrency_id == GPU_GROUP:
+            block_fn.concurrency_limit = limit
+    # Gradio reads the limit when an event group is first used; update the live group too.
+    running = getattr(demo, "_queue", None)
+    group = running.event_queue_per_concurrency_id.get(GPU_GROUP) if running else None
+    if group is not None:
+        group.concurrency_limit = limit
+
+
+# ---- the UI -------------------------------------------------------------------------------------
+
+BANNER_STYLE = (
+    "background:#fee2e2;color:#7f1d1d;border:1px solid #fca5a5;border-radius:8px;"
+    "padding:10px 14px;font-weight:600"
+)
+
+
+def build_demo(engine, config: AppConfig | None = None, loader: ModelLoader | None = None):
+    """Build the Blocks app around an engine (the real one or a test fake)."""
+    config = config or AppConfig()
+    loader = loader or ModelLoader(engine, config)
+    gpu = engine.gpu_info()
+    has_gpu = gpu is not None
+    initial_status = engine.status
+    initial_limit = initial_status.max_concurrency if initial_status.state == "ready" else 1
+    free_gb = available_vram_gb(engine)
+
+    def require_gpu() -> None:
+        if not has_gpu:
+            raise gr.Error(NO_GPU_MESSAGE)
+
+    def fit(messages: list[Message], settings: SamplingSettings, system: str, prefix: str):
+        """Check the model is ready and trim the history to the context."""
+        status = engine.status
+        if status.state != "ready":
+            raise NotReady(
+                f"The model is not ready ({status.state}): {status.message} Load one in the "
+                "Model panel, or wait for the current load to finish."
+            )
+        return fit_to_context(
+            messages,
+            count_tokens=engine.count_tokens,
+            context_tokens=status.max_seq_len,
+            max_new_tokens=settings.max_new_tokens,
+            system=system.strip() or None,
+            response_prefix=prefix,
+        )
+
+    def respond(history: list[Message], system: str, prefix: str, *values):
+        """Stream an answer to the last user message: (chat, history, stats, meter, prompt)."""
+        require_gpu()
+        if not history or history[-1]["role"] != "user":
+            return  # nothing to answer (blank message, or Retry with no question)
+        try:
+            settings = read_settings(values[:-1], values[-1])
+            fitted = fit(history, settings, system, prefix)
+            prompt = build_prompt(
+                fitted.messages, system=system.strip() or None, response_prefix=prefix
+            )
+            prompt_view = f"{fitted.prompt_tokens:,} tokens\n\n{prompt}"
+            meter = context_meter(fitted, settings.max_new_tokens, engine.status.max_seq_len)
+            # closing(): Stop closes this generator, and that must close the engine's (the GPU job).
+            with contextlib.closing(engine.stream(fitted.segments, settings)) as events:
+                yield history, history, "Generating…", meter, prompt_view
+                text = ""
+                for event in events:
+                    if isinstance(event, Finished):
+                        answer = [*history, {"role": "assistant", "content": prefix + event.text}]
+                        yield answer, answer, format_stats(event), gr.skip(), gr.skip()
+                    else:
+                        text += event.text
+                        answer = [*history, {"role": "assistant", "content": prefix + text}]
+                        yield answer, answer, gr.skip(), gr.skip(), gr.skip()
+        except Exception as error:
+            raise user_error(error) from None
+
+    def generate(
+        prompt: str,
+        temperature: float = DEFAULTS["temperature"],
+        top_p: float = DEFAULTS["top_p"],
+        top_k: int = DEFAULTS["top_k"],
+        min_p: float = DEFAULTS["min_p"],
+        repetition_penalty: float = DEFAULTS["repetition_penalty"],
+        max_new_tokens: int = DEFAULTS["max_new_tokens"],
+        seed: int | None = None,
+    ) -> Iterator[str]:
+        """Answer one instruction; each streamed value is the whole answer so far."""
+        require_gpu()
+        try:
+            settings = validate_settings(
+                {
+                    "temperature": temperature,
+                    "top_p": top_p,
+                    "top_k": top_k,
+                    "min_p": min_p,
+                    "repetition_penalty": repetition_penalty,
+                    "max_new_tokens": max_new_tokens,
+                    "seed": seed,
+                }
+            )
+            if not isinstance(prompt, str) or not prompt.strip():
+                raise gr.Error("The prompt is empty; send an instruction to answer.")
+            fitted = fit([{"role": "user", "content": prompt}], settings, "", "")
+            text = ""
+            with contextlib.closing(engine.stream(fitted.segments, settings)) as events:
+                for event in events:
+                    if isinstance(event, Finished):
+                        if event.text != text:
+                            yield event.text
+                    else:
+                        text += event.text
+                        yield text
+        except Exception as error:
+            raise user_error(error) from None
+
+    def refresh_model_panel(branch: str, context_tokens: float, cache_mode: str):
+        """GPU line, branch estimates at the chosen context and cache, and the model status."""
+        context_tokens = int(context_tokens)
+        free = available_vram_gb(engine)
+        text = loader.progress_text if loader.busy else ""
+        status = f"**Model:** {text}" if text else status_markdown(engine.status)
+        return (
+            gpu_markdown(engine.gpu_info()),
+            gr.Dropdown(choices=branch_choices(free, context_tokens, cache_mode), value=branch),
+            status,
+        )
+
+    def load_clicked(branch: str, context_tokens: float, cache_mode: str, progress=gr.Progress()):  # noqa: B008 (Gradio's API)
+        """Download (if needed) and load the chosen branch; reloads replace the current model."""
+        require_gpu()
+        try:
+            loader.load(
+                branch,
+                int(context_tokens),
+                cache_mode,
+                lambda fraction, text: progress(fraction, desc=text),
+            )
+        except Exception as error:
+            raise user_error(error) from None
+        return refresh_model_panel(branch, context_tokens, cache_mode)
+
+    def show_prompt(visible: bool):
+        return gr.Code(visible=visible)
+
+    with gr.Blocks(title="StarCoder2-15B-Instruct (EXL2)", analytics_enabled=False) as demo:
+        gr.Markdown("# StarCoder2-15B-Instruct · EXL2 chat")
+        gr.HTML(f"<div style='{BANNER_STYLE}'>{NO_GPU_MESSAGE}</div>", visible=not has_gpu)
+        history = gr.State([])
+        with gr.Row(equal_height=False):
+            with gr.Column(scale=3):
+                chatbot = gr.Chatbot(
+                    label="Chat",
+                    height=520,
+                    buttons=["copy", "copy_all"],
+                    render_markdown=True,
+                    feedback_options=None,
+                    placeholder="Ask for code: a function, a fix, an explanation.",
+                    elem_id="chatbot",
+                )
+                stats = gr.Markdown("", elem_id="reply-stats")
+                meter = gr.HTML("", elem_id="context-meter")
+                with gr.Row():
+                    message = gr.Textbox(
+                        show_label=False,
+                        placeholder="Write an instruction and press Enter",
+                        lines=2,
+                        max_lines=12,
+                        scale=5,
+                        elem_id="message",
+                    )
+                    with gr.Column(scale=1, min_width=120):
+                        send = gr.Button("Send", variant="primary", elem_id="send")
+                        stop = gr.Button("Stop", variant="stop", elem_id="stop")
+                with gr.Row():
+                    retry = gr.Button("Retry", size="sm", elem_id="retry")
+                    undo = gr.Button("Undo", size="sm", elem_id="undo")
+                    clear = gr.Button("Clear", size="sm", elem_id="clear")
+                with gr.Accordion("Prompt options", open=False):
+                    system = gr.Textbox(
+                        label="System text",
+                        info="Optional; placed before your first instruction.",
+                        lines=2,
+                    )
+                    prefix = gr.Textbox(
+                        label="Response prefix",
+                        info="The answer starts with this text, e.g. ```python",
+                    )
+                    show_prompt_box = gr.Checkbox(label="Show the exact prompt of the last reply")
+                    prompt_view = gr.Code(
+                        label="Prompt sent to the model (token count first)",
+                        language=None,
+                        visible=False,
+                        interactive=False,
+                    )
+            with gr.Column(scale=2):
+                with gr.Accordion("Model", open=True):
+                    gpu_line = gr.Markdown(gpu_markdown(gpu))
+                    model_line = gr.Markdown(status_markdown(initial_status))
+                    initial_branch = config.branch if config.branch in BRANCHES else AUTO
+                    branch = gr.Dropdown(
+                        label="Branch (bits per weight; VRAM estimate at this context and cache)",
+                        choices=branch_choices(free_gb, config.context, config.cache_mode),
+                        value=initial_branch,
+                        interactive=not config.model_dir,
+                        info=f"Local folder {config.model_dir}" if config.model_dir else None,
+                    )
+                    context = gr.Slider(
+                        MIN_CONTEXT,
+                        MAX_CONTEXT,
+                        value=config.context,
+                        step=CONTEXT_STEP,
+                        label="Context (tokens)",
+                    )
+                    cache_mode = gr.Radio(
+                        list(CACHE_MODES),
+                        value=config.cache_mode,
+                        label="K/V cache",
+                        info="q4/q6/q8 quantize the cache: less VRAM, nearly the same answers.",
+                    )
+                    load = gr.Button("Load", variant="primary", elem_id="load")
+                with gr.Accordion("Sampling", open=False):
+                    sliders = [
+                        gr.Slider(
+                            spec.minimum,
+                            spec.maximum,
+                            value=spec.default,
+                            step=spec.step,
+                            label=spec.label,
+                            info=spec.info,
+                        )
+                        for spec in FIELDS
+                    ]
+                    seed = gr.Number(
+                        label="Seed", value=None, precision=0, info="Blank for a random seed."
+                    )
+        timer = gr.Timer(1.0, active=False)
+
+        private = {"api_visibility": "private"}
+        chat_outputs = [chatbot, history, stats, meter, prompt_view]
+        respond_inputs = [history, system, prefix, *sliders, seed]
+        gpu_job = {
+            "concurrency_id": GPU_GROUP,
+            "concurrency_limit": initial_limit,
+            **private,
+        }
+
+        sent = [
+            trigger(add_user_message, [message, history], [message, history], **private)
+            .then(lambda h: h, history, chatbot, queue=False, **private)
+            .then(respond, respond_inputs, chat_outputs, **gpu_job)
+            for trigger in (message.submit, send.click)
+        ]
+        retried = (
+            retry.click(retry_history, history, history, queue=False, **private)
+            .then(lambda h: h, history, chatbot, queue=False, **private)
+            .then(respond, respond_inputs, chat_outputs, **gpu_job)
+        )
+        stop.click(lambda: "**Stopped.**", None, stats, cancels=[*sent, retried], **private)
+        undo.click(undo_history, history, [history, message], queue=False, **private).then(
+            lambda h: h, history, chatbot, queue=False, **private
+        )
+        clear.click(
+            lambda: ([], [], "", ""), None, [history, chatbot, stats, meter], queue=False, **private
+        )
+        show_prompt_box.change(show_prompt, show_prompt_box, prompt_view, queue=False, **private)
+
+        panel = [gpu_line, branch, model_line]
+        for control in (context, cache_mode):
+            control.change(
+                refresh_model_panel, [branch, context, cache_mode], panel, queue=False, **private
+            )
+        load.click(
+            load_clicked,
+            [branch, context, cache_mode],
+            panel,
+            concurrency_id="load",
+            concurrency_limit=1,
+            **private,
+        )
+
+        def page_opened(branch_value: str, context_tokens: float, cache: str):
+            return (
+                *refresh_model_panel(branch_value, context_tokens, cache),
+                gr.Timer(active=True),
+            )
+
+        def tick(branch_value: str, context_tokens: float, cache: str):
+            keep = loader.busy or engine.status.state == "loading"
+            return (
+                *refresh_model_panel(branch_value, context_tokens, cache),
+                gr.Timer(active=keep),
+            )
+
+        demo.load(page_opened, [branch, context, cache_mode], [*panel, timer], **private)
+        timer.tick(tick, [branch, context, cache_mode], [*panel, timer], queue=False, **private)
+
+        gr.api(
+            generate,
+            api_name="generate",
+            concurrency_id=GPU_GROUP,
+            concurrency_limit=initial_limit,
+        )
+
+    loader.on_loaded(lambda status: set_gpu_concurrency(demo, status.max_concurrency))
+    demo.queue(max_size=config.queue_size, default_concurrency_limit=1)
+    return demo
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Parse the configuration, build the real engine and serve the app."""
+    config = parse_config(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    from model.engine import Engine
+
+    engine = Engine()
+    loader = ModelLoader(engine, config)
+    demo = build_demo(engine, config, loader)
+    if config.load_at_start and engine.gpu_info() is not None:
+        loader.load_in_background()
+    auth = tuple(config.auth.split(":", 1)) if config.auth else None
+    try:
+        demo.launch(server_name=config.host, server_port=config.port, auth=auth)
+    finally:
+        engine.close()
+
+
+if __name__ == "__main__":
+    main()

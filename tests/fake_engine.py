@@ -1,0 +1,152 @@
+"""A scripted stand-in for model.engine.Engine with the same public surface, for CPU UI tests."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+from model.engine import EngineStatus, Finished, GpuInfo, StreamEvent, TextDelta
+from model.errors import NoGPU, NotReady
+from model.prompt import Segment
+from model.settings import SamplingSettings
+
+FAKE_GPU = GpuInfo(name="Fake RTX 4090", total_gb=24.0, free_gb=22.5)
+
+
+@dataclass
+class StreamCall:
+    """One stream() call as the fake saw it; `closed` turns True if the caller stopped early."""
+
+    segments: list[Segment]
+    settings: SamplingSettings
+    started: threading.Event = field(default_factory=threading.Event)
+    finished: threading.Event = field(default_factory=threading.Event)
+    closed_event: threading.Event = field(default_factory=threading.Event)
+    chunks_sent: int = 0
+
+    @property
+    def closed(self) -> bool:
+        return self.closed_event.is_set()
+
+
+class FakeEngine:
+    """Streams `chunks` as TextDelta events then a Finished; records every call it receives."""
+
+    def __init__(
+        self,
+        chunks: Sequence[str] = ("Hello", ",", " world", "!"),
+        *,
+        gpu: GpuInfo | None = FAKE_GPU,
+        loaded: bool = True,
+        max_seq_len: int = 4096,
+        max_concurrency: int = 4,
+        chunk_delay_s: float = 0.0,
+        gate: threading.Event | None = None,
+        error: Exception | None = None,
+        tokens_per_char: float = 0.25,
+    ) -> None:
+        self.chunks = list(chunks)
+        self.gpu = gpu
+        self.chunk_delay_s = chunk_delay_s
+        self.gate = gate  # when set, chunks after the first wait for it (a deterministic pause)
+        self.error = error
+        self.tokens_per_char = tokens_per_char
+        self.max_concurrency = max_concurrency
+        self.calls: list[StreamCall] = []
+        self.loads: list[dict] = []
+        self.call_made = threading.Event()
+        self._status = (
+            self._ready("/models/fake", max_seq_len, "fp16") if loaded else EngineStatus()
+        )
+
+    def _ready(self, model_dir: str, max_seq_len: int, cache_mode: str) -> EngineStatus:
+        return EngineStatus(
+            state="ready",
+            model_dir=model_dir,
+            max_seq_len=max_seq_len,
+            cache_mode=cache_mode,
+            batching="paged",
+            max_concurrency=self.max_concurrency,
+            load_seconds=1.5,
+            vram_used_gb=9.8,
+            message=f"Loaded {model_dir}: {max_seq_len:,}-token context, {cache_mode} cache.",
+        )
+
+    def gpu_info(self) -> GpuInfo | None:
+        return self.gpu
+
+    def load(
+        self,
+        model_dir: str,
+        *,
+        max_seq_len: int = 4096,
+        cache_mode: str = "fp16",
+        on_progress: Callable[[int, int], None] | None = None,
+    ) -> EngineStatus:
+        if self.gpu is None:
+            raise NoGPU("A CUDA GPU is required: exllamav2 runs only on NVIDIA GPUs.")
+        self.loads.append(
+            {"model_dir": model_dir, "max_seq_len": max_seq_len, "cache_mode": cache_mode}
+        )
+        for done in range(1, 4):
+            if on_progress is not None:
+                on_progress(done, 3)
+        self._status = self._ready(model_dir, max_seq_len, cache_mode)
+        return self._status
+
+    def unload(self) -> None:
+        self._status = EngineStatus()
+
+    @property
+    def status(self) -> EngineStatus:
+        return self._status
+
+    def count_tokens(self, segments: Sequence[Segment]) -> int:
+        if self._status.state != "ready":
+            raise NotReady("No model is loaded yet; load one in the Model panel first.")
+        return max(1, round(sum(len(s.text) for s in segments) * self.tokens_per_char))
+
+    def stream(
+        self, segments: Sequence[Segment], settings: SamplingSettings
+    ) -> Iterator[StreamEvent]:
+        if self.gpu is None:
+            raise NoGPU("A CUDA GPU is required: exllamav2 runs only on NVIDIA GPUs.")
+        if self._status.state != "ready":
+            raise NotReady("The model is not ready; load one first.")
+        if self.error is not None:
+            raise self.error
+        call = StreamCall(list(segments), settings)
+        self.calls.append(call)
+        self.call_made.set()
+        return self._events(call)
+
+    def _events(self, call: StreamCall) -> Iterator[StreamEvent]:
+        call.started.set()
+        try:
+            for index, chunk in enumerate(self.chunks):
+                if index and self.gate is not None:
+                    self.gate.wait(timeout=30)
+                if index and self.chunk_delay_s:
+                    time.sleep(self.chunk_delay_s)  # the pace of a GPU, not synchronisation
+                call.chunks_sent += 1
+                yield TextDelta(chunk)
+            text = "".join(self.chunks)
+            yield Finished(
+                text=text,
+                prompt_tokens=self.count_tokens(call.segments),
+                new_tokens=len(self.chunks),
+                cached_tokens=0,
+                time_to_first_token_s=0.05,
+                decode_tokens_per_s=42.0,
+                stop_reason="eos",
+            )
+        except GeneratorExit:
+            call.closed_event.set()  # what the real engine turns into a cancelled GPU job
+            raise
+        finally:
+            call.finished.set()
+
+    def close(self) -> None:
+        self.unload()
