@@ -1,0 +1,247 @@
+"""Fixes for exllamav2 0.3.2 defects that break StarCoder2, one function per defect.
+
+`apply_all()` runs them once, when the engine first imports exllamav2. Nothing here edits
+installed files or fakes a `flash_attn` module: each fix replaces attributes of exllamav2 at run
+time.
+
+Defects (measured against transformers' Starcoder2ForCausalLM, see tests/test_engine_gpu.py):
+1. Configs carry `norm_epsilon`, exllamav2 reads `layer_norm_epsilon`: loading fails.
+2. Without flash-attn, exllamav2's SDPA path passes no causal mask on multi-token prefill.
+3. StarCoder2's sliding window is never applied (layers get none), the torch path ignores it,
+   and exllamav2 passes `window_size=(w, w)`, which admits w + 1 keys; the model attends to exactly
+   w keys, itself included.
+4. Paged mode (continuous batching) needs flash-attn >= 2.5.7. `paged_attention` below implements
+   the same `flash_attn_with_kvcache` contract in PyTorch so batching works everywhere.
+5. A broken xformers (importable, no kernel for the GPU) makes every forward raise.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
+
+_applied = False
+
+
+def apply_all() -> None:
+    """Apply every fix once (idempotent). Must run before a model is loaded."""
+    global _applied
+    if _applied:
+        return
+    fix_norm_epsilon_key()
+    fix_sliding_window_flag()
+    fix_unpaged_attention()
+    fix_paged_attention()
+    ignore_xformers()
+    _applied = True
+
+
+def has_real_flash_attn() -> bool:
+    """True when flash-attn >= 2.5.7 (what exllamav2's paged mode was written for) imports."""
+    from exllamav2 import attn
+
+    return getattr(attn, "_real_flash_attn_with_kvcache", None) is not None
+
+
+# 1. norm_epsilon ----
+
+
+def _patch_starcoder2_arch(change) -> None:
+    """Run `change(lm)` on exllamav2's architecture parameters for every Starcoder2 config."""
+    from exllamav2.architecture import ExLlamaV2ArchParams
+
+    original = ExLlamaV2ArchParams.__init__
+
+    def __init__(self, arch_string, read_config):
+        original(self, arch_string, read_config)
+        if arch_string == "Starcoder2ForCausalLM":
+            change(self.lm)
+
+    ExLlamaV2ArchParams.__init__ = __init__
+
+
+def fix_norm_epsilon_key() -> None:
+    """Let Starcoder2 configs load with `norm_epsilon` (the real key) or `layer_norm_epsilon`."""
+    _patch_starcoder2_arch(
+        lambda lm: lm.keys.update(norm_eps=["norm_epsilon", "layer_norm_epsilon"])
+    )
+
+
+def fix_sliding_window_flag() -> None:
+    """exllamav2 gives layers the config's sliding window only for architectures flagged `swa`."""
+    _patch_starcoder2_arch(lambda lm: setattr(lm, "swa", True))
+
+
+# 2 + 3. attention math shared by the unpaged and paged paths ----
+
+
+def window_mask(q_positions: torch.Tensor, k_len: int, window: int) -> torch.Tensor:
+    """Boolean mask (..., q, k): key j is visible from position p iff p - window < j <= p."""
+    keys = torch.arange(k_len, device=q_positions.device)
+    p = q_positions.unsqueeze(-1)
+    visible = keys <= p
+    if window:
+        visible &= keys > p - window
+    return visible
+
+
+def _decode_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, mask: torch.Tensor | None
+) -> torch.Tensor:
+    """One query token per sequence. q (B, 1, H, D), k/v (B, K, Hk, D) -> (B, 1, H*D).
+
+    The H // Hk query heads that share a KV head are folded into the query axis, so every K/V head
+    is read once and nothing is repeated in memory. mask: (B, K) boolean or None.
+    """
+    batch, _, heads, dim = q.shape
+    kv_heads = k.shape[2]
+    folded = q.view(batch, kv_heads, heads // kv_heads, dim)
+    if mask is not None:
+        mask = mask[:, None, None, :]
+    out = F.scaled_dot_product_attention(
+        folded, k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, scale=scale
+    )
+    return out.reshape(batch, 1, heads * dim)
+
+
+def _prefill_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, window: int
+) -> torch.Tensor:
+    """One sequence, queries at the end of the keys. q (1, Q, H, D), k/v (1, K, Hk, D)."""
+    q_len, k_len = q.shape[1], k.shape[1]
+    first = k_len - q_len
+    if window and k_len > window:
+        # Keys older than the first query's window are never visible: drop them, then mask the band.
+        start = max(0, first - window + 1)
+        k, v = k[:, start:], v[:, start:]
+        positions = torch.arange(first - start, k.shape[1], device=q.device)
+        mask = window_mask(positions, k.shape[1], window)
+    else:
+        mask = causal_lower_right(q_len, k_len)
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2),
+        k.transpose(1, 2),
+        v.transpose(1, 2),
+        attn_mask=mask,
+        scale=scale,
+        enable_gqa=True,
+    )
+    return out.transpose(1, 2).reshape(1, q_len, -1)
+
+
+def fix_unpaged_attention() -> None:
+    """Replace the torch attention of the unpaged path with a causal, windowed, GQA-aware one."""
+    from exllamav2.attn import ExLlamaV2Attention
+
+    def _attn_torch(
+        self, batch_size, q_len, q_states, k_states, v_states, attn_params, cfg, causal=True
+    ):
+        # q (B, Q, H, D); k/v (B, K, Hk, D): the cache up to and including this step's tokens.
+        window = self.sliding_window or 0
+        if q_len == 1:
+            if window and k_states.shape[1] > window:
+                k_states, v_states = k_states[:, -window:], v_states[:, -window:]
+            return _decode_attention(q_states, k_states, v_states, self.scaling, None)
+        outputs = [
+            _prefill_attention(
+                q_states[b : b + 1], k_states[b : b + 1], v_states[b : b + 1], self.scaling, window
+            )
+            for b in range(batch_size)
+        ]
+        return torch.cat(outputs, dim=0)
+
+    ExLlamaV2Attention._attn_torch = _attn_torch
+
+
+# 4. paged attention ----
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    k: torch.Tensor | None = None,
+    v: torch.Tensor | None = None,
+    cache_seqlens: torch.Tensor | None = None,
+    block_table: torch.Tensor | None = None,
+    softmax_scale: float | None = None,
+    causal: bool = True,
+    window_size: tuple[int, int] = (-1, -1),
+    **unused,
+) -> torch.Tensor:
+    """flash_attn_with_kvcache's contract, in PyTorch, for a paged cache.
+
+    q (B, Q, H, D); k_cache/v_cache (pages, page_size, Hk, D); k/v (B, Q, Hk, D) or None;
+    cache_seqlens (B,) tokens already cached; block_table (B, max_pages). The new k/v are written at
+    cache_seqlens, then each query attends causally (aligned to the end) over its sequence, within
+    `window_size[0]` keys to the left.
+    Decode (Q == 1) runs batched with no host sync; prefill (Q > 1) runs one sequence at a time.
+    """
+    batch, q_len, _, dim = q.shape
+    page_size = k_cache.shape[1]
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(dim)
+    window = window_size[0] + 1 if window_size and window_size[0] >= 0 else 0
+    steps = torch.arange(q_len, device=q.device, dtype=torch.int64)
+    seqlens = cache_seqlens.to(torch.int64)
+
+    if k is not None:
+        positions = seqlens[:, None] + steps[None, :]
+        pages = block_table.to(torch.int64).gather(1, positions // page_size)
+        k_cache[pages, positions % page_size] = k
+        v_cache[pages, positions % page_size] = v
+        total = seqlens + q_len
+    else:
+        total = seqlens
+
+    if q_len == 1:
+        keys = k_cache[block_table.to(torch.int64)].flatten(1, 2)
+        v_all = v_cache[block_table.to(torch.int64)].flatten(1, 2)
+        mask = window_mask((total - 1)[:, None], keys.shape[1], window)[:, 0, :]
+        return _decode_attention(q, keys, v_all, scale, mask).view(batch, 1, -1, dim)
+
+    outputs = []
+    for b, length in enumerate(total.tolist()):
+        pages = block_table[b, : (length + page_size - 1) // page_size].to(torch.int64)
+        keys = k_cache[pages].flatten(0, 1)[None, :length]
+        values = v_cache[pages].flatten(0, 1)[None, :length]
+        outputs.append(_prefill_attention(q[b : b + 1], keys, values, scale, window))
+    return torch.cat(outputs, dim=0).view(batch, q_len, -1, dim)
+
+
+def _starcoder2_window(flash_fn):
+    """exllamav2 passes window_size=(w, w), w + 1 keys; the model sees w, itself included."""
+
+    def call(*args, window_size=None, **kwargs):
+        if window_size is not None and window_size[0] > 0:
+            window_size = (window_size[0] - 1, window_size[1] - 1)
+            kwargs["window_size"] = window_size
+        return flash_fn(*args, **kwargs)
+
+    return call
+
+
+def fix_paged_attention() -> None:
+    """Enable paged mode: flash-attn if installed, else `paged_attention`; windows fixed in both."""
+    from exllamav2 import attn
+
+    real = (
+        getattr(attn, "flash_attn_with_kvcache", None) if attn.has_flash_attn_with_paged else None
+    )
+    attn._real_flash_attn_with_kvcache = real
+    attn.flash_attn_with_kvcache = _starcoder2_window(real or paged_attention)
+    attn.has_flash_attn_with_paged = True
+    attn.has_flash_attn_with_window = True
+
+
+# 5. xformers ----
+
+
+def ignore_xformers() -> None:
+    """Never route attention through xformers: our torch paths are correct (window, mask)."""
+    from exllamav2 import attn, model
+
+    attn.has_xformers = False
+    model.has_xformers = False

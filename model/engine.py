@@ -1,0 +1,529 @@
+"""The GPU engine: the only module that imports exllamav2 (lazily, on first load).
+
+One worker thread owns exllamav2's dynamic generator. Callers submit jobs through a queue and read
+an iterator of small frozen events: `TextDelta`s, then one `Finished`. Closing the iterator cancels
+the job.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import queue
+import secrets
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from model.errors import (
+    ContextTooLong,
+    DoesNotFit,
+    GenerationFailed,
+    InvalidSetting,
+    ModelFolderInvalid,
+    NoGPU,
+    NotReady,
+)
+from model.prompt import EOS_TOKEN_ID, STOP_STRINGS, Segment
+from model.settings import SamplingSettings
+
+CACHE_MODES = ("fp16", "q8", "q6", "q4")
+MAX_CONTEXT = 16384
+PAGE_SIZE = 256
+DEFAULT_MAX_JOBS = 8
+# Cache bytes per element by mode (quantized caches add an fp16 scale per 32 values).
+CACHE_BYTES_PER_VALUE = {"fp16": 2.0, "q8": 1.0625, "q6": 0.8125, "q4": 0.5625}
+# Kept free after weights and cache: scratch buffers, logits, CUDA context growth.
+RESERVE_BYTES = 1_200_000_000
+GB = 1e9
+
+
+@dataclass(frozen=True)
+class GpuInfo:
+    name: str
+    total_gb: float
+    free_gb: float
+
+
+@dataclass(frozen=True)
+class TextDelta:
+    text: str
+
+
+@dataclass(frozen=True)
+class Finished:
+    text: str
+    prompt_tokens: int
+    new_tokens: int
+    cached_tokens: int
+    time_to_first_token_s: float
+    decode_tokens_per_s: float
+    stop_reason: str  # "eos" | "stop_string" | "max_new_tokens" | "cancelled"
+
+
+StreamEvent = TextDelta | Finished
+
+
+@dataclass(frozen=True)
+class EngineStatus:
+    state: str = "empty"  # "empty" | "loading" | "ready" | "failed"
+    model_dir: str | None = None
+    max_seq_len: int = 0
+    cache_mode: str = "fp16"
+    batching: str = "unpaged"  # "paged" (continuous batching) | "unpaged" (one job at a time)
+    max_concurrency: int = 1
+    load_seconds: float = 0.0
+    vram_used_gb: float = 0.0
+    message: str = "No model loaded."
+    cache_tokens: int = 0
+    attention: str = ""  # which attention kernel serves the model
+
+
+@dataclass(eq=False)
+class _Request:
+    """One job in flight: the worker pushes events into `events`; the caller reads them."""
+
+    input_ids: list[int]
+    settings: SamplingSettings
+    events: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
+    job: object = None
+    submitted_at: float = field(default_factory=time.perf_counter)
+    first_token_at: float | None = None
+    text: list[str] = field(default_factory=list)
+    done: bool = False
+
+
+_STOP_REASONS = {
+    "stop_token": "eos",
+    "stop_string": "stop_string",
+    "max_new_tokens": "max_new_tokens",
+}
+
+
+def validate_load_args(max_seq_len: int, cache_mode: str) -> None:
+    """Raise InvalidSetting unless the context and cache mode are ones the engine supports."""
+    if isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int):
+        raise InvalidSetting(f"Context size must be an integer (got {max_seq_len!r}).")
+    if not PAGE_SIZE <= max_seq_len <= MAX_CONTEXT or max_seq_len % PAGE_SIZE:
+        raise InvalidSetting(
+            f"Context size must be a multiple of {PAGE_SIZE} between {PAGE_SIZE} and "
+            f"{MAX_CONTEXT:,} (got {max_seq_len:,})."
+        )
+    if cache_mode not in CACHE_MODES:
+        raise InvalidSetting(
+            f"Cache mode must be one of {', '.join(CACHE_MODES)} (got {cache_mode!r})."
+        )
+
+
+def check_starcoder2_folder(model_dir: str | Path) -> Path:
+    """Check a folder holds a StarCoder2 model exllamav2 can load; say exactly what is wrong."""
+    folder = Path(model_dir)
+    config_path = folder / "config.json"
+    if not folder.is_dir():
+        raise ModelFolderInvalid(f"Model folder {folder} does not exist.")
+    if not config_path.is_file():
+        raise ModelFolderInvalid(f"{folder} has no config.json: it is not a model folder.")
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise ModelFolderInvalid(f"{config_path} is not valid JSON ({error}).") from None
+    architectures = config.get("architectures") or []
+    if architectures != ["Starcoder2ForCausalLM"]:
+        raise ModelFolderInvalid(
+            f"{folder} holds a {', '.join(architectures) or 'unknown'} model, not "
+            "Starcoder2ForCausalLM; choose a StarCoder2 EXL2 or FP16 folder."
+        )
+    if not (folder / "tokenizer.json").is_file():
+        raise ModelFolderInvalid(f"{folder} has no tokenizer.json; download the branch again.")
+    if not any(folder.glob("*.safetensors")):
+        raise ModelFolderInvalid(
+            f"{folder} has no .safetensors weights; download the branch again."
+        )
+    return folder
+
+
+class PromptEncoder:
+    """Encodes prompt segments: template text may hold special tokens, user text never does."""
+
+    def __init__(self, tokenizer_json: str | Path) -> None:
+        from tokenizers import Tokenizer
+
+        self._trusted = Tokenizer.from_file(str(tokenizer_json))
+        self._literal = Tokenizer.from_file(str(tokenizer_json))
+        self._literal.encode_special_tokens = True  # typing "<|endoftext|>" gives plain-text tokens
+
+    def encode(self, segments: Sequence[Segment]) -> list[int]:
+        ids: list[int] = []
+        for segment in segments:
+            tokenizer = self._trusted if segment.trusted else self._literal
+            ids += tokenizer.encode(segment.text, add_special_tokens=False).ids
+        return ids
+
+
+class Engine:
+    """Loads a StarCoder2 EXL2/FP16 folder onto the GPU and streams completions for many callers."""
+
+    def __init__(self, *, max_jobs: int = DEFAULT_MAX_JOBS, paged: bool | None = None) -> None:
+        self._max_jobs = max_jobs
+        self._paged_choice = paged  # None: paged whenever the attention backend allows it
+        self._status = EngineStatus()
+        self._load_lock = threading.Lock()
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._worker: threading.Thread | None = None
+        self._model = self._cache = self._generator = None
+        self._encoder: PromptEncoder | None = None
+
+    # ---- GPU and status ----
+
+    def gpu_info(self) -> GpuInfo | None:
+        """The first CUDA GPU's name and memory, or None when there is none."""
+        try:
+            import torch
+        except ImportError:
+            return None
+        if not torch.cuda.is_available():
+            return None
+        free, total = torch.cuda.mem_get_info(0)
+        return GpuInfo(torch.cuda.get_device_name(0), total / GB, free / GB)
+
+    @property
+    def status(self) -> EngineStatus:
+        return self._status
+
+    # ---- load / unload ----
+
+    def load(
+        self,
+        model_dir: str,
+        *,
+        max_seq_len: int = 4096,
+        cache_mode: str = "fp16",
+        on_progress: Callable[[int, int], None] | None = None,
+    ) -> EngineStatus:
+        """Load (or reload) a model; in-flight jobs are ended with a clear error first."""
+        validate_load_args(max_seq_len, cache_mode)
+        if self.gpu_info() is None:
+            raise NoGPU(
+                "A CUDA GPU is required: exllamav2 runs only on NVIDIA GPUs and none was found."
+            )
+        folder = check_starcoder2_folder(model_dir)
+        with self._load_lock:
+            self.unload()
+            self._status = EngineStatus(
+                state="loading",
+                model_dir=str(folder),
+                max_seq_len=max_seq_len,
+                cache_mode=cache_mode,
+                message=f"Loading {folder.name}…",
+            )
+            started = time.perf_counter()
+            free_before = self.gpu_info().free_gb
+            try:
+                self._load(folder, max_seq_len, cache_mode, on_progress)
+            except BaseException as error:
+                self._free()
+                self._status = EngineStatus(state="failed", message=str(error))
+                if _is_oom(error):
+                    raise DoesNotFit(
+                        f"The model and a {max_seq_len:,}-token {cache_mode} cache do not fit in "
+                        f"{self.gpu_info().free_gb:.1f} GB free; lower the context, use a q4 cache "
+                        "or a smaller branch."
+                    ) from None
+                raise
+            used_gb = free_before - self.gpu_info().free_gb
+            self._status = self._ready_status(folder, max_seq_len, cache_mode, started, used_gb)
+            self._worker = threading.Thread(target=self._run, name="exllamav2-worker", daemon=True)
+            self._worker.start()
+            return self._status
+
+    def _load(self, folder: Path, max_seq_len: int, cache_mode: str, on_progress) -> None:
+        import torch
+        from exllamav2 import (
+            ExLlamaV2,
+            ExLlamaV2Cache,
+            ExLlamaV2Cache_Q4,
+            ExLlamaV2Cache_Q6,
+            ExLlamaV2Cache_Q8,
+            ExLlamaV2Config,
+            ExLlamaV2Tokenizer,
+        )
+        from exllamav2.generator import ExLlamaV2DynamicGenerator
+
+        from model import compat
+
+        compat.apply_all()
+        config = ExLlamaV2Config(str(folder))
+        config.max_seq_len = max_seq_len
+        # Our attention never materializes the score matrix: no need to shrink prefill chunks.
+        config.max_attention_size = config.max_input_len * MAX_CONTEXT
+        paged = True if self._paged_choice is None else self._paged_choice
+        jobs = self._max_jobs if paged else 1
+        cache_tokens = self._cache_tokens(folder, config, max_seq_len, cache_mode, jobs)
+
+        cache_class = {
+            "fp16": ExLlamaV2Cache,
+            "q8": ExLlamaV2Cache_Q8,
+            "q6": ExLlamaV2Cache_Q6,
+            "q4": ExLlamaV2Cache_Q4,
+        }[cache_mode]
+        self._model = ExLlamaV2(config)
+        self._cache = cache_class(self._model, max_seq_len=cache_tokens, lazy=True)
+        self._model.load_autosplit(self._cache, callback=on_progress)
+        tokenizer = ExLlamaV2Tokenizer(config)
+        self._generator = ExLlamaV2DynamicGenerator(
+            self._model,
+            self._cache,
+            tokenizer,
+            max_batch_size=jobs,
+            max_seq_len=max_seq_len,
+            paged=paged,
+        )
+        self._encoder = PromptEncoder(folder / "tokenizer.json")
+        self._jobs, self._paged, self._cache_total = jobs, paged, cache_tokens
+        torch.cuda.synchronize()
+
+    def _cache_tokens(self, folder, config, max_seq_len, cache_mode, jobs) -> int:
+        """Cache tokens: room for `jobs` full contexts, capped by the VRAM left after weights."""
+        weights = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+        per_token = (
+            2
+            * config.num_hidden_layers
+            * config.num_key_value_heads
+            * config.head_dim
+            * CACHE_BYTES_PER_VALUE[cache_mode]
+        )
+        free = self.gpu_info().free_gb * GB
+        budget = free - weights - RESERVE_BYTES
+        fits = int(budget // per_token) // PAGE_SIZE * PAGE_SIZE if budget > 0 else 0
+        if fits < max_seq_len:
+            needed = weights + RESERVE_BYTES + max_seq_len * per_token
+            raise DoesNotFit(
+                f"The weights ({weights / GB:.1f} GB) and a {max_seq_len:,}-token {cache_mode} "
+                f"cache need about {needed / GB:.1f} GB but {free / GB:.1f} GB is free; lower the "
+                "context, use a q4 cache or a smaller branch."
+            )
+        return min(fits, jobs * max_seq_len)
+
+    def _ready_status(self, folder, max_seq_len, cache_mode, started, used_gb) -> EngineStatus:
+        from model import compat
+
+        if not self._paged:
+            attention = "PyTorch SDPA"
+        elif compat.has_real_flash_attn():
+            attention = "flash-attn (paged)"
+        else:
+            attention = "PyTorch SDPA (paged)"
+        batching = "paged" if self._paged else "unpaged"
+        return EngineStatus(
+            state="ready",
+            model_dir=str(folder),
+            max_seq_len=max_seq_len,
+            cache_mode=cache_mode,
+            batching=batching,
+            max_concurrency=self._jobs,
+            load_seconds=time.perf_counter() - started,
+            vram_used_gb=used_gb,
+            message=(
+                f"Loaded {folder.name} in {time.perf_counter() - started:.1f} s: "
+                f"{max_seq_len:,}-token context, {cache_mode} cache, {batching} batching of up to "
+                f"{self._jobs} jobs, {attention}, {used_gb:.1f} GB of VRAM."
+            ),
+            cache_tokens=self._cache_total,
+            attention=attention,
+        )
+
+    def unload(self) -> None:
+        """Stop the worker (ending in-flight jobs with an error), free the model, cache and VRAM."""
+        if self._worker is not None:
+            self._commands.put(("stop", None))
+            self._worker.join()
+            self._worker = None
+        self._free()
+        self._status = EngineStatus()
+
+    def _free(self) -> None:
+        if self._model is not None:
+            self._model.unload()
+        self._model = self._cache = self._generator = None
+        self._encoder = None
+        gc.collect()
+        try:
+            import torch
+
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        except ImportError:
+            pass
+
+    def close(self) -> None:
+        """Unload and stop; the engine can be loaded again afterwards."""
+        self.unload()
+
+    # ---- tokens and streaming ----
+
+    def encode(self, segments: Sequence[Segment]) -> list[int]:
+        """Token ids of a prompt (see PromptEncoder)."""
+        if self._encoder is None:
+            raise NotReady("No model is loaded yet; load one in the Model panel first.")
+        return self._encoder.encode(segments)
+
+    def count_tokens(self, segments: Sequence[Segment]) -> int:
+        return len(self.encode(segments))
+
+    def stream(
+        self, segments: Sequence[Segment], settings: SamplingSettings
+    ) -> Iterator[StreamEvent]:
+        """Yield TextDelta events then one Finished; closing the iterator cancels the GPU job."""
+        if self.gpu_info() is None:
+            raise NoGPU(
+                "A CUDA GPU is required: exllamav2 runs only on NVIDIA GPUs and none was found."
+            )
+        if self._status.state != "ready":
+            raise NotReady(f"The model is not ready ({self._status.state}); load one first.")
+        ids = self.encode(segments)
+        context = self._status.max_seq_len
+        if len(ids) + settings.max_new_tokens > context:
+            raise ContextTooLong(
+                f"The prompt is {len(ids):,} tokens and max new tokens is "
+                f"{settings.max_new_tokens:,}, but the context is {context:,} tokens; shorten the "
+                "prompt, lower max new tokens or raise the context size."
+            )
+        return self._events(_Request(ids, settings))
+
+    def _events(self, request: _Request) -> Iterator[StreamEvent]:
+        self._commands.put(("submit", request))
+        try:
+            while True:
+                event = request.events.get()
+                if isinstance(event, Exception):
+                    raise event
+                yield event
+                if isinstance(event, Finished):
+                    return
+        finally:
+            if not request.done:
+                self._commands.put(("cancel", request))
+
+    # ---- the worker ----
+
+    def _run(self) -> None:
+        """Own the generator: take commands, step the generator, route results to their callers."""
+        active: dict[object, _Request] = {}
+        while True:
+            block = not active
+            try:
+                while True:
+                    command, request = self._commands.get(block=block)
+                    block = False
+                    if command == "stop":
+                        self._end_all(
+                            active, "The model is being reloaded; send the message again."
+                        )
+                        return
+                    if command == "submit":
+                        self._submit(request, active)
+                    elif command == "cancel" and request.job in active:
+                        self._generator.cancel(request.job)
+                        del active[request.job]
+                        request.done = True
+            except queue.Empty:
+                pass
+            if not active:
+                continue
+            try:
+                results = self._generator.iterate()
+            except Exception as error:  # a failed step must not take the worker down
+                self._recover(active, error)
+                continue
+            for result in results:
+                request = active.get(result["job"])
+                if request is not None:
+                    self._deliver(request, result, active)
+
+    def _submit(self, request: _Request, active: dict) -> None:
+        import torch
+        from exllamav2.generator import ExLlamaV2DynamicJob
+
+        try:
+            request.job = ExLlamaV2DynamicJob(
+                input_ids=torch.tensor([request.input_ids], dtype=torch.long),
+                max_new_tokens=request.settings.max_new_tokens,
+                gen_settings=_sampler_settings(request.settings),
+                seed=request.settings.seed
+                if request.settings.seed is not None
+                else secrets.randbelow(2**31),
+                stop_conditions=[EOS_TOKEN_ID, *STOP_STRINGS],
+                decode_special_tokens=False,
+            )
+            self._generator.enqueue(request.job)
+        except Exception as error:
+            request.done = True
+            request.events.put(GenerationFailed(f"The job could not start: {error}"))
+            return
+        active[request.job] = request
+
+    def _deliver(self, request: _Request, result: dict, active: dict) -> None:
+        text = result.get("text", "")
+        if text:
+            if request.first_token_at is None:
+                request.first_token_at = time.perf_counter()
+            request.text.append(text)
+            request.events.put(TextDelta(text))
+        if not result.get("eos"):
+            return
+        del active[request.job]
+        request.done = True
+        ttft = (request.first_token_at or time.perf_counter()) - request.submitted_at
+        new_tokens = result.get("new_tokens", 0)
+        generate_s = result.get("time_generate", 0.0)
+        request.events.put(
+            Finished(
+                text="".join(request.text),
+                prompt_tokens=result.get("prompt_tokens", len(request.input_ids)),
+                new_tokens=new_tokens,
+                cached_tokens=result.get("cached_tokens", 0),
+                time_to_first_token_s=ttft,
+                decode_tokens_per_s=(new_tokens - 1) / generate_s if generate_s > 0 else 0.0,
+                stop_reason=_STOP_REASONS.get(result.get("eos_reason"), result.get("eos_reason")),
+            )
+        )
+
+    def _recover(self, active: dict, error: Exception) -> None:
+        """A generator step raised: fail the jobs it held and start clean."""
+        import torch
+
+        reason = "out of GPU memory" if _is_oom(error) else f"{type(error).__name__}: {error}"
+        self._end_all(active, f"Generation failed ({reason}); the engine recovered, try again.")
+        self._generator.clear_queue()
+        torch.cuda.empty_cache()
+
+    def _end_all(self, active: dict, message: str) -> None:
+        for request in active.values():
+            request.done = True
+            request.events.put(GenerationFailed(message))
+        active.clear()
+        if self._generator is not None:
+            self._generator.clear_queue()
+
+
+def _sampler_settings(settings: SamplingSettings):
+    """A fresh exllamav2 sampler settings object per job (some samplers keep state in it)."""
+    from exllamav2.generator import ExLlamaV2Sampler
+
+    if settings.temperature == 0:
+        return ExLlamaV2Sampler.Settings.greedy(
+            token_repetition_penalty=settings.repetition_penalty
+        )
+    return ExLlamaV2Sampler.Settings(
+        temperature=settings.temperature,
+        top_p=settings.top_p,
+        top_k=settings.top_k,
+        min_p=settings.min_p,
+        token_repetition_penalty=settings.repetition_penalty,
+    )
+
+
+def _is_oom(error: BaseException) -> bool:
+    return "out of memory" in str(error).lower() or type(error).__name__ == "OutOfMemoryError"

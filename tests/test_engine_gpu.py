@@ -1,0 +1,347 @@
+"""The engine on a GPU, checked against transformers' Starcoder2ForCausalLM (`pytest -m gpu`)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+
+import pytest
+
+torch = pytest.importorskip("torch")
+if not torch.cuda.is_available():
+    pytest.skip("needs a CUDA GPU (run `pytest -m gpu` on a GPU machine)", allow_module_level=True)
+
+from model.engine import Engine, Finished, TextDelta  # noqa: E402
+from model.prompt import Segment  # noqa: E402
+from model.settings import SamplingSettings  # noqa: E402
+from tests.tiny_starcoder2 import build_tiny_starcoder2, quantize_exl2  # noqa: E402
+
+pytestmark = pytest.mark.gpu
+
+PROMPT = (
+    "def fibonacci(n):\n    if n < 2:\n        return n\n    return fibonacci(n - 1) + "
+    "fibonacci(n - 2)\n\nclass Vector:\n    def __init__(self, x, y):\n        self.x = x\n"
+    "for i in range(10):\n    print(i * i)  # squares\n"
+) * 2
+
+
+@pytest.fixture(scope="module")
+def fp16_dir(tmp_path_factory):
+    return build_tiny_starcoder2(tmp_path_factory.mktemp("tiny") / "fp16")
+
+
+@pytest.fixture(scope="module")
+def windowed_dir(tmp_path_factory):
+    return build_tiny_starcoder2(tmp_path_factory.mktemp("tiny") / "window32", sliding_window=32)
+
+
+@pytest.fixture(scope="module")
+def exl2_dir(fp16_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("exl2")
+    return quantize_exl2(fp16_dir, root / "model", root / "work", bits=6.0)
+
+
+def reference(folder, dtype=None):
+    from transformers import Starcoder2ForCausalLM
+
+    model = Starcoder2ForCausalLM.from_pretrained(
+        folder, dtype=dtype or torch.float32, attn_implementation="eager"
+    )
+    return model.cuda().eval()
+
+
+def prompt_ids(folder, text=PROMPT) -> list[int]:
+    from tokenizers import Tokenizer
+
+    return [0] + Tokenizer.from_file(str(folder / "tokenizer.json")).encode(text).ids
+
+
+def load_exllamav2(folder, max_seq_len=1024):
+    from exllamav2 import ExLlamaV2, ExLlamaV2Cache, ExLlamaV2Config
+
+    from model import compat
+
+    compat.apply_all()
+    config = ExLlamaV2Config(str(folder))
+    config.max_seq_len = max_seq_len
+    model = ExLlamaV2(config)
+    cache = ExLlamaV2Cache(model, max_seq_len=max_seq_len, lazy=True)
+    model.load_autosplit(cache)
+    return model, cache
+
+
+def greedy_ids(folder, prompts: list[list[int]], *, paged: bool, new_tokens=64) -> list[list[int]]:
+    """Greedy continuations through exllamav2's dynamic generator, all prompts queued at once."""
+    from exllamav2 import ExLlamaV2Tokenizer
+    from exllamav2.generator import ExLlamaV2DynamicGenerator, ExLlamaV2DynamicJob, ExLlamaV2Sampler
+
+    model, cache = load_exllamav2(folder, max_seq_len=256 * 16)
+    generator = ExLlamaV2DynamicGenerator(
+        model,
+        cache,
+        ExLlamaV2Tokenizer(model.config),
+        max_batch_size=16,
+        paged=paged,
+        max_seq_len=1024,
+    )
+    jobs = []
+    for ids in prompts:
+        job = ExLlamaV2DynamicJob(
+            input_ids=torch.tensor([ids]),
+            max_new_tokens=new_tokens,
+            stop_conditions=[],
+            gen_settings=ExLlamaV2Sampler.Settings.greedy(),
+        )
+        generator.enqueue(job)
+        jobs.append(job)
+    out = {id(job): [] for job in jobs}
+    while generator.num_remaining_jobs():
+        for result in generator.iterate():
+            if "token_ids" in result:
+                out[id(result["job"])] += result["token_ids"][0].tolist()
+    model.unload()
+    return [out[id(job)] for job in jobs]
+
+
+def reference_greedy(ref, ids: list[int], new_tokens=64) -> list[int]:
+    tokens = torch.tensor([ids], device="cuda")
+    with torch.no_grad():
+        out = ref.generate(
+            tokens,
+            max_new_tokens=new_tokens,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+            min_new_tokens=new_tokens,
+        )
+    return out[0, len(ids) :].tolist()
+
+
+# ---- compat fixes, one test each ----
+
+
+def test_config_with_norm_epsilon_loads_without_editing_the_file(fp16_dir):
+    from exllamav2 import ExLlamaV2Config
+
+    from model import compat
+
+    before = hashlib.sha256((fp16_dir / "config.json").read_bytes()).hexdigest()
+    assert "layer_norm_epsilon" not in json.loads((fp16_dir / "config.json").read_text())
+    compat.apply_all()
+    config = ExLlamaV2Config(str(fp16_dir))
+    assert config.norm_eps == pytest.approx(1e-5)
+    assert hashlib.sha256((fp16_dir / "config.json").read_bytes()).hexdigest() == before
+
+
+@pytest.mark.parametrize("folder_fixture", ["fp16_dir", "windowed_dir"])
+def test_unpaged_prefill_and_decode_logits_match_transformers(folder_fixture, request):
+    folder = request.getfixturevalue(folder_fixture)
+    ids = prompt_ids(folder)
+    assert len(ids) > 100
+    ref = reference(folder)
+    model, cache = load_exllamav2(folder)
+    tokens = torch.tensor([ids])
+    with torch.no_grad():
+        ours = model.forward(tokens, cache, last_id_only=False).float().cuda()[0]
+        theirs = ref(tokens.cuda()).logits.float()[0]
+        # Decode: feed the reference's greedy tokens one by one (teacher forcing).
+        decode_ours, decode_theirs, seq = [], [], list(ids)
+        for _ in range(16):
+            next_id = (
+                int(theirs[-1].argmax()) if not decode_theirs else int(decode_theirs[-1].argmax())
+            )
+            seq.append(next_id)
+            decode_ours.append(
+                model.forward(torch.tensor([[next_id]]), cache).float().cuda()[0, -1]
+            )
+            decode_theirs.append(ref(torch.tensor([seq], device="cuda")).logits.float()[0, -1])
+        # The floor: the same reference computed in fp16, as exllamav2 computes.
+        half = reference(folder, torch.float16)(tokens.cuda()).logits.float()[0]
+    model.unload()
+    floor = (half - theirs).abs().max().item()
+    prefill_delta = (ours - theirs).abs().max().item()
+    decode_delta = (torch.stack(decode_ours) - torch.stack(decode_theirs)).abs().max().item()
+    top2 = theirs.topk(2, dim=-1).values
+    clear = (top2[:, 0] - top2[:, 1]) > 4 * prefill_delta  # positions that are not near-ties
+    agreement = (ours.argmax(-1) == theirs.argmax(-1)).float().mean().item()
+    print(
+        f"{folder.name}: prefill max|d|={prefill_delta:.4f} decode max|d|={decode_delta:.4f} "
+        f"fp16-reference floor={floor:.4f} argmax agreement={agreement:.3f} "
+        f"logit std={theirs.std().item():.2f}"
+    )
+    assert torch.equal(ours.argmax(-1)[clear], theirs.argmax(-1)[clear])
+    assert prefill_delta < max(0.01, 2 * floor)
+    assert decode_delta < max(0.01, 2 * floor)
+
+
+# Random tiny models have near-ties that fp16 rounding can flip (the fp16 reference itself differs
+# from fp32 by ~0.06). A continuation counts as identical when every token we chose is the fp32
+# reference's argmax, or within TIE of it; the printout says how many were exact argmaxes.
+TIE = 0.15
+
+
+def assert_greedy_matches(ref, prompt: list[int], ours: list[int], label: str) -> None:
+    with torch.no_grad():
+        logits = ref(torch.tensor([prompt + ours], device="cuda")).logits.float()[0]
+    steps = logits[len(prompt) - 1 : -1]
+    chosen = steps.gather(1, torch.tensor(ours, device="cuda")[:, None])[:, 0]
+    gaps = steps.max(-1).values - chosen
+    exact = int((gaps == 0).sum())
+    print(f"{label}: {exact}/{len(ours)} exact argmax, largest gap {gaps.max().item():.4f}")
+    assert len(ours) == 64
+    assert gaps.max().item() <= TIE
+
+
+@pytest.mark.parametrize("paged", [True, False], ids=["paged", "unpaged"])
+@pytest.mark.parametrize("folder_fixture", ["fp16_dir", "windowed_dir"])
+def test_greedy_continuations_match_transformers(folder_fixture, paged, request):
+    folder = request.getfixturevalue(folder_fixture)
+    ids = prompt_ids(folder)
+    ours = greedy_ids(folder, [ids], paged=paged)[0]
+    assert_greedy_matches(reference(folder), ids, ours, f"{folder.name} paged={paged}")
+
+
+def test_eight_prompts_batched_equal_each_run_alone(fp16_dir):
+    texts = [PROMPT[i * 7 :] + f"# variant {i}\n" * (i + 1) for i in range(8)]
+    prompts = [prompt_ids(fp16_dir, text) for text in texts]
+    together = greedy_ids(fp16_dir, prompts, paged=True)
+    alone = [greedy_ids(fp16_dir, [p], paged=True)[0] for p in prompts]
+    assert together == alone
+    ref = reference(fp16_dir)
+    for i, (prompt, ours) in enumerate(zip(prompts, together, strict=True)):
+        assert_greedy_matches(ref, prompt, ours, f"batched prompt {i}")
+
+
+# ---- the paged attention backend against a plain reference ----
+
+
+def plain_attention(q, k, v, scale, window):
+    """Reference: one sequence, fp32, explicit positions. q (Q, H, D), k/v (K, Hk, D)."""
+    q_len, heads, _ = q.shape
+    k_len, kv_heads, _ = k.shape
+    k = k.repeat_interleave(heads // kv_heads, dim=1).float()
+    v = v.repeat_interleave(heads // kv_heads, dim=1).float()
+    scores = torch.einsum("qhd,khd->hqk", q.float(), k) * scale
+    pos = torch.arange(k_len - q_len, k_len, device=q.device)[:, None]
+    keys = torch.arange(k_len, device=q.device)[None, :]
+    visible = keys <= pos
+    if window:
+        visible &= keys > pos - window
+    scores = scores.masked_fill(~visible, float("-inf"))
+    return torch.einsum("hqk,khd->qhd", scores.softmax(-1), v)
+
+
+@pytest.mark.parametrize("q_len", [1, 5, 300])
+@pytest.mark.parametrize("window", [0, 40])
+def test_paged_attention_equals_plain_attention_on_random_pages(q_len, window):
+    from model.compat import paged_attention
+
+    torch.manual_seed(q_len * 100 + window)
+    page, pages, heads, kv_heads, dim = 256, 64, 8, 2, 64
+    lengths = [0, 700] if q_len > 1 else [0, 3, 255, 256, 700, 1500]
+    batch = len(lengths)
+    k_cache = torch.randn(pages, page, kv_heads, dim, device="cuda", dtype=torch.half)
+    v_cache = torch.randn_like(k_cache)
+    table = torch.randperm(pages, device="cuda")[: batch * 8].view(batch, 8).int()
+    seqlens = torch.tensor(lengths, device="cuda", dtype=torch.int32)
+    q = torch.randn(batch, q_len, heads, dim, device="cuda", dtype=torch.half)
+    k_new = torch.randn(batch, q_len, kv_heads, dim, device="cuda", dtype=torch.half)
+    v_new = torch.randn_like(k_new)
+    out = paged_attention(
+        q,
+        k_cache,
+        v_cache,
+        k=k_new,
+        v=v_new,
+        cache_seqlens=seqlens,
+        block_table=table,
+        softmax_scale=dim**-0.5,
+        causal=True,
+        window_size=(window - 1, window - 1) if window else (-1, -1),
+    )
+    for b, length in enumerate(lengths):
+        flat_k = k_cache[table[b].long()].flatten(0, 1)[: length + q_len]
+        flat_v = v_cache[table[b].long()].flatten(0, 1)[: length + q_len]
+        assert torch.equal(flat_k[length:], k_new[b]) and torch.equal(flat_v[length:], v_new[b])
+        expected = plain_attention(q[b], flat_k, flat_v, dim**-0.5, window)
+        error = (out[b].float() - expected).norm() / expected.norm()
+        assert error < 2e-3, (b, length, error.item())
+
+
+# ---- the engine: streaming, cache modes, cancel, reload ----
+
+
+def instruction(text: str) -> list[Segment]:
+    from model.prompt import prompt_segments
+
+    return prompt_segments([{"role": "user", "content": text}])
+
+
+@pytest.fixture(scope="module")
+def engine():
+    engine = Engine()
+    yield engine
+    engine.close()
+
+
+@pytest.mark.parametrize("cache_mode", ["fp16", "q8", "q6", "q4"])
+def test_exl2_model_streams_in_every_cache_mode(engine, exl2_dir, cache_mode):
+    status = engine.load(str(exl2_dir), max_seq_len=2048, cache_mode=cache_mode)
+    assert status.state == "ready" and status.batching == "paged"
+    events = list(engine.stream(instruction("Write a sort."), SamplingSettings(max_new_tokens=24)))
+    assert isinstance(events[-1], Finished)
+    assert all(isinstance(e, TextDelta) for e in events[:-1])
+    final = events[-1]
+    assert final.text == "".join(e.text for e in events[:-1])
+    assert final.new_tokens >= 1 and final.prompt_tokens > 20
+    assert final.stop_reason in {"eos", "stop_string", "max_new_tokens"}
+
+
+def test_user_text_cannot_inject_an_end_of_text_token(engine, exl2_dir):
+    engine.load(str(exl2_dir), max_seq_len=2048)
+    plain = engine.encode(instruction("a b"))
+    injected = engine.encode(instruction("a <|endoftext|> b"))
+    assert plain.count(0) == injected.count(0) == 1  # only the template's own leading token
+
+
+def test_seed_makes_sampling_repeatable(engine, fp16_dir):
+    # FP16 weights: EXL2 matmuls reduce with atomics, so their sampled text may drift by a token.
+    engine.load(str(fp16_dir), max_seq_len=2048)
+    settings = SamplingSettings(temperature=1.5, top_k=0, top_p=1.0, max_new_tokens=32, seed=7)
+    runs = [list(engine.stream(instruction("Hi"), settings))[-1].text for _ in range(2)]
+    other = list(
+        engine.stream(
+            instruction("Hi"), SamplingSettings(temperature=1.5, max_new_tokens=32, seed=8)
+        )
+    )[-1].text
+    assert runs[0] == runs[1]
+    assert other != runs[0]
+
+
+def test_closing_the_stream_cancels_the_job_and_the_next_one_runs(engine, exl2_dir):
+    engine.load(str(exl2_dir), max_seq_len=2048)
+    stream = engine.stream(instruction("Count"), SamplingSettings(max_new_tokens=1500))
+    for _ in range(3):
+        assert isinstance(next(stream), TextDelta)
+    stream.close()
+    deadline = time.monotonic() + 1.0
+    while engine._generator.num_remaining_jobs() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert engine._generator.num_remaining_jobs() == 0
+    events = list(engine.stream(instruction("Next"), SamplingSettings(max_new_tokens=8)))
+    assert isinstance(events[-1], Finished)
+
+
+def test_reload_with_other_context_and_cache_returns_vram_to_baseline(engine, exl2_dir):
+    engine.unload()
+    total = torch.cuda.mem_get_info()[1]
+    baseline = torch.cuda.mem_get_info()[0]
+    engine.load(str(exl2_dir), max_seq_len=2048, cache_mode="fp16")
+    loaded = torch.cuda.mem_get_info()[0]
+    engine.load(str(exl2_dir), max_seq_len=4096, cache_mode="q4")
+    list(engine.stream(instruction("x"), SamplingSettings(max_new_tokens=8)))
+    engine.load(str(exl2_dir), max_seq_len=2048, cache_mode="fp16")
+    assert abs(torch.cuda.mem_get_info()[0] - loaded) < 0.02 * total
+    engine.unload()
+    assert abs(torch.cuda.mem_get_info()[0] - baseline) < 0.02 * total
