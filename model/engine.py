@@ -8,7 +8,6 @@ the job.
 from __future__ import annotations
 
 import gc
-import json
 import queue
 import secrets
 import threading
@@ -17,12 +16,12 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from model.download import check_model_dir
 from model.errors import (
     ContextTooLong,
     DoesNotFit,
     GenerationFailed,
     InvalidSetting,
-    ModelFolderInvalid,
     NoGPU,
     NotReady,
 )
@@ -117,33 +116,6 @@ def validate_load_args(max_seq_len: int, cache_mode: str) -> None:
         )
 
 
-def check_starcoder2_folder(model_dir: str | Path) -> Path:
-    """Check a folder holds a StarCoder2 model exllamav2 can load; say exactly what is wrong."""
-    folder = Path(model_dir)
-    config_path = folder / "config.json"
-    if not folder.is_dir():
-        raise ModelFolderInvalid(f"Model folder {folder} does not exist.")
-    if not config_path.is_file():
-        raise ModelFolderInvalid(f"{folder} has no config.json: it is not a model folder.")
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as error:
-        raise ModelFolderInvalid(f"{config_path} is not valid JSON ({error}).") from None
-    architectures = config.get("architectures") or []
-    if architectures != ["Starcoder2ForCausalLM"]:
-        raise ModelFolderInvalid(
-            f"{folder} holds a {', '.join(architectures) or 'unknown'} model, not "
-            "Starcoder2ForCausalLM; choose a StarCoder2 EXL2 or FP16 folder."
-        )
-    if not (folder / "tokenizer.json").is_file():
-        raise ModelFolderInvalid(f"{folder} has no tokenizer.json; download the branch again.")
-    if not any(folder.glob("*.safetensors")):
-        raise ModelFolderInvalid(
-            f"{folder} has no .safetensors weights; download the branch again."
-        )
-    return folder
-
-
 class PromptEncoder:
     """Encodes prompt segments: template text may hold special tokens, user text never does."""
 
@@ -208,7 +180,7 @@ class Engine:
             raise NoGPU(
                 "A CUDA GPU is required: exllamav2 runs only on NVIDIA GPUs and none was found."
             )
-        folder = check_starcoder2_folder(model_dir)
+        folder = check_model_dir(model_dir)
         with self._load_lock:
             self.unload()
             self._status = EngineStatus(

@@ -1,0 +1,67 @@
+"""Engine parts that need no GPU: argument checks, folder checks, prompt encoding, no-GPU errors."""
+
+import json
+import sys
+
+import pytest
+import torch
+
+from model.engine import Engine, PromptEncoder, validate_load_args
+from model.errors import InvalidSetting, ModelFolderInvalid, NoGPU
+from model.prompt import prompt_segments
+from model.settings import SamplingSettings
+from tests.tiny_starcoder2 import build_tiny_starcoder2
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return build_tiny_starcoder2(tmp_path_factory.mktemp("tiny") / "fp16")
+
+
+@pytest.mark.parametrize("context", [255, 300, 16640, 0, -256])
+def test_context_outside_256_to_16384_in_steps_of_256_is_refused(context):
+    with pytest.raises(InvalidSetting, match="multiple of 256"):
+        validate_load_args(context, "fp16")
+
+
+def test_unknown_cache_mode_is_refused_with_the_valid_ones_listed():
+    with pytest.raises(InvalidSetting, match="fp16, q8, q6, q4"):
+        validate_load_args(4096, "fp8")
+
+
+def test_loading_a_folder_that_is_not_starcoder2_fails_before_any_gpu_work(tmp_path, monkeypatch):
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
+    engine = Engine()
+    monkeypatch.setattr(engine, "gpu_info", lambda: object())  # pretend a GPU exists
+    with pytest.raises(ModelFolderInvalid, match="Starcoder2ForCausalLM"):
+        engine.load(str(tmp_path))
+    assert engine.status.state == "empty"
+
+
+def test_typed_end_of_text_stays_plain_text_but_the_template_token_is_special(tiny_dir):
+    encoder = PromptEncoder(tiny_dir / "tokenizer.json")
+    ids = encoder.encode(prompt_segments([{"role": "user", "content": "a <|endoftext|> b"}]))
+    assert ids[0] == 0  # the template's leading <|endoftext|>
+    assert ids.count(0) == 1  # the typed one became ordinary text tokens
+    assert all(token >= 16 for token in ids[1:])  # no <fim_*> or other special id either
+
+
+def test_assistant_turns_end_with_the_real_end_of_text_token(tiny_dir):
+    encoder = PromptEncoder(tiny_dir / "tokenizer.json")
+    messages = [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "hello"},
+        {"role": "user", "content": "more"},
+    ]
+    assert encoder.encode(prompt_segments(messages)).count(0) == 2
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the behaviour without a GPU")
+def test_without_a_gpu_load_and_stream_say_a_cuda_gpu_is_required(tiny_dir):
+    engine = Engine()
+    assert engine.gpu_info() is None
+    with pytest.raises(NoGPU, match="CUDA GPU is required"):
+        engine.load(str(tiny_dir))
+    with pytest.raises(NoGPU, match="CUDA GPU is required"):
+        engine.stream(prompt_segments([{"role": "user", "content": "x"}]), SamplingSettings())
+    assert "exllamav2" not in sys.modules
