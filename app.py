@@ -26,7 +26,7 @@ from model.branches import (
 )
 from model.download import DownloadProgress, resolve_model_dir
 from model.engine import EngineStatus, Finished, GpuInfo
-from model.errors import ChatError, NoGPU, NotReady
+from model.errors import ChatError, InvalidSetting, NoGPU, NotReady
 from model.prompt import FittedPrompt, build_prompt, fit_to_context
 from model.settings import FIELDS, SamplingSettings, validate_settings
 
@@ -167,10 +167,27 @@ def undo_history(history: list[Message]) -> tuple[list[Message], str]:
     return history, ""
 
 
-def read_settings(values: Sequence[object], seed: float | None) -> SamplingSettings:
+def read_seed(seed: object) -> object:
+    """The seed box's text as an int; blank means None (a random seed)."""
+    if seed is None:
+        return None
+    if isinstance(seed, str):
+        text = seed.strip()
+        if not text:
+            return None
+        try:
+            return int(text)
+        except ValueError:
+            raise InvalidSetting(
+                f"seed must be a whole number, or blank for a random seed (got {text!r})"
+            ) from None
+    return seed
+
+
+def read_settings(values: Sequence[object], seed: object) -> SamplingSettings:
     """Validate the sliders (in FIELDS order) and the seed box; blank seed means random."""
     raw: dict[str, object] = dict(zip(SETTING_NAMES, values, strict=True))
-    raw["seed"] = None if seed is None or seed == "" else seed
+    raw["seed"] = read_seed(seed)
     return validate_settings(raw)
 
 
@@ -234,7 +251,8 @@ def available_vram_gb(engine) -> float | None:
     if gpu is None:
         return None
     status = engine.status
-    return gpu.free_gb + (status.vram_used_gb if status.state == "ready" else 0.0)
+    held = status.vram_used_gb if status.state == "ready" else 0.0
+    return min(gpu.total_gb, gpu.free_gb + held)
 
 
 def branch_choices(
@@ -414,21 +432,21 @@ def build_demo(engine, config: AppConfig | None = None, loader: ModelLoader | No
             count_tokens=engine.count_tokens,
             context_tokens=status.max_seq_len,
             max_new_tokens=settings.max_new_tokens,
-            system=system.strip() or None,
+            system=system or None,
             response_prefix=prefix,
         )
 
-    def respond(history: list[Message], system: str, prefix: str, *values):
+    def respond(history: list[Message], system: str | None, prefix: str | None, *values):
         """Stream an answer to the last user message: (chat, history, stats, meter, prompt)."""
         require_gpu()
+        system = (system or "").strip()  # an empty textbox may arrive as None
+        prefix = prefix or ""
         if not history or history[-1]["role"] != "user":
             return  # nothing to answer (blank message, or Retry with no question)
         try:
             settings = read_settings(values[:-1], values[-1])
             fitted = fit(history, settings, system, prefix)
-            prompt = build_prompt(
-                fitted.messages, system=system.strip() or None, response_prefix=prefix
-            )
+            prompt = build_prompt(fitted.messages, system=system or None, response_prefix=prefix)
             prompt_view = f"{fitted.prompt_tokens:,} tokens\n\n{prompt}"
             meter = context_meter(fitted, settings.max_new_tokens, engine.status.max_seq_len)
             # closing(): Stop closes this generator, and that must close the engine's (the GPU job).
@@ -534,8 +552,8 @@ def build_demo(engine, config: AppConfig | None = None, loader: ModelLoader | No
                 with gr.Row():
                     message = gr.Textbox(
                         show_label=False,
-                        placeholder="Write an instruction and press Enter",
-                        lines=2,
+                        placeholder="Write an instruction (Enter sends, Shift+Enter adds a line)",
+                        lines=1,
                         max_lines=12,
                         scale=5,
                         elem_id="message",
@@ -602,8 +620,12 @@ def build_demo(engine, config: AppConfig | None = None, loader: ModelLoader | No
                         )
                         for spec in FIELDS
                     ]
-                    seed = gr.Number(
-                        label="Seed", value=None, precision=0, info="Blank for a random seed."
+                    # A textbox, not gr.Number: a number field cannot show "blank = random".
+                    seed = gr.Textbox(
+                        label="Seed",
+                        placeholder="random",
+                        info="Blank for a random seed; a number repeats an answer.",
+                        elem_id="seed",
                     )
         timer = gr.Timer(1.0, active=False)
 
@@ -613,6 +635,8 @@ def build_demo(engine, config: AppConfig | None = None, loader: ModelLoader | No
         gpu_job = {
             "concurrency_id": GPU_GROUP,
             "concurrency_limit": initial_limit,
+            # Queue position and errors show small, so an error does not cover the conversation.
+            "show_progress": "minimal",
             **private,
         }
 

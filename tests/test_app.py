@@ -286,8 +286,10 @@ def test_chat_rejects_bad_settings_before_the_engine_sees_them():
     values[0] = float("nan")  # temperature
     with pytest.raises(gr.Error, match="temperature must be between 0 and 2"):
         run_chat(demo, [user("Hi")], values=values)
-    with pytest.raises(gr.Error, match="seed must be"):
-        run_chat(demo, [user("Hi")], seed=-3)
+    with pytest.raises(gr.Error, match="seed must be between 0 and"):
+        run_chat(demo, [user("Hi")], seed="-3")
+    with pytest.raises(gr.Error, match="seed must be a whole number, or blank"):
+        run_chat(demo, [user("Hi")], seed="lucky")
     assert engine.calls == []
 
 
@@ -295,8 +297,13 @@ def test_chat_passes_the_seed_and_sliders_to_the_engine():
     engine = FakeEngine()
     demo = app.build_demo(engine)
     values = [0.5, 0.9, 20, 0.1, 1.2, 100.0]
-    run_chat(demo, [user("Hi")], values=values, seed=99.0)
+    run_chat(demo, [user("Hi")], values=values, seed=" 99 ")
     assert engine.calls[0].settings == SamplingSettings(0.5, 0.9, 20, 0.1, 1.2, 100, 99)
+
+
+def test_a_blank_seed_box_means_a_random_seed():
+    assert app.read_seed("") is None and app.read_seed("  ") is None and app.read_seed(None) is None
+    assert app.read_seed("42") == 42
 
 
 def test_chat_turns_domain_errors_into_their_message():
