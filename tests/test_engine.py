@@ -10,12 +10,6 @@ from model.engine import Engine, PromptEncoder, validate_load_args
 from model.errors import InvalidSetting, ModelFolderInvalid, NoGPU
 from model.prompt import prompt_segments
 from model.settings import SamplingSettings
-from tests.tiny_starcoder2 import build_tiny_starcoder2
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    return build_tiny_starcoder2(tmp_path_factory.mktemp("tiny") / "fp16")
 
 
 @pytest.mark.parametrize("context", [255, 300, 16640, 0, -256])
@@ -38,16 +32,16 @@ def test_loading_a_folder_that_is_not_starcoder2_fails_before_any_gpu_work(tmp_p
     assert engine.status.state == "empty"
 
 
-def test_typed_end_of_text_stays_plain_text_but_the_template_token_is_special(tiny_dir):
-    encoder = PromptEncoder(tiny_dir / "tokenizer.json")
+def test_typed_end_of_text_stays_plain_text_but_the_template_token_is_special(fp16_dir):
+    encoder = PromptEncoder(fp16_dir / "tokenizer.json")
     ids = encoder.encode(prompt_segments([{"role": "user", "content": "a <|endoftext|> b"}]))
     assert ids[0] == 0  # the template's leading <|endoftext|>
     assert ids.count(0) == 1  # the typed one became ordinary text tokens
     assert all(token >= 16 for token in ids[1:])  # no <fim_*> or other special id either
 
 
-def test_assistant_turns_end_with_the_real_end_of_text_token(tiny_dir):
-    encoder = PromptEncoder(tiny_dir / "tokenizer.json")
+def test_assistant_turns_end_with_the_real_end_of_text_token(fp16_dir):
+    encoder = PromptEncoder(fp16_dir / "tokenizer.json")
     messages = [
         {"role": "user", "content": "hi"},
         {"role": "assistant", "content": "hello"},
@@ -57,11 +51,11 @@ def test_assistant_turns_end_with_the_real_end_of_text_token(tiny_dir):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the behaviour without a GPU")
-def test_without_a_gpu_load_and_stream_say_a_cuda_gpu_is_required(tiny_dir):
+def test_without_a_gpu_load_and_stream_say_a_cuda_gpu_is_required(fp16_dir):
     engine = Engine()
     assert engine.gpu_info() is None
     with pytest.raises(NoGPU, match="CUDA GPU is required"):
-        engine.load(str(tiny_dir))
+        engine.load(str(fp16_dir))
     with pytest.raises(NoGPU, match="CUDA GPU is required"):
         engine.stream(prompt_segments([{"role": "user", "content": "x"}]), SamplingSettings())
     assert "exllamav2" not in sys.modules

@@ -15,7 +15,6 @@ if not torch.cuda.is_available():
 from model.engine import Engine, Finished, TextDelta  # noqa: E402
 from model.prompt import Segment  # noqa: E402
 from model.settings import SamplingSettings  # noqa: E402
-from tests.tiny_starcoder2 import build_tiny_starcoder2, quantize_exl2  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 
@@ -24,22 +23,6 @@ PROMPT = (
     "fibonacci(n - 2)\n\nclass Vector:\n    def __init__(self, x, y):\n        self.x = x\n"
     "for i in range(10):\n    print(i * i)  # squares\n"
 ) * 2
-
-
-@pytest.fixture(scope="module")
-def fp16_dir(tmp_path_factory):
-    return build_tiny_starcoder2(tmp_path_factory.mktemp("tiny") / "fp16")
-
-
-@pytest.fixture(scope="module")
-def windowed_dir(tmp_path_factory):
-    return build_tiny_starcoder2(tmp_path_factory.mktemp("tiny") / "window32", sliding_window=32)
-
-
-@pytest.fixture(scope="module")
-def exl2_dir(fp16_dir, tmp_path_factory):
-    root = tmp_path_factory.mktemp("exl2")
-    return quantize_exl2(fp16_dir, root / "model", root / "work", bits=6.0)
 
 
 def reference(folder, dtype=None):

@@ -1,0 +1,21 @@
+"""Shared fixtures: tiny StarCoder2 model folders, built on first use (GPU tests use them)."""
+
+import pytest
+
+from tests.tiny_starcoder2 import build_tiny_starcoder2, quantize_exl2
+
+
+@pytest.fixture(scope="session")
+def fp16_dir(tmp_path_factory):
+    return build_tiny_starcoder2(tmp_path_factory.mktemp("tiny") / "fp16")
+
+
+@pytest.fixture(scope="session")
+def windowed_dir(tmp_path_factory):
+    return build_tiny_starcoder2(tmp_path_factory.mktemp("tiny") / "window32", sliding_window=32)
+
+
+@pytest.fixture(scope="session")
+def exl2_dir(fp16_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("exl2")
+    return quantize_exl2(fp16_dir, root / "model", root / "work", bits=6.0)
