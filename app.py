@@ -447,11 +447,13 @@ def build_demo(engine, config: AppConfig | None = None, loader: ModelLoader | No
             settings = read_settings(values[:-1], values[-1])
             fitted = fit(history, settings, system, prefix)
             prompt = build_prompt(fitted.messages, system=system or None, response_prefix=prefix)
-            prompt_view = f"{fitted.prompt_tokens:,} tokens\n\n{prompt}"
+            shown_prompt = gr.Textbox(
+                prompt, label=f"Prompt sent to the model: {fitted.prompt_tokens:,} tokens"
+            )
             meter = context_meter(fitted, settings.max_new_tokens, engine.status.max_seq_len)
             # closing(): Stop closes this generator, and that must close the engine's (the GPU job).
             with contextlib.closing(engine.stream(fitted.segments, settings)) as events:
-                yield history, history, "Generating…", meter, prompt_view
+                yield history, history, "Generating…", meter, shown_prompt
                 text = ""
                 for event in events:
                     if isinstance(event, Finished):
@@ -530,7 +532,7 @@ def build_demo(engine, config: AppConfig | None = None, loader: ModelLoader | No
         return refresh_model_panel(branch, context_tokens, cache_mode)
 
     def show_prompt(visible: bool):
-        return gr.Code(visible=visible)
+        return gr.Textbox(visible=visible)
 
     with gr.Blocks(title="StarCoder2-15B-Instruct (EXL2)", analytics_enabled=False) as demo:
         gr.Markdown("# StarCoder2-15B-Instruct · EXL2 chat")
@@ -575,12 +577,19 @@ def build_demo(engine, config: AppConfig | None = None, loader: ModelLoader | No
                         label="Response prefix",
                         info="The answer starts with this text, e.g. ```python",
                     )
-                    show_prompt_box = gr.Checkbox(label="Show the exact prompt of the last reply")
-                    prompt_view = gr.Code(
-                        label="Prompt sent to the model (token count first)",
-                        language=None,
+                    show_prompt_box = gr.Checkbox(
+                        label="Show the exact prompt of the last reply", elem_id="show-prompt"
+                    )
+                    # A textbox keeps the prompt's trailing newline, which gr.Code strips.
+                    prompt_view = gr.Textbox(
+                        label="Prompt sent to the model",
+                        lines=6,
+                        max_lines=30,
                         visible=False,
                         interactive=False,
+                        buttons=["copy"],
+                        autoscroll=False,
+                        elem_id="prompt-view",
                     )
             with gr.Column(scale=2):
                 with gr.Accordion("Model", open=True):
@@ -635,8 +644,8 @@ def build_demo(engine, config: AppConfig | None = None, loader: ModelLoader | No
         gpu_job = {
             "concurrency_id": GPU_GROUP,
             "concurrency_limit": initial_limit,
-            # Queue position and errors show small, so an error does not cover the conversation.
-            "show_progress": "minimal",
+            # Queue position and errors show on the stats line, so the conversation stays readable.
+            "show_progress_on": [stats],
             **private,
         }
 

@@ -252,8 +252,9 @@ def test_chat_puts_system_text_and_response_prefix_into_the_prompt():
     expected = build_prompt(history, system="Answer in Python.", response_prefix="```python\n")
     assert sent == expected
     assert yields[-1][1][-1] == assistant("```python\ndef f(): pass\n```")
-    assert yields[0][4].endswith(expected)  # the prompt view shows exactly what was sent
-    assert yields[0][4].startswith(f"{engine.count_tokens(engine.calls[0].segments):,} tokens")
+    prompt_view = yields[0][4]  # shows exactly what was sent, and its size
+    assert prompt_view.value == expected
+    assert prompt_view.label.endswith(f"{engine.count_tokens(engine.calls[0].segments):,} tokens")
 
 
 def test_chat_meter_shows_the_budget_and_notes_dropped_turns():

@@ -96,6 +96,13 @@ def test_a_streamed_reply_renders_as_markdown_with_highlighted_code(page, engine
     expect(page.locator("#context-meter")).to_contain_text("of 4,096 tokens")
     expect(page.locator("#message textarea")).to_have_value("")
     assert engine.calls[-1].settings == SamplingSettings()  # untouched sliders, blank seed
+    page.get_by_text("Prompt options").click()
+    page.locator("#show-prompt input").check()
+    prompt_view = page.locator("#prompt-view")
+    tokens = engine.count_tokens(engine.calls[-1].segments)
+    sent = "".join(segment.text for segment in engine.calls[-1].segments)
+    expect(prompt_view.locator("textarea")).to_have_value(sent, timeout=WAIT_MS)
+    expect(prompt_view).to_contain_text(f"Prompt sent to the model: {tokens:,} tokens")
     SCREENSHOTS.mkdir(exist_ok=True)
     page.screenshot(path=str(SCREENSHOTS / "chat.png"), full_page=True)
 
