@@ -392,7 +392,8 @@ def set_gpu_concurrency(demo: gr.Blocks, limit: int) -> None:
             block_fn.concurrency_limit = limit
     # Gradio reads the limit when an event group is first used; update the live group too.
     running = getattr(demo, "_queue", None)
-    group = running.event_queue_per_concurrency_id.get(GPU_GROUP) if running else None
+    groups = running.event_queue_per_concurrency_id if running is not None else {}
+    group = groups.get(GPU_GROUP)
     if group is not None:
         group.concurrency_limit = limit
 

@@ -8,7 +8,9 @@ import re
 import socket
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import gradio as gr
@@ -55,9 +57,11 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def serve(engine: FakeEngine, config: app.AppConfig | None = None) -> Iterator[str]:
+def serve(
+    engine: FakeEngine, config: app.AppConfig | None = None, loader: app.ModelLoader | None = None
+) -> Iterator[str]:
     """Launch the app on a random local port and yield its URL."""
-    demo = app.build_demo(engine, config)
+    demo = app.build_demo(engine, config, loader)
     _, url, _ = demo.launch(
         prevent_thread_lock=True, server_name="127.0.0.1", server_port=free_port(), quiet=True
     )
@@ -170,6 +174,24 @@ def test_one_clients_cancel_leaves_another_clients_stream_running():
         assert cancelled.closed_event.wait(WAIT_S)
         assert keeper.result(timeout=WAIT_S) == "x" * 200
     assert not kept.closed and cancelled.chunks_sent < 200
+
+
+def test_loading_a_model_raises_the_job_limit_of_a_running_queue(monkeypatch):
+    gate = threading.Event()  # holds every job after its first chunk
+    engine = FakeEngine(["a", "b"], loaded=False, max_concurrency=2, gate=gate)
+    loader = app.ModelLoader(engine, app.AppConfig())
+    monkeypatch.setattr(app, "resolve_model_dir", lambda **kwargs: Path("/models/sc2"))
+    with serve(engine, loader=loader) as url, ThreadPoolExecutor(2) as pool:
+        with pytest.raises(AppError, match="not ready"):
+            Client(url, verbose=False).predict("Hi", api_name="/generate")  # queue runs, limit 1
+        loader.load("auto", 4096, "fp16")
+        jobs = [Client(url, verbose=False).submit(p, api_name="/generate") for p in ("1", "2")]
+        first_chunks = [pool.submit(lambda job=job: next(iter(job))) for job in jobs]
+        try:
+            assert [chunk.result(timeout=WAIT_S) for chunk in first_chunks] == ["a", "a"]
+        finally:
+            gate.set()
+        assert [job.result(timeout=WAIT_S) for job in jobs] == ["ab", "ab"]
 
 
 def test_api_lists_only_the_generate_endpoint():
@@ -426,6 +448,33 @@ def test_load_downloads_then_loads_and_raises_the_gpu_concurrency(monkeypatch):
     assert "ready" in panel[2] and "9.8 GB" in panel[2]
     limits = {fn.concurrency_limit for fn in demo.fns.values() if fn.concurrency_id == "gpu"}
     assert limits == {6}
+
+
+def test_start_up_load_runs_in_the_background_and_shows_its_progress(monkeypatch):
+    engine = FakeEngine(loaded=False, max_concurrency=3)
+    config = app.AppConfig(branch="4_25", load_at_start=True)
+    loader = app.ModelLoader(engine, config)
+    demo = app.build_demo(engine, config, loader)
+    downloading, release = threading.Event(), threading.Event()
+
+    def slow_resolve(**kwargs):
+        kwargs["on_progress"](DownloadProgress(10**9, 4 * 10**9, 1, 4, 1e8))
+        downloading.set()
+        assert release.wait(WAIT_S)
+        return Path("/models/sc2-4_25")
+
+    monkeypatch.setattr(app, "resolve_model_dir", slow_resolve)
+    thread = loader.load_in_background()
+    assert downloading.wait(WAIT_S)
+    panel = handler(demo, "refresh_model_panel")("4_25", 4096, "fp16")
+    assert "Downloading: 1.0 of 4.0 GB, 1 of 4 files, 100 MB/s" in panel[2]
+    release.set()
+    thread.join(WAIT_S)
+    assert engine.loads[0]["model_dir"] == "/models/sc2-4_25"
+    assert engine.status.state == "ready"
+    assert "ready" in handler(demo, "refresh_model_panel")("4_25", 4096, "fp16")[2]
+    limits = {fn.concurrency_limit for fn in demo.fns.values() if fn.concurrency_id == "gpu"}
+    assert limits == {3}
 
 
 def test_gpu_events_start_at_one_job_until_a_model_is_loaded():
