@@ -328,3 +328,57 @@ def test_reload_with_other_context_and_cache_returns_vram_to_baseline(engine, ex
     assert abs(torch.cuda.mem_get_info()[0] - loaded) < 0.02 * total
     engine.unload()
     assert abs(torch.cuda.mem_get_info()[0] - baseline) < 0.02 * total
+
+
+def test_load_reports_progress_per_module_and_refuses_what_does_not_fit(exl2_dir, monkeypatch):
+    from model.engine import GpuInfo
+    from model.errors import DoesNotFit
+
+    engine = Engine()
+    progress = []
+    engine.load(str(exl2_dir), max_seq_len=1024, on_progress=lambda d, t: progress.append((d, t)))
+    engine.unload()
+    total = progress[-1][1]
+    assert progress[-1] == (total, total) and total >= 4 * 2 + 3  # attn+mlp per layer, embed, head
+    assert [d for d, _ in progress] == sorted(d for d, _ in progress)
+    monkeypatch.setattr(engine, "gpu_info", lambda: GpuInfo("small", 8.0, 0.3))
+    with pytest.raises(DoesNotFit, match=r"0\.3 GB is free; lower the context"):
+        engine.load(str(exl2_dir), max_seq_len=16384)
+    assert engine.status.state == "failed"
+
+
+BROKEN_XFORMERS = """
+import sys, types
+ops = types.ModuleType("xformers.ops")
+def memory_efficient_attention(*args, **kwargs):
+    raise NotImplementedError("No operator found for `memory_efficient_attention_forward`")
+ops.memory_efficient_attention = memory_efficient_attention
+fmha = types.ModuleType("xformers.ops.fmha"); bias = types.ModuleType("xformers.ops.fmha.attn_bias")
+bias.LowerTriangularFromBottomRightMask = object
+pkg = types.ModuleType("xformers"); pkg.ops = ops
+sys.modules.update({"xformers": pkg, "xformers.ops": ops, "xformers.ops.fmha": fmha,
+                    "xformers.ops.fmha.attn_bias": bias})
+import exllamav2.attn
+assert exllamav2.attn.has_xformers  # exllamav2 would route attention through it
+from model.engine import Engine
+from model.prompt import prompt_segments
+from model.settings import SamplingSettings
+engine = Engine(paged=False)
+engine.load(sys.argv[1], max_seq_len=1024)
+events = list(engine.stream(prompt_segments([{"role": "user", "content": "hi"}]),
+                            SamplingSettings(max_new_tokens=8)))
+print("new tokens", events[-1].new_tokens)
+"""
+
+
+def test_an_installed_but_broken_xformers_is_never_used(exl2_dir, tmp_path):
+    import subprocess
+    import sys
+
+    script = tmp_path / "broken_xformers.py"
+    script.write_text(BROKEN_XFORMERS)
+    done = subprocess.run(
+        [sys.executable, str(script), str(exl2_dir)], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "new tokens" in done.stdout
