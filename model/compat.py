@@ -18,6 +18,7 @@ Defects (measured against transformers' Starcoder2ForCausalLM, see tests/test_en
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -159,6 +160,47 @@ def fix_unpaged_attention() -> None:
 # 4. paged attention ----
 
 
+@dataclass
+class _Plan:
+    """Indices and masks of one forward pass; the same for every layer, so computed once."""
+
+    seqlens: torch.Tensor
+    table: torch.Tensor
+    shape: tuple
+    pages: torch.Tensor  # (B, max_pages) int64
+    write_pages: torch.Tensor | None  # (B, Q): where the new k/v go
+    write_offsets: torch.Tensor | None
+    decode_mask: torch.Tensor | None  # (B, max_pages * page_size), for Q == 1
+    lengths: list[int] | None  # keys per sequence, for Q > 1
+
+
+_last_plan: list[_Plan | None] = [None]
+
+
+def _plan(seqlens, table, q_len, page_size, window, appending) -> _Plan:
+    """Reuse the last plan while exllamav2 passes the same tensors (all layers of one forward)."""
+    shape = (q_len, page_size, window, appending)
+    plan = _last_plan[0]
+    if plan and plan.seqlens is seqlens and plan.table is table and plan.shape == shape:
+        return plan
+    pages = table.to(torch.int64)
+    lengths64 = seqlens.to(torch.int64)
+    write_pages = write_offsets = None
+    if appending:
+        positions = lengths64[:, None] + torch.arange(q_len, device=seqlens.device)
+        write_pages = pages.gather(1, positions // page_size)
+        write_offsets = positions % page_size
+    total = lengths64 + q_len if appending else lengths64
+    decode_mask = lengths = None
+    if q_len == 1:
+        decode_mask = window_mask((total - 1)[:, None], pages.shape[1] * page_size, window)[:, 0]
+    else:
+        lengths = total.tolist()  # prefill: one host sync per forward, not per layer
+    plan = _Plan(seqlens, table, shape, pages, write_pages, write_offsets, decode_mask, lengths)
+    _last_plan[0] = plan
+    return plan
+
+
 def paged_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -184,27 +226,21 @@ def paged_attention(
     page_size = k_cache.shape[1]
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(dim)
     window = window_size[0] + 1 if window_size and window_size[0] >= 0 else 0
-    steps = torch.arange(q_len, device=q.device, dtype=torch.int64)
-    seqlens = cache_seqlens.to(torch.int64)
+    plan = _plan(cache_seqlens, block_table, q_len, page_size, window, k is not None)
 
     if k is not None:
-        positions = seqlens[:, None] + steps[None, :]
-        pages = block_table.to(torch.int64).gather(1, positions // page_size)
-        k_cache[pages, positions % page_size] = k
-        v_cache[pages, positions % page_size] = v
-        total = seqlens + q_len
-    else:
-        total = seqlens
+        k_cache[plan.write_pages, plan.write_offsets] = k
+        v_cache[plan.write_pages, plan.write_offsets] = v
 
     if q_len == 1:
-        keys = k_cache[block_table.to(torch.int64)].flatten(1, 2)
-        v_all = v_cache[block_table.to(torch.int64)].flatten(1, 2)
-        mask = window_mask((total - 1)[:, None], keys.shape[1], window)[:, 0, :]
-        return _decode_attention(q, keys, v_all, scale, mask).view(batch, 1, -1, dim)
+        keys = k_cache[plan.pages].flatten(1, 2)
+        values = v_cache[plan.pages].flatten(1, 2)
+        out = _decode_attention(q, keys, values, scale, plan.decode_mask)
+        return out.view(batch, 1, -1, dim)
 
     outputs = []
-    for b, length in enumerate(total.tolist()):
-        pages = block_table[b, : (length + page_size - 1) // page_size].to(torch.int64)
+    for b, length in enumerate(plan.lengths):
+        pages = plan.pages[b, : (length + page_size - 1) // page_size]
         keys = k_cache[pages].flatten(0, 1)[None, :length]
         values = v_cache[pages].flatten(0, 1)[None, :length]
         outputs.append(_prefill_attention(q[b : b + 1], keys, values, scale, window))

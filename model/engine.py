@@ -354,7 +354,12 @@ class Engine:
             )
         if self._status.state != "ready":
             raise NotReady(f"The model is not ready ({self._status.state}); load one first.")
-        ids = self.encode(segments)
+        return self.stream_tokens(self.encode(segments), settings)
+
+    def stream_tokens(self, ids: list[int], settings: SamplingSettings) -> Iterator[StreamEvent]:
+        """Like `stream`, for a prompt that is already token ids."""
+        if self._status.state != "ready":
+            raise NotReady(f"The model is not ready ({self._status.state}); load one first.")
         context = self._status.max_seq_len
         if len(ids) + settings.max_new_tokens > context:
             raise ContextTooLong(
@@ -362,7 +367,7 @@ class Engine:
                 f"{settings.max_new_tokens:,}, but the context is {context:,} tokens; shorten the "
                 "prompt, lower max new tokens or raise the context size."
             )
-        return self._events(_Request(ids, settings))
+        return self._events(_Request(list(ids), settings))
 
     def _events(self, request: _Request) -> Iterator[StreamEvent]:
         self._commands.put(("submit", request))
