@@ -104,7 +104,9 @@ def write_tokenizer(folder: Path) -> int:
     return tokenizer.get_vocab_size()
 
 
-def write_weights(folder: Path, config: dict, tokens: int, seed: int = 0) -> None:
+def write_weights(
+    folder: Path, config: dict, tokens: int, seed: int = 0, mute_eos: bool = False
+) -> None:
     """Random fp16 weights under StarCoder2's tensor names, with a separate (untied) lm_head."""
     import torch
     from safetensors.torch import save_file
@@ -140,6 +142,8 @@ def write_weights(folder: Path, config: dict, tokens: int, seed: int = 0) -> Non
     tensors["lm_head.weight"] = rand(vocab, hidden, std=0.15)
     # Ids past the tiny tokenizer's vocabulary get zero logits: nobody picks a token with no text.
     tensors["lm_head.weight"][tokens:] = 0
+    if mute_eos:  # benchmarks: keep random text from ending early
+        tensors["lm_head.weight"][0] = 0
     save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
 
 
@@ -156,7 +160,14 @@ def build_tiny_starcoder2(folder: Path, *, sliding_window: int = 4096, seed: int
     return folder
 
 
-def quantize_exl2(source: Path, output: Path, work: Path, bits: float = 4.0) -> Path:
+def quantize_exl2(
+    source: Path,
+    output: Path,
+    work: Path,
+    bits: float = 4.0,
+    head_bits: int = 6,
+    measurement: Path | None = None,
+) -> Path:
     """Quantize with exllamav2's own converter (small calibration: well under a minute)."""
     import runpy
     import sys
@@ -166,26 +177,11 @@ def quantize_exl2(source: Path, output: Path, work: Path, bits: float = 4.0) -> 
     compat.apply_all()  # the converter reads the config too, and needs the norm_epsilon fix
     argv = sys.argv
     sys.argv = [
-        "convert_exl2",
-        "-i",
-        str(source),
-        "-o",
-        str(work),
-        "-cf",
-        str(output),
-        "-b",
-        str(bits),
-        "-hb",
-        "6",
-        "-r",
-        "8",
-        "-l",
-        "256",
-        "-mr",
-        "4",
-        "-ml",
-        "256",
-    ]
+        "convert_exl2", "-i", str(source), "-o", str(work), "-cf", str(output), "-b", str(bits),
+        "-hb", str(head_bits), "-r", "8", "-l", "256", "-mr", "4", "-ml", "256",
+    ]  # fmt: skip
+    if measurement is not None:
+        sys.argv += ["-m", str(measurement)]
     try:
         runpy.run_module("exllamav2.conversion.convert_exl2", run_name="__main__")
     finally:

@@ -1,0 +1,358 @@
+"""Engine benchmark on a GPU: our engine vs stock exllamav2 0.3.2, one process per variant.
+
+Usage: python bench/engine_bench.py --model /dev/shm/sc2-6_5 --out results-6_5.json
+
+Variants: stock exllamav2 (dynamic generator, defaults: torch SDPA, unpaged without flash-attn),
+stock with `no_sdpa=True` (its correct but slow attention), and ours (model.engine.Engine: fixes
+applied, paged). Stock cannot read the real config key `norm_epsilon`, so it runs on a view of the
+folder whose config.json also carries `layer_norm_epsilon`. Each process measures batch-1 decode
+and prefill at several prompt lengths and peak VRAM; ours also measures concurrent jobs, a long
+prefill arriving while others decode, and (with --app) the Gradio app over HTTP.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+CONTEXTS = (128, 512, 4096, 12288)
+NEW_TOKENS = 64
+MAX_SEQ_LEN = 16384
+
+
+def bandwidth_gbps() -> float:
+    """Device-to-device copy bandwidth, bytes read + written per second (GB/s)."""
+    import torch
+
+    source = torch.empty(2 * 1024**3, dtype=torch.uint8, device="cuda")
+    target = torch.empty_like(source)
+    for _ in range(3):
+        target.copy_(source)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(10):
+        target.copy_(source)
+    end.record()
+    torch.cuda.synchronize()
+    seconds = start.elapsed_time(end) / 1000 / 10
+    del source, target
+    torch.cuda.empty_cache()
+    return 2 * 2 * 1024**3 / seconds / 1e9
+
+
+def weight_bytes_per_token(folder: Path) -> int:
+    """Bytes of weights a decode step reads: everything but the embedding table (one row read)."""
+    from safetensors import safe_open
+
+    total = 0
+    for file in folder.glob("*.safetensors"):
+        with safe_open(str(file), "pt") as handle:
+            for name in handle.keys():
+                if "embed_tokens" in name:
+                    continue
+                meta = handle.get_slice(name)
+                count = 1
+                for dim in meta.get_shape():
+                    count *= dim
+                total += count * {"F16": 2, "BF16": 2, "F32": 4, "I32": 4, "I16": 2}.get(
+                    meta.get_dtype(), 1
+                )
+    return total
+
+
+def prompt(length: int, seed: int) -> list[int]:
+    import random
+
+    rng = random.Random(seed)
+    return [0] + [rng.randrange(100, 1000) for _ in range(length - 1)]
+
+
+# ---- stock exllamav2 ----
+
+
+def stock_view(folder: Path) -> Path:
+    """A folder of links to the model whose config also has `layer_norm_epsilon`."""
+    view = Path(tempfile.mkdtemp(prefix="stock-"))
+    for item in folder.iterdir():
+        if item.name != "config.json":
+            (view / item.name).symlink_to(item)
+    config = json.loads((folder / "config.json").read_text())
+    config["layer_norm_epsilon"] = config["norm_epsilon"]
+    (view / "config.json").write_text(json.dumps(config))
+    return view
+
+
+def run_stock(folder: Path, no_sdpa: bool) -> dict:
+    import torch
+    from exllamav2 import ExLlamaV2, ExLlamaV2Cache, ExLlamaV2Config, ExLlamaV2Tokenizer
+    from exllamav2.generator import ExLlamaV2DynamicGenerator, ExLlamaV2DynamicJob, ExLlamaV2Sampler
+
+    config = ExLlamaV2Config(str(stock_view(folder)))
+    config.max_seq_len = MAX_SEQ_LEN
+    config.no_sdpa = no_sdpa
+    model = ExLlamaV2(config)
+    cache = ExLlamaV2Cache(model, max_seq_len=MAX_SEQ_LEN, lazy=True)
+    model.load_autosplit(cache)
+    generator = ExLlamaV2DynamicGenerator(model, cache, ExLlamaV2Tokenizer(config), paged=False)
+
+    def one(ids):
+        job = ExLlamaV2DynamicJob(
+            input_ids=torch.tensor([ids]), max_new_tokens=NEW_TOKENS, stop_conditions=[],
+            gen_settings=ExLlamaV2Sampler.Settings.greedy(),
+        )  # fmt: skip
+        generator.enqueue(job)
+        while generator.num_remaining_jobs():
+            for result in generator.iterate():
+                if result.get("eos"):
+                    final = result
+        return {
+            "prefill_tok_s": len(ids) / final["time_prefill"],
+            "decode_tok_s": (final["new_tokens"] - 1) / final["time_generate"],
+        }
+
+    return measure_contexts(one)
+
+
+# ---- ours ----
+
+
+def run_ours(folder: Path, with_app: bool) -> dict:
+    from model.engine import Engine, Finished
+    from model.settings import SamplingSettings
+
+    engine = Engine(max_jobs=16)
+    status = engine.load(str(folder), max_seq_len=MAX_SEQ_LEN)
+    settings = SamplingSettings(max_new_tokens=NEW_TOKENS)
+
+    def one(ids):
+        final = [e for e in engine.stream_tokens(ids, settings) if isinstance(e, Finished)][-1]
+        return {
+            "prefill_tok_s": len(ids) / final.time_to_first_token_s,
+            "decode_tok_s": final.decode_tokens_per_s,
+            "new_tokens": final.new_tokens,
+        }
+
+    results = measure_contexts(one)
+    results["status"] = status.message
+    results["cache_tokens"] = status.cache_tokens
+    results["concurrency"] = concurrency(engine)
+    results["prefill_while_decoding"] = prefill_while_decoding(engine)
+    if with_app:
+        results["app"] = app_vs_engine(engine)
+    engine.close()
+    return results
+
+
+def measure_contexts(one) -> dict:
+    import torch
+
+    one(prompt(64, 0))  # warm-up
+    torch.cuda.reset_peak_memory_stats()
+    rows = {}
+    for length in CONTEXTS:
+        rows[str(length)] = one(prompt(length, length))
+    free, total = torch.cuda.mem_get_info()
+    return {
+        "contexts": rows,
+        "peak_allocated_gb": torch.cuda.max_memory_allocated() / 1e9,
+        "used_gb": (total - free) / 1e9,
+    }
+
+
+def consume(engine, ids, max_new_tokens, arrivals=None):
+    """Run one job to the end; returns (Finished, seconds). Appends token arrival times if asked."""
+    from model.engine import Finished
+    from model.settings import SamplingSettings
+
+    started = time.perf_counter()
+    for event in engine.stream_tokens(ids, SamplingSettings(max_new_tokens=max_new_tokens)):
+        if arrivals is not None:
+            arrivals.append(time.perf_counter())
+        if isinstance(event, Finished):
+            return event, time.perf_counter() - started
+    raise RuntimeError("stream ended without a Finished event")
+
+
+def in_threads(count: int, work) -> list:
+    results = [None] * count
+
+    def run(i):
+        results[i] = work(i)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return results
+
+
+def concurrency(engine) -> dict:
+    """Aggregate and per-job decode speed with 1-16 jobs submitted together."""
+    rows = {}
+    for jobs in (1, 2, 4, 8, 16):
+        started = time.perf_counter()
+        done = in_threads(jobs, lambda i: consume(engine, prompt(128, 1000 + i), 128))
+        wall = time.perf_counter() - started
+        tokens = sum(final.new_tokens for final, _ in done)
+        rows[str(jobs)] = {
+            "aggregate_tok_s": tokens / wall,
+            "per_job_decode_tok_s": statistics.mean(f.decode_tokens_per_s for f, _ in done),
+        }
+    return rows
+
+
+def prefill_while_decoding(engine) -> dict:
+    """7 jobs decode; a 4k-token prompt arrives. How long do the 7 wait between tokens?"""
+    single, _ = consume(engine, prompt(2048, 7), 1)  # one prefill chunk, alone
+    arrivals = [[] for _ in range(7)]
+    long_started = []
+
+    def decoder(i):
+        return consume(engine, prompt(128, 2000 + i), 400, arrivals[i])
+
+    def newcomer():
+        deadline = time.perf_counter() + 60
+        while min(len(a) for a in arrivals) < 20 and time.perf_counter() < deadline:
+            time.sleep(0.005)
+        long_started.append(time.perf_counter())
+        return consume(engine, prompt(4096, 9), 16)
+
+    threads = in_threads(8, lambda i: decoder(i) if i < 7 else newcomer())
+    newcomer_final, _ = threads[7]
+    start = long_started[0]
+    end = start + newcomer_final.time_to_first_token_s
+    gaps, during = [], []
+    for times in arrivals:
+        for a, b in zip(times, times[1:], strict=False):
+            (during if a < end and b > start else gaps).append(b - a)
+    return {
+        "one_2048_chunk_prefill_s": single.time_to_first_token_s,
+        "newcomer_time_to_first_token_s": newcomer_final.time_to_first_token_s,
+        "median_gap_s": statistics.median(gaps),
+        "max_gap_during_prefill_s": max(during) if during else 0.0,
+    }
+
+
+def app_vs_engine(engine) -> dict:
+    """Streaming clients over HTTP (/generate) vs the engine alone, 1/4/8 at a time."""
+    from gradio_client import Client
+
+    import app
+    from model.engine import Finished
+
+    finals = []
+    original = engine.stream
+
+    def recording(segments, settings):
+        for event in original(segments, settings):
+            if isinstance(event, Finished):
+                finals.append(event)
+            yield event
+
+    engine.stream = recording
+    demo = app.build_demo(engine, app.AppConfig(queue_size=64))
+    _, url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", quiet=True)
+    text = "Write a Python function that merges two sorted lists. " * 4
+    instruction = _instruction(text)
+    rows = {}
+    try:
+        for clients in (1, 4, 8):
+            finals.clear()
+
+            def client(_):
+                c = Client(url, verbose=False)
+                started = time.perf_counter()
+                first = None
+                for _update in c.submit(text, max_new_tokens=128, api_name="/generate"):
+                    first = first or time.perf_counter()
+                return first - started, time.perf_counter() - first
+
+            started = time.perf_counter()
+            timings = in_threads(clients, client)
+            wall = time.perf_counter() - started
+            tokens = [f.new_tokens for f in finals]
+            ttft = sorted(t for t, _ in timings)
+            app_row = {
+                "ttft_p50_s": statistics.median(ttft),
+                "ttft_p95_s": ttft[min(len(ttft) - 1, round(0.95 * (len(ttft) - 1)))],
+                "time_per_token_s": statistics.mean(
+                    rest / max(1, n - 1) for (_, rest), n in zip(timings, tokens, strict=False)
+                ),
+                "aggregate_tok_s": sum(tokens) / wall,
+            }
+            started = time.perf_counter()
+            alone = in_threads(clients, lambda _: consume(engine, engine.encode(instruction), 128))
+            wall = time.perf_counter() - started
+            engine_ttft = sorted(f.time_to_first_token_s for f, _ in alone)
+            rows[str(clients)] = {
+                "app": app_row,
+                "engine": {
+                    "ttft_p50_s": statistics.median(engine_ttft),
+                    "time_per_token_s": statistics.mean(
+                        1 / f.decode_tokens_per_s for f, _ in alone if f.decode_tokens_per_s
+                    ),
+                    "aggregate_tok_s": sum(f.new_tokens for f, _ in alone) / wall,
+                },
+            }
+    finally:
+        demo.close()
+        engine.stream = original
+    return rows
+
+
+def _instruction(text):
+    from model.prompt import prompt_segments
+
+    return prompt_segments([{"role": "user", "content": text}])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--app", action="store_true", help="also benchmark the app over HTTP")
+    parser.add_argument("--variant", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.variant:
+        import torch
+
+        if args.variant == "ours":
+            result = run_ours(args.model, args.app)
+        else:
+            result = run_stock(args.model, no_sdpa=args.variant == "stock-no_sdpa")
+        result["gpu"] = torch.cuda.get_device_name(0)
+        print("RESULT " + json.dumps(result))
+        return
+
+    import torch
+
+    results = {
+        "model": str(args.model),
+        "bandwidth_gbps": bandwidth_gbps(),
+        "weight_bytes_per_token": weight_bytes_per_token(args.model),
+        "torch": torch.__version__,
+        "date": time.strftime("%Y-%m-%d"),
+    }
+    for variant in ("ours", "stock-sdpa", "stock-no_sdpa"):
+        command = [sys.executable, __file__, "--model", str(args.model), "--out", str(args.out)]
+        command += ["--variant", variant] + (["--app"] if args.app and variant == "ours" else [])
+        done = subprocess.run(command, capture_output=True, text=True)
+        lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+        results[variant] = json.loads(lines[-1][7:]) if lines else {"error": done.stderr[-3000:]}
+        args.out.write_text(json.dumps(results, indent=1))  # partial results survive a timeout
+        print(variant, "done", flush=True)
+
+
+if __name__ == "__main__":
+    main()
