@@ -4,14 +4,23 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import logging
+import math
 import os
+import re
 import sys
 import threading
+import time
+from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import gradio as gr
+from gradio.context import LocalContext
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
 
 from model.branches import (
     BRANCHES,
@@ -26,8 +35,8 @@ from model.branches import (
 )
 from model.download import DownloadProgress, resolve_model_dir
 from model.engine import EngineStatus, Finished, GpuInfo
-from model.errors import ChatError, InvalidSetting, NoGPU, NotReady
-from model.prompt import FittedPrompt, build_prompt, fit_to_context
+from model.errors import ChatError, InvalidMessages, InvalidSetting, NoGPU, NotReady
+from model.prompt import ROLES, FittedPrompt, build_prompt, fit_to_context
 from model.settings import FIELDS, SamplingSettings, validate_settings
 
 logger = logging.getLogger(__name__)
@@ -43,6 +52,15 @@ AUTO = "auto"
 GPU_GROUP = "gpu"
 SETTING_NAMES = tuple(spec.name for spec in FIELDS)
 DEFAULTS = {spec.name: spec.default for spec in FIELDS}
+# The context holds at most 16,384 tokens and StarCoder2's tokenizer averages 3-4 characters per
+# token on code and prose (long runs of spaces reach ~12), so 200,000 characters can never fit:
+# refusing them up front keeps megabytes away from the tokenizer. The Textbox limit is browser-only.
+MAX_PROMPT_CHARS = 200_000
+# Tab, newline and carriage return are text; other C0/C1 controls (NUL, ESC, …) mean binary or
+# terminal junk and are refused; lone UTF-16 surrogates cannot be encoded and are refused too.
+CONTROL_CHARACTERS = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+LONE_SURROGATES = re.compile("[\ud800-\udfff]")
+HEALTHY_STATES = ("ready", "degraded")  # /health answers 200 for these, 503 otherwise
 
 Message = dict[str, str]
 
@@ -63,6 +81,8 @@ class AppConfig:
     port: int = 7860
     queue_size: int = 32
     auth: str | None = None
+    rate_limit: int = 30  # requests per minute per client for chat and /generate; 0 = no limit
+    behind_proxy: bool = False  # on a Space: the client address is in X-Forwarded-For
     load_at_start: bool = False  # a folder, repo or branch was named: load it while serving
 
 
@@ -87,6 +107,8 @@ def parse_config(
         ("--queue-size", ("SC2_QUEUE_SIZE",), 32, int,
          "requests that may wait in the queue before new ones are turned away"),
         ("--auth", ("SC2_AUTH",), None, str, 'require a login, given as "user:password"'),
+        ("--rate-limit", ("SC2_RATE_LIMIT",), 30, int,
+         "requests per minute per client for chat and /generate (0: no limit)"),
     )  # fmt: skip
     parser = argparse.ArgumentParser(
         prog="app.py",
@@ -115,12 +137,15 @@ def parse_config(
         parser.error(str(error))
     if args.auth is not None and ":" not in args.auth:
         parser.error('--auth must look like "user:password"')
+    if args.rate_limit < 0:
+        parser.error("--rate-limit must be 0 (no limit) or a positive number of requests")
     load_at_start = (
         bool(args.model_dir)
         or any(arg.startswith(("--repo", "--branch")) for arg in arguments)
         or any(env.get(name) for name in ("SC2_REPO", "SC2_BRANCH"))
     )
-    return AppConfig(**vars(args), load_at_start=load_at_start)
+    behind_proxy = bool(env.get("SPACE_ID"))
+    return AppConfig(**vars(args), load_at_start=load_at_start, behind_proxy=behind_proxy)
 
 
 # ---- errors at the edge -------------------------------------------------------------------------
@@ -136,6 +161,110 @@ def user_error(error: Exception) -> gr.Error:
     return gr.Error(GENERIC_ERROR)
 
 
+# ---- untrusted input ----------------------------------------------------------------------------
+
+
+def check_text(what: str, text: object, *, limit: int = MAX_PROMPT_CHARS) -> str:
+    """Return text if it is a str within `limit` characters and free of refused characters."""
+    if not isinstance(text, str):
+        raise InvalidMessages(f"{what} must be text (got {type(text).__name__}).")
+    if len(text) > limit:
+        raise InvalidMessages(
+            f"{what} is {len(text):,} characters; the limit is {limit:,} (more than the largest "
+            "context, 16,384 tokens, can hold). Shorten it or send the relevant part."
+        )
+    if found := LONE_SURROGATES.search(text):
+        raise InvalidMessages(
+            f"{what} holds an invalid character (a lone UTF-16 surrogate, "
+            f"U+{ord(found.group()):04X}) at position {found.start():,}; it cannot be encoded as "
+            "text. Remove it and send again."
+        )
+    if found := CONTROL_CHARACTERS.search(text):
+        raise InvalidMessages(
+            f"{what} holds the control character U+{ord(found.group()):04X} at position "
+            f"{found.start():,}; remove it (tabs and newlines are fine)."
+        )
+    return text
+
+
+def check_history(history: object) -> list[Message]:
+    """Return the chat history if it is a list of role/content text dicts, else raise."""
+    if not isinstance(history, list):
+        raise InvalidMessages(
+            f"The conversation is not a list of messages (got {type(history).__name__}); "
+            "press Clear and start again."
+        )
+    for index, message in enumerate(history):
+        if (
+            not isinstance(message, dict)
+            or message.get("role") not in ROLES
+            or not isinstance(message.get("content"), str)
+        ):
+            raise InvalidMessages(
+                f"Message {index + 1} of the conversation is malformed (each must have a role, "
+                "user or assistant, and text content); press Clear and start again."
+            )
+    return history
+
+
+def trim_history(history: list[Message], budget_chars: int) -> tuple[list[Message], int]:
+    """Drop the oldest whole turns beyond budget_chars (they could never fit the context)."""
+    total = sum(len(message["content"]) for message in history)
+    dropped = 0
+    while total > budget_chars and len(history) - 2 * dropped > 2:
+        total -= sum(len(m["content"]) for m in history[2 * dropped : 2 * dropped + 2])
+        dropped += 1
+    return history[2 * dropped :], dropped
+
+
+class RateLimiter:
+    """At most `per_minute` requests per client in any 60-second window; 0 means no limit."""
+
+    WINDOW_S = 60.0
+    MAX_CLIENTS = 10_000  # beyond this, idle clients are forgotten so the table stays bounded
+
+    def __init__(self, per_minute: int, clock: Callable[[], float] = time.monotonic) -> None:
+        self.per_minute = per_minute
+        self._clock = clock
+        self._seen: dict[str, deque[float]] = {}
+        self._lock = threading.Lock()
+
+    def check(self, client: str | None) -> None:
+        """Count one request from client, or raise gr.Error if it is over the limit."""
+        if not self.per_minute or client is None:
+            return
+        now = self._clock()
+        with self._lock:
+            if len(self._seen) > self.MAX_CLIENTS:
+                self._seen = {
+                    key: times
+                    for key, times in self._seen.items()
+                    if times and now - times[-1] < self.WINDOW_S
+                }
+            times = self._seen.setdefault(client, deque())
+            while times and now - times[0] >= self.WINDOW_S:
+                times.popleft()
+            if len(times) >= self.per_minute:
+                wait = max(1, math.ceil(self.WINDOW_S - (now - times[0])))
+                raise gr.Error(
+                    f"Too many requests: the limit is {self.per_minute} per minute; try again in "
+                    f"{wait} s."
+                )
+            times.append(now)
+
+
+def client_address(request: gr.Request | None, behind_proxy: bool) -> str | None:
+    """Who sent the request: the first X-Forwarded-For address behind a proxy, else the peer."""
+    if request is None:
+        return None
+    if behind_proxy:
+        forwarded = (request.headers.get("x-forwarded-for") or "").split(",")[0].strip()
+        if forwarded:
+            return forwarded
+    client = getattr(request, "client", None)
+    return getattr(client, "host", None)
+
+
 # ---- chat history (pure functions, tested directly) ---------------------------------------------
 
 
@@ -143,6 +272,11 @@ def add_user_message(message: str, history: list[Message]) -> tuple[str, list[Me
     """Append the typed message as a user turn; clear the box. A blank message changes nothing."""
     if not message or not message.strip():
         return message, history
+    try:
+        check_text("The message", message)
+        check_history(history)
+    except ChatError as error:
+        raise gr.Error(str(error)) from None  # the text stays in the box to be fixed
     if history and history[-1]["role"] == "user":
         # The last question was never answered (stopped or failed): replace it, keep turns paired.
         history = history[:-1]
@@ -415,6 +549,11 @@ def build_demo(engine, config: AppConfig | None = None, loader: ModelLoader | No
     initial_status = engine.status
     initial_limit = initial_status.max_concurrency if initial_status.state == "ready" else 1
     free_gb = available_vram_gb(engine)
+    limiter = RateLimiter(config.rate_limit)
+
+    def admit() -> None:
+        """Count this request against its client's rate limit (gr.Error when over it)."""
+        limiter.check(client_address(LocalContext.request.get(None), config.behind_proxy))
 
     def require_gpu() -> None:
         if not has_gpu:
@@ -440,13 +579,24 @@ def build_demo(engine, config: AppConfig | None = None, loader: ModelLoader | No
     def respond(history: list[Message], system: str | None, prefix: str | None, *values):
         """Stream an answer to the last user message: (chat, history, stats, meter, prompt)."""
         require_gpu()
-        system = (system or "").strip()  # an empty textbox may arrive as None
-        prefix = prefix or ""
-        if not history or history[-1]["role"] != "user":
-            return  # nothing to answer (blank message, or Retry with no question)
         try:
+            history = check_history(history)
+            if not history or history[-1]["role"] != "user":
+                return  # nothing to answer (blank message, or Retry with no question)
+            admit()
+            system = check_text("The system text", system or "").strip()
+            prefix = check_text("The response prefix", prefix or "")
+            question = check_text("The message", history[-1]["content"])
+            if not question.strip():
+                raise InvalidMessages("The message is empty; write an instruction to answer.")
             settings = read_settings(values[:-1], values[-1])
-            fitted = fit(history, settings, system, prefix)
+            budget = MAX_PROMPT_CHARS - len(system) - len(prefix)
+            kept, pre_dropped = trim_history(history, max(budget, len(question)))
+            fitted = fit(kept, settings, system, prefix)
+            if pre_dropped:
+                fitted = dataclasses.replace(
+                    fitted, dropped_turns=fitted.dropped_turns + pre_dropped
+                )
             prompt = build_prompt(fitted.messages, system=system or None, response_prefix=prefix)
             shown_prompt = gr.Textbox(
                 prompt, label=f"Prompt sent to the model: {fitted.prompt_tokens:,} tokens"
@@ -480,6 +630,8 @@ def build_demo(engine, config: AppConfig | None = None, loader: ModelLoader | No
         """Answer one instruction; each streamed value is the whole answer so far."""
         require_gpu()
         try:
+            admit()
+            check_text("The prompt", prompt)
             settings = validate_settings(
                 {
                     "temperature": temperature,
@@ -558,6 +710,7 @@ def build_demo(engine, config: AppConfig | None = None, loader: ModelLoader | No
                         placeholder="Write an instruction (Enter sends, Shift+Enter adds a line)",
                         lines=1,
                         max_lines=12,
+                        max_length=MAX_PROMPT_CHARS,
                         scale=5,
                         elem_id="message",
                     )
@@ -652,7 +805,7 @@ def build_demo(engine, config: AppConfig | None = None, loader: ModelLoader | No
 
         sent = [
             trigger(add_user_message, [message, history], [message, history], **private)
-            .then(lambda h: h, history, chatbot, queue=False, **private)
+            .success(lambda h: h, history, chatbot, queue=False, **private)  # refused: stop here
             .then(respond, respond_inputs, chat_outputs, **gpu_job)
             for trigger in (message.submit, send.click)
         ]
@@ -712,6 +865,30 @@ def build_demo(engine, config: AppConfig | None = None, loader: ModelLoader | No
     return demo
 
 
+def health_route(engine) -> Route:
+    """GET /health: 200 and {"state": …} while the model serves; 503 loading or without one."""
+
+    def health(_request: Request) -> JSONResponse:
+        state = engine.health if engine.gpu_info() is not None else "no_gpu"
+        code = 200 if state in HEALTHY_STATES else 503
+        return JSONResponse({"state": state}, status_code=code)
+
+    return Route("/health", health, methods=["GET"])
+
+
+def launch_options(engine, config: AppConfig) -> dict:
+    """Keyword arguments for demo.launch(): address, login, no share link, and the /health route."""
+    auth = tuple(config.auth.split(":", 1)) if config.auth else None
+    return {
+        "server_name": config.host,
+        "server_port": config.port,
+        "auth": auth,
+        "share": False,  # never open a public tunnel to this machine
+        # Routes given to the FastAPI app come before Gradio's own, and skip its login check.
+        "app_kwargs": {"routes": [health_route(engine)]},
+    }
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Parse the configuration, build the real engine and serve the app."""
     config = parse_config(argv)
@@ -723,9 +900,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     demo = build_demo(engine, config, loader)
     if config.load_at_start and engine.gpu_info() is not None:
         loader.load_in_background()
-    auth = tuple(config.auth.split(":", 1)) if config.auth else None
     try:
-        demo.launch(server_name=config.host, server_port=config.port, auth=auth)
+        demo.launch(**launch_options(engine, config))
     finally:
         engine.close()
 

@@ -80,6 +80,11 @@ class EngineStatus:
     attention: str = ""  # which attention kernel serves the model
 
 
+HEALTH_STATES = ("empty", "loading", "ready", "degraded", "failed")
+# How often a caller waiting for tokens checks that the worker is still alive.
+_WORKER_CHECK_S = 0.5
+
+
 @dataclass(eq=False)
 class _Request:
     """One job in flight: the worker pushes events into `events`; the caller reads them."""
@@ -92,6 +97,7 @@ class _Request:
     first_token_at: float | None = None
     text: list[str] = field(default_factory=list)
     done: bool = False
+    worker: threading.Thread | None = None  # the worker the job was handed to
 
 
 _STOP_REASONS = {
@@ -145,7 +151,9 @@ class Engine:
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._worker: threading.Thread | None = None
         self._model = self._cache = self._generator = None
+        self._generator_args: dict = {}
         self._encoder: PromptEncoder | None = None
+        self._degraded = False  # a job failed and was recovered from; cleared by the next success
 
     # ---- GPU and status ----
 
@@ -163,6 +171,16 @@ class Engine:
     @property
     def status(self) -> EngineStatus:
         return self._status
+
+    @property
+    def health(self) -> str:
+        """One of HEALTH_STATES: "degraded" after a recovered fault until a job succeeds again."""
+        state = self._status.state
+        if state != "ready":
+            return state
+        if self._worker is None or not self._worker.is_alive():
+            return "failed"
+        return "degraded" if self._degraded else "ready"
 
     # ---- load / unload ----
 
@@ -205,9 +223,10 @@ class Engine:
                     ) from None
                 raise
             used_gb = free_before - self.gpu_info().free_gb
-            self._status = self._ready_status(folder, max_seq_len, cache_mode, started, used_gb)
+            # The worker runs before the status says ready, so no job is handed to a missing one.
             self._worker = threading.Thread(target=self._run, name="exllamav2-worker", daemon=True)
             self._worker.start()
+            self._status = self._ready_status(folder, max_seq_len, cache_mode, started, used_gb)
             return self._status
 
     def _load(self, folder: Path, max_seq_len: int, cache_mode: str, on_progress) -> None:
@@ -244,14 +263,16 @@ class Engine:
         self._cache = cache_class(self._model, max_seq_len=cache_tokens, lazy=True)
         self._model.load_autosplit(self._cache, callback=on_progress)
         tokenizer = ExLlamaV2Tokenizer(config)
-        self._generator = ExLlamaV2DynamicGenerator(
-            self._model,
-            self._cache,
-            tokenizer,
+        self._generator_args = dict(
+            model=self._model,
+            cache=self._cache,
+            tokenizer=tokenizer,
             max_batch_size=jobs,
             max_seq_len=max_seq_len,
             paged=paged,
         )
+        self._generator = ExLlamaV2DynamicGenerator(**self._generator_args)
+        self._degraded = False
         self._encoder = PromptEncoder(folder / "tokenizer.json")
         self._jobs, self._paged, self._cache_total = jobs, paged, cache_tokens
         torch.cuda.synchronize()
@@ -319,6 +340,7 @@ class Engine:
         if self._model is not None:
             self._model.unload()
         self._model = self._cache = self._generator = None
+        self._generator_args = {}
         self._encoder = None
         gc.collect()
         try:
@@ -370,10 +392,19 @@ class Engine:
         return self._events(_Request(list(ids), settings))
 
     def _events(self, request: _Request) -> Iterator[StreamEvent]:
+        request.worker = self._worker
         self._commands.put(("submit", request))
         try:
             while True:
-                event = request.events.get()
+                try:
+                    event = request.events.get(timeout=_WORKER_CHECK_S)
+                except queue.Empty:
+                    # A worker that stopped (reload) or died never answers: fail, do not hang.
+                    if request.worker is None or not request.worker.is_alive():
+                        raise GenerationFailed(
+                            "The model was reloaded or stopped; send the message again."
+                        ) from None
+                    continue
                 if isinstance(event, Exception):
                     raise event
                 yield event
@@ -402,9 +433,12 @@ class Engine:
                     if command == "submit":
                         self._submit(request, active)
                     elif command == "cancel" and request.job in active:
-                        self._generator.cancel(request.job)
                         del active[request.job]
                         request.done = True
+                        try:
+                            self._generator.cancel(request.job)
+                        except Exception as error:  # keep the worker alive; start clean
+                            self._recover(active, error)
             except queue.Empty:
                 pass
             if not active:
@@ -452,6 +486,7 @@ class Engine:
             return
         del active[request.job]
         request.done = True
+        self._degraded = False
         ttft = (request.first_token_at or time.perf_counter()) - request.submitted_at
         new_tokens = result.get("new_tokens", 0)
         generate_s = result.get("time_generate", 0.0)
@@ -468,19 +503,43 @@ class Engine:
         )
 
     def _recover(self, active: dict, error: Exception) -> None:
-        """A generator step raised: fail the jobs it held and start clean."""
+        """A generator step raised: fail the jobs it was prefilling (else all), keep serving."""
         import torch
 
+        self._degraded = True
         reason = "out of GPU memory" if _is_oom(error) else f"{type(error).__name__}: {error}"
-        self._end_all(active, f"Generation failed ({reason}); the engine recovered, try again.")
-        self._generator.clear_queue()
+        message = f"Generation failed ({reason}); the engine recovered, try again."
+        # Prefill runs before the batch's decode step, so jobs already streaming are untouched.
+        started = getattr(self._generator, "active_jobs", [])
+        prefilling = [
+            request
+            for job, request in active.items()
+            if job in started and not job.is_prefill_done()
+        ]
+        try:
+            if not prefilling:
+                raise RuntimeError("the failed step was not a prefill")
+            for request in prefilling:
+                self._generator.cancel(request.job)
+                del active[request.job]
+                request.done = True
+                request.events.put(GenerationFailed(message))
+        except Exception:
+            try:
+                self._end_all(active, message)
+            except Exception:  # the generator's state is broken: build a fresh one
+                self._generator = None
+        if self._generator is None and self._generator_args:
+            from exllamav2.generator import ExLlamaV2DynamicGenerator
+
+            self._generator = ExLlamaV2DynamicGenerator(**self._generator_args)
         torch.cuda.empty_cache()
 
     def _end_all(self, active: dict, message: str) -> None:
         for request in active.values():
             request.done = True
             request.events.put(GenerationFailed(message))
-        active.clear()
+        active.clear()  # before clear_queue, which may raise on a broken generator
         if self._generator is not None:
             self._generator.clear_queue()
 

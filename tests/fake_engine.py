@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from model.engine import EngineStatus, Finished, GpuInfo, StreamEvent, TextDelta
-from model.errors import NoGPU, NotReady
+from model.errors import GenerationFailed, NoGPU, NotReady
 from model.prompt import Segment
 from model.settings import SamplingSettings
 
@@ -57,6 +57,12 @@ class FakeEngine:
         self.calls: list[StreamCall] = []
         self.loads: list[dict] = []
         self.call_made = threading.Event()
+        self.load_gate: threading.Event | None = None  # when set, load() waits for it while loading
+        self.loading = threading.Event()  # set while a load() is under way
+        self._fault: tuple[Exception, int] | None = None
+        self._degraded = False
+        self._generation = 0  # bumped by every load/unload: streams of an older one are ended
+        self._lock = threading.Lock()  # one load at a time, like the real engine
         self._status = (
             self._ready("/models/fake", max_seq_len, "fp16") if loaded else EngineStatus()
         )
@@ -87,21 +93,42 @@ class FakeEngine:
     ) -> EngineStatus:
         if self.gpu is None:
             raise NoGPU("A CUDA GPU is required: exllamav2 runs only on NVIDIA GPUs.")
-        self.loads.append(
-            {"model_dir": model_dir, "max_seq_len": max_seq_len, "cache_mode": cache_mode}
-        )
-        for done in range(1, 4):
-            if on_progress is not None:
-                on_progress(done, 3)
-        self._status = self._ready(model_dir, max_seq_len, cache_mode)
-        return self._status
+        with self._lock:
+            self.loads.append(
+                {"model_dir": model_dir, "max_seq_len": max_seq_len, "cache_mode": cache_mode}
+            )
+            self.unload()  # like the real engine: in-flight streams end with a reload error
+            self._status = EngineStatus(state="loading", message=f"Loading {model_dir}…")
+            self.loading.set()
+            try:
+                if self.load_gate is not None:
+                    self.load_gate.wait(timeout=30)
+                for done in range(1, 4):
+                    if on_progress is not None:
+                        on_progress(done, 3)
+            finally:
+                self.loading.clear()
+            self._degraded = False
+            self._status = self._ready(model_dir, max_seq_len, cache_mode)
+            return self._status
 
     def unload(self) -> None:
+        self._generation += 1
         self._status = EngineStatus()
 
     @property
     def status(self) -> EngineStatus:
         return self._status
+
+    @property
+    def health(self) -> str:
+        """Like Engine.health: "degraded" after a failed job until the next one succeeds."""
+        state = self._status.state
+        return "degraded" if state == "ready" and self._degraded else state
+
+    def fail_next(self, error: Exception, *, after_chunks: int = 1) -> None:
+        """Make the next stream raise `error` after `after_chunks` chunks (a fault on the GPU)."""
+        self._fault = (error, after_chunks)
 
     def count_tokens(self, segments: Sequence[Segment]) -> int:
         if self._status.state != "ready":
@@ -120,9 +147,12 @@ class FakeEngine:
         call = StreamCall(list(segments), settings)
         self.calls.append(call)
         self.call_made.set()
-        return self._events(call)
+        fault, self._fault = self._fault, None
+        return self._events(call, self._generation, fault)
 
-    def _events(self, call: StreamCall) -> Iterator[StreamEvent]:
+    def _events(
+        self, call: StreamCall, generation: int, fault: tuple[Exception, int] | None
+    ) -> Iterator[StreamEvent]:
         call.started.set()
         try:
             for index, chunk in enumerate(self.chunks):
@@ -130,8 +160,14 @@ class FakeEngine:
                     self.gate.wait(timeout=30)
                 if index and self.chunk_delay_s:
                     time.sleep(self.chunk_delay_s)  # the pace of a GPU, not synchronisation
+                if generation != self._generation:
+                    raise GenerationFailed("The model is being reloaded; send the message again.")
+                if fault is not None and index == fault[1]:
+                    self._degraded = True
+                    raise fault[0]
                 call.chunks_sent += 1
                 yield TextDelta(chunk)
+            self._degraded = False
             text = "".join(self.chunks)
             yield Finished(
                 text=text,
