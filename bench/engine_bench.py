@@ -213,34 +213,52 @@ def concurrency(engine) -> dict:
 
 
 def prefill_while_decoding(engine) -> dict:
-    """7 jobs decode; a 4k-token prompt arrives. How long do the 7 wait between tokens?"""
+    """7 jobs decode; a 4k-token prompt arrives. How long is each generator step meanwhile?
+
+    Every step gives each decoding job one token, so the longest step while the newcomer's prompt
+    is being ingested is the longest the 7 wait for a token. Steps are timed around exllamav2's
+    `iterate()`; counting text events instead would mix in text held back for incomplete UTF-8.
+    """
     single, _ = consume(engine, prompt(2048, 7), 1)  # one prefill chunk, alone
+    steps = []
+    iterate = engine._generator.iterate
+
+    def timed():
+        started = time.perf_counter()
+        result = iterate()
+        steps.append((started, time.perf_counter()))
+        return result
+
+    engine._generator.iterate = timed
     arrivals = [[] for _ in range(7)]
-    long_started = []
+    window = []
 
     def decoder(i):
         return consume(engine, prompt(128, 2000 + i), 400, arrivals[i])
 
     def newcomer():
         deadline = time.perf_counter() + 60
-        while min(len(a) for a in arrivals) < 20 and time.perf_counter() < deadline:
+        while min(len(a) for a in arrivals) < 5 and time.perf_counter() < deadline:
             time.sleep(0.005)
-        long_started.append(time.perf_counter())
-        return consume(engine, prompt(4096, 9), 16)
+        window.append(time.perf_counter())
+        final = consume(engine, prompt(4096, 9), 16)
+        return final
 
-    threads = in_threads(8, lambda i: decoder(i) if i < 7 else newcomer())
-    newcomer_final, _ = threads[7]
-    start = long_started[0]
+    try:
+        finals = in_threads(8, lambda i: decoder(i) if i < 7 else newcomer())
+    finally:
+        engine._generator.iterate = iterate
+    newcomer_final, _ = finals[7]
+    start = window[0]
     end = start + newcomer_final.time_to_first_token_s
-    gaps, during = [], []
-    for times in arrivals:
-        for a, b in zip(times, times[1:], strict=False):
-            (during if a < end and b > start else gaps).append(b - a)
+    during = [b - a for a, b in steps if b > start and a < end]
+    others = [b - a for a, b in steps if b <= start or a >= end]
     return {
         "one_2048_chunk_prefill_s": single.time_to_first_token_s,
         "newcomer_time_to_first_token_s": newcomer_final.time_to_first_token_s,
-        "median_gap_s": statistics.median(gaps),
-        "max_gap_during_prefill_s": max(during) if during else 0.0,
+        "median_step_s": statistics.median(others),
+        "max_step_during_prefill_s": max(during) if during else 0.0,
+        "steps_during_prefill": len(during),
     }
 
 
@@ -322,8 +340,18 @@ def main() -> None:
     parser.add_argument("--model", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--app", action="store_true", help="also benchmark the app over HTTP")
+    parser.add_argument("--stall-only", action="store_true", help="only the prefill-stall test")
     parser.add_argument("--variant", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.stall_only:
+        from model.engine import Engine
+
+        engine = Engine(max_jobs=16)
+        engine.load(str(args.model), max_seq_len=MAX_SEQ_LEN)
+        consume(engine, prompt(64, 0), 8)  # warm-up
+        args.out.write_text(json.dumps(prefill_while_decoding(engine), indent=1))
+        engine.close()
+        return
     if args.variant:
         import torch
 

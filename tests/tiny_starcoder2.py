@@ -147,7 +147,9 @@ def write_weights(
     save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
 
 
-def build_tiny_starcoder2(folder: Path, *, sliding_window: int = 4096, seed: int = 0) -> Path:
+def build_tiny_starcoder2(
+    folder: Path, *, sliding_window: int = 4096, seed: int = 0, mute_eos: bool = False
+) -> Path:
     """Write a complete FP16 model folder (config, tokenizer, weights) and return it."""
     folder.mkdir(parents=True, exist_ok=True)
     config = real_config(sliding_window=sliding_window)
@@ -156,7 +158,7 @@ def build_tiny_starcoder2(folder: Path, *, sliding_window: int = 4096, seed: int
         json.dumps({"bos_token_id": 0, "eos_token_id": 0})
     )
     tokens = write_tokenizer(folder)
-    write_weights(folder, config, tokens, seed=seed)
+    write_weights(folder, config, tokens, seed=seed, mute_eos=mute_eos)
     return folder
 
 
