@@ -93,8 +93,7 @@ class _Request:
     settings: SamplingSettings
     events: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
     job: object = None
-    submitted_at: float = field(default_factory=time.perf_counter)
-    first_token_at: float | None = None
+    submitted_at: float = field(default_factory=time.time)  # exllamav2 stamps jobs with time.time()
     text: list[str] = field(default_factory=list)
     done: bool = False
     worker: threading.Thread | None = None  # the worker the job was handed to
@@ -478,8 +477,6 @@ class Engine:
     def _deliver(self, request: _Request, result: dict, active: dict) -> None:
         text = result.get("text", "")
         if text:
-            if request.first_token_at is None:
-                request.first_token_at = time.perf_counter()
             request.text.append(text)
             request.events.put(TextDelta(text))
         if not result.get("eos"):
@@ -487,7 +484,9 @@ class Engine:
         del active[request.job]
         request.done = True
         self._degraded = False
-        ttft = (request.first_token_at or time.perf_counter()) - request.submitted_at
+        # The first sampled token, not the first text: text can be held back (stop strings, UTF-8).
+        first_token = getattr(request.job, "time_first_token", None) or time.time()
+        ttft = first_token - request.submitted_at
         new_tokens = result.get("new_tokens", 0)
         generate_s = result.get("time_generate", 0.0)
         request.events.put(
