@@ -1,0 +1,44 @@
+"""Draw docs/decode_vs_context.png from bench/results/bench-*.json (needs matplotlib)."""
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+LABELS = {
+    "ours": "ours (correct, paged)",
+    "stock-no_sdpa": "stock, no_sdpa (causal, no window)",
+    "stock-sdpa": "stock default (no causal mask)",
+}
+
+
+def main() -> None:
+    files = sorted((ROOT / "bench" / "results").glob("bench-*.json"))
+    figure, axes = plt.subplots(1, len(files), figsize=(5.5 * len(files), 4), sharey=True)
+    for axis, file in zip(axes, files, strict=True):
+        results = json.loads(file.read_text())
+        bound = results["bandwidth_gbps"] * 1e9 / results["weight_bytes_per_token"]
+        for variant, label in LABELS.items():
+            rows = results[variant]["contexts"]
+            contexts = [int(c) for c in rows]
+            axis.plot(contexts, [rows[c]["decode_tok_s"] for c in rows], marker="o", label=label)
+        axis.set_xscale("log", base=2)
+        axis.set_xticks(contexts, [f"{c:,}" for c in contexts])
+        axis.set_title(
+            f"{file.stem.removeprefix('bench-')} bpw (bandwidth bound {bound:.0f} tok/s)"
+        )
+        axis.set_xlabel("context (tokens)")
+        axis.grid(alpha=0.3)
+    axes[0].set_ylabel("batch-1 decode (tokens/s)")
+    axes[0].legend()
+    figure.suptitle("StarCoder2-15B-shaped EXL2, H100 80GB: decode speed vs context")
+    figure.tight_layout()
+    figure.savefig(ROOT / "docs" / "decode_vs_context.png", dpi=110)
+
+
+if __name__ == "__main__":
+    main()
