@@ -25,6 +25,7 @@ class StreamCall:
     finished: threading.Event = field(default_factory=threading.Event)
     closed_event: threading.Event = field(default_factory=threading.Event)
     chunks_sent: int = 0
+    closed_at: float | None = None  # time.perf_counter() when the caller closed the stream
 
     @property
     def closed(self) -> bool:
@@ -179,6 +180,7 @@ class FakeEngine:
                 stop_reason="eos",
             )
         except GeneratorExit:
+            call.closed_at = time.perf_counter()
             call.closed_event.set()  # what the real engine turns into a cancelled GPU job
             raise
         finally:
