@@ -34,3 +34,26 @@ def test_generate_api_answers_with_the_engines_own_greedy_text(exl2_dir):
     assert answer == direct[-1].text
     assert streamed and streamed[-1] == answer
     assert len(streamed) > 1  # it streamed, not one final blob
+
+
+def test_chat_answers_and_a_follow_up_turn_reuses_the_cached_prompt_pages(exl2_dir):
+    from model.settings import FIELDS
+
+    engine = Engine()
+    engine.load(str(exl2_dir), max_seq_len=2048)
+    demo = app.build_demo(engine, app.AppConfig())
+    respond = next(fn.fn for fn in demo.fns.values() if fn.name == "respond")
+    values = [32 if spec.name == "max_new_tokens" else spec.default for spec in FIELDS]
+    question = "Explain this code step by step:\n" + "total = sum(x * x for x in range(10))\n" * 30
+    try:
+        first = list(respond([{"role": "user", "content": question}], "", "", *values, None))
+        chat = first[-1][0]
+        follow_up = [*chat, {"role": "user", "content": "Now write it in Rust."}]
+        second = list(respond(follow_up, "", "", *values, None))
+    finally:
+        engine.close()
+    assert chat[-1]["role"] == "assistant" and chat[-1]["content"]
+    first_stats = [y[2] for y in first if isinstance(y[2], str) and "stopped by" in y[2]]
+    second_stats = [y[2] for y in second if isinstance(y[2], str) and "stopped by" in y[2]]
+    assert first_stats and "cached" not in first_stats[-1]
+    assert second_stats and "of them cached" in second_stats[-1]  # the first turn's full pages
