@@ -2,19 +2,15 @@
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import logging
 import math
-import os
 import re
-import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
 
 import gradio as gr
 from gradio.context import LocalContext
@@ -26,13 +22,13 @@ from model.branches import (
     BRANCHES,
     CACHE_MODES,
     CONTEXT_STEP,
-    DEFAULT_REPO,
     MAX_CONTEXT,
     MIN_CONTEXT,
     estimate_vram_gb,
     pick_branch,
     validate_context,
 )
+from model.config import AUTO, AppConfig, parse_config
 from model.download import DownloadProgress, resolve_model_dir
 from model.engine import EngineStatus, Finished, GpuInfo
 from model.errors import ChatError, InvalidMessages, InvalidSetting, NoGPU, NotReady
@@ -47,7 +43,6 @@ NO_GPU_MESSAGE = (
     "of torch."
 )
 GENERIC_ERROR = "Something went wrong on the server (the details are in its log); please try again."
-AUTO = "auto"
 # Every event that runs a GPU job shares this group, so the limit covers chat and API together.
 GPU_GROUP = "gpu"
 SETTING_NAMES = tuple(spec.name for spec in FIELDS)
@@ -63,89 +58,6 @@ LONE_SURROGATES = re.compile("[\ud800-\udfff]")
 HEALTHY_STATES = ("ready", "degraded")  # /health answers 200 for these, 503 otherwise
 
 Message = dict[str, str]
-
-
-# ---- configuration ------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class AppConfig:
-    """Everything main() reads from flags and environment variables."""
-
-    model_dir: str | None = None
-    repo: str = DEFAULT_REPO
-    branch: str = AUTO
-    context: int = 4096
-    cache_mode: str = "fp16"
-    host: str = "127.0.0.1"
-    port: int = 7860
-    queue_size: int = 32
-    auth: str | None = None
-    rate_limit: int = 30  # requests per minute per client for chat and /generate; 0 = no limit
-    behind_proxy: bool = False  # on a Space: the client address is in X-Forwarded-For
-    load_at_start: bool = False  # a folder, repo or branch was named: load it while serving
-
-
-def parse_config(
-    argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None
-) -> AppConfig:
-    """Read flags, falling back to environment variables, then to defaults."""
-    env = os.environ if environ is None else environ
-    host_default = "0.0.0.0" if env.get("SPACE_ID") else "127.0.0.1"
-    options = (
-        ("--model-dir", ("SC2_MODEL_DIR",), None, str, "a local model folder (skips the download)"),
-        ("--repo", ("SC2_REPO",), DEFAULT_REPO, str, "Hugging Face repo with EXL2 branches"),
-        ("--branch", ("SC2_BRANCH",), AUTO, str,
-         f"quant branch: {', '.join(BRANCHES)} or auto (the largest that fits the GPU)"),
-        ("--context", ("SC2_CONTEXT",), 4096, int,
-         f"context size in tokens ({MIN_CONTEXT}-{MAX_CONTEXT}, multiple of {CONTEXT_STEP})"),
-        ("--cache-mode", ("SC2_CACHE_MODE",), "fp16", str,
-         f"K/V cache precision: {', '.join(CACHE_MODES)}"),
-        ("--host", ("SC2_HOST",), host_default, str,
-         "address to listen on (0.0.0.0 on a Space)"),
-        ("--port", ("SC2_PORT", "GRADIO_SERVER_PORT"), 7860, int, "port to listen on"),
-        ("--queue-size", ("SC2_QUEUE_SIZE",), 32, int,
-         "requests that may wait in the queue before new ones are turned away"),
-        ("--auth", ("SC2_AUTH",), None, str, 'require a login, given as "user:password"'),
-        ("--rate-limit", ("SC2_RATE_LIMIT",), 30, int,
-         "requests per minute per client for chat and /generate (0: no limit)"),
-    )  # fmt: skip
-    parser = argparse.ArgumentParser(
-        prog="app.py",
-        description="Chat with StarCoder2-15B-Instruct (EXL2) on one NVIDIA GPU.",
-    )
-    for flag, env_names, default, kind, text in options:
-        from_env = next((env[name] for name in env_names if env.get(name)), None)
-        value = default if from_env is None else from_env
-        shown = "none" if default is None else default
-        # argparse converts string defaults with `type`, so a bad env value gets a clean error.
-        parser.add_argument(
-            flag,
-            type=kind,
-            default=value,
-            help=f"{text} (env {' / '.join(env_names)}; default: {shown})",
-        )
-    arguments = list(sys.argv[1:] if argv is None else argv)
-    args = parser.parse_args(arguments)
-    if args.cache_mode not in CACHE_MODES:
-        parser.error(f"--cache-mode must be one of {', '.join(CACHE_MODES)}")
-    if args.branch != AUTO and args.branch not in BRANCHES:
-        parser.error(f"--branch must be auto or one of {', '.join(BRANCHES)}")
-    try:
-        validate_context(args.context)
-    except ChatError as error:
-        parser.error(str(error))
-    if args.auth is not None and ":" not in args.auth:
-        parser.error('--auth must look like "user:password"')
-    if args.rate_limit < 0:
-        parser.error("--rate-limit must be 0 (no limit) or a positive number of requests")
-    load_at_start = (
-        bool(args.model_dir)
-        or any(arg.startswith(("--repo", "--branch")) for arg in arguments)
-        or any(env.get(name) for name in ("SC2_REPO", "SC2_BRANCH"))
-    )
-    behind_proxy = bool(env.get("SPACE_ID"))
-    return AppConfig(**vars(args), load_at_start=load_at_start, behind_proxy=behind_proxy)
 
 
 # ---- errors at the edge -------------------------------------------------------------------------

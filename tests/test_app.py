@@ -20,6 +20,7 @@ from gradio_client.exceptions import AppError
 
 import app
 from model.branches import BRANCHES, pick_branch
+from model.config import AppConfig, parse_config
 from model.download import DownloadProgress
 from model.errors import ContextTooLong, GenerationFailed
 from model.prompt import build_prompt
@@ -58,7 +59,7 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def serve(
-    engine: FakeEngine, config: app.AppConfig | None = None, loader: app.ModelLoader | None = None
+    engine: FakeEngine, config: AppConfig | None = None, loader: app.ModelLoader | None = None
 ) -> Iterator[str]:
     """Launch the app on a random local port and yield its URL."""
     demo = app.build_demo(engine, config, loader)
@@ -179,7 +180,7 @@ def test_one_clients_cancel_leaves_another_clients_stream_running():
 def test_loading_a_model_raises_the_job_limit_of_a_running_queue(monkeypatch):
     gate = threading.Event()  # holds every job after its first chunk
     engine = FakeEngine(["a", "b"], loaded=False, max_concurrency=2, gate=gate)
-    loader = app.ModelLoader(engine, app.AppConfig())
+    loader = app.ModelLoader(engine, AppConfig())
     monkeypatch.setattr(app, "resolve_model_dir", lambda **kwargs: Path("/models/sc2"))
     with serve(engine, loader=loader) as url, ThreadPoolExecutor(2) as pool:
         with pytest.raises(AppError, match="not ready"):
@@ -425,7 +426,7 @@ def test_a_smaller_cache_lowers_the_estimates_shown():
 
 def test_load_downloads_then_loads_and_raises_the_gpu_concurrency(monkeypatch):
     engine = FakeEngine(loaded=False, max_concurrency=6)
-    config = app.AppConfig(repo="someone/model-exl2")
+    config = AppConfig(repo="someone/model-exl2")
     demo = app.build_demo(engine, config)
     seen = {}
 
@@ -452,7 +453,7 @@ def test_load_downloads_then_loads_and_raises_the_gpu_concurrency(monkeypatch):
 
 def test_start_up_load_runs_in_the_background_and_shows_its_progress(monkeypatch):
     engine = FakeEngine(loaded=False, max_concurrency=3)
-    config = app.AppConfig(branch="4_25", load_at_start=True)
+    config = AppConfig(branch="4_25", load_at_start=True)
     loader = app.ModelLoader(engine, config)
     demo = app.build_demo(engine, config, loader)
     downloading, release = threading.Event(), threading.Event()
@@ -509,21 +510,21 @@ def test_sampling_sliders_are_built_from_the_settings_fields():
 
 def test_flags_override_env_vars_which_override_defaults():
     env = {"SC2_CONTEXT": "8192", "SC2_CACHE_MODE": "q4", "GRADIO_SERVER_PORT": "9000"}
-    config = app.parse_config(["--cache-mode", "q8"], env)
+    config = parse_config(["--cache-mode", "q8"], env)
     assert (config.context, config.cache_mode, config.port) == (8192, "q8", 9000)
-    assert app.parse_config([], {}) == app.AppConfig()
-    assert app.parse_config([], {"SPACE_ID": "me/space"}).host == "0.0.0.0"
+    assert parse_config([], {}) == AppConfig()
+    assert parse_config([], {"SPACE_ID": "me/space"}).host == "0.0.0.0"
 
 
 def test_start_up_loads_only_when_a_model_is_named():
-    assert not app.parse_config([], {}).load_at_start
-    assert app.parse_config(["--branch", "5_0"], {}).load_at_start
-    assert app.parse_config([], {"SC2_MODEL_DIR": "/models/sc2"}).load_at_start
+    assert not parse_config([], {}).load_at_start
+    assert parse_config(["--branch", "5_0"], {}).load_at_start
+    assert parse_config([], {"SC2_MODEL_DIR": "/models/sc2"}).load_at_start
 
 
 def test_bad_flags_exit_with_a_message(capsys):
     with pytest.raises(SystemExit):
-        app.parse_config(["--context", "1000"], {})
+        parse_config(["--context", "1000"], {})
     assert "multiple of 256" in capsys.readouterr().err
 
 

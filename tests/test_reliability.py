@@ -26,6 +26,7 @@ from gradio_client.exceptions import AppError
 
 import app
 from model import engine as engine_module
+from model.config import AppConfig, parse_config
 from model.engine import Engine, EngineStatus, Finished, TextDelta
 from model.errors import GenerationFailed
 from model.settings import FIELDS, SamplingSettings
@@ -42,7 +43,7 @@ API_DEFAULTS = [*DEFAULT_VALUES, None]  # /generate's settings, then the seed
 @contextlib.contextmanager
 def serve(engine: FakeEngine, **config_fields) -> Iterator[tuple[str, gr.Blocks]]:
     """Launch the app as main() does (same launch options) on a free port; yield URL and demo."""
-    config = app.AppConfig(port=free_port(), **{"rate_limit": 0, **config_fields})
+    config = AppConfig(port=free_port(), **{"rate_limit": 0, **config_fields})
     demo = app.build_demo(engine, config)
     options = {**app.launch_options(engine, config), "prevent_thread_lock": True, "quiet": True}
     _, url, _ = demo.launch(**options)
@@ -627,7 +628,7 @@ def test_the_api_rate_limit_refuses_with_the_wait_and_serves_other_clients():
 
 def test_the_chat_rate_limit_counts_per_client_address():
     engine = FakeEngine(["ok"])
-    demo = app.build_demo(engine, app.AppConfig(rate_limit=1))
+    demo = app.build_demo(engine, AppConfig(rate_limit=1))
 
     def chat_from(address: str) -> None:
         request = SimpleNamespace(client=SimpleNamespace(host=address), headers={})
@@ -665,15 +666,15 @@ def test_behind_a_proxy_the_client_is_the_first_forwarded_address():
     )
     assert app.client_address(request, behind_proxy=True) == "1.2.3.4"
     assert app.client_address(request, behind_proxy=False) == "10.1.1.1"
-    assert app.parse_config([], {"SPACE_ID": "me/space"}).behind_proxy
+    assert parse_config([], {"SPACE_ID": "me/space"}).behind_proxy
 
 
 def test_rate_limit_is_set_by_flag_or_env_and_must_not_be_negative(capsys):
-    assert app.parse_config([], {}).rate_limit == 30
-    assert app.parse_config([], {"SC2_RATE_LIMIT": "5"}).rate_limit == 5
-    assert app.parse_config(["--rate-limit", "0"], {"SC2_RATE_LIMIT": "5"}).rate_limit == 0
+    assert parse_config([], {}).rate_limit == 30
+    assert parse_config([], {"SC2_RATE_LIMIT": "5"}).rate_limit == 5
+    assert parse_config(["--rate-limit", "0"], {"SC2_RATE_LIMIT": "5"}).rate_limit == 0
     with pytest.raises(SystemExit):
-        app.parse_config(["--rate-limit", "-1"], {})
+        parse_config(["--rate-limit", "-1"], {})
     assert "--rate-limit must be 0" in capsys.readouterr().err
 
 
@@ -696,7 +697,7 @@ def test_health_answers_503_while_a_model_loads(monkeypatch):
     engine = FakeEngine(loaded=False)
     engine.load_gate = threading.Event()
     monkeypatch.setattr(app, "resolve_model_dir", lambda **kwargs: Path("/models/sc2"))
-    loader = app.ModelLoader(engine, app.AppConfig())
+    loader = app.ModelLoader(engine, AppConfig())
     with serve(engine) as (url, _):
         thread = threading.Thread(target=loader.load, args=("auto", 4096, "fp16"))
         thread.start()
