@@ -5,11 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import math
-import re
 import threading
-import time
-from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 
 import gradio as gr
@@ -32,7 +28,16 @@ from model.config import AUTO, AppConfig, parse_config
 from model.download import DownloadProgress, resolve_model_dir
 from model.engine import EngineStatus, Finished, GpuInfo
 from model.errors import ChatError, InvalidMessages, InvalidSetting, NoGPU, NotReady
-from model.prompt import ROLES, FittedPrompt, build_prompt, fit_to_context
+from model.limits import (
+    MAX_PROMPT_CHARS,
+    Message,
+    RateLimiter,
+    check_history,
+    check_text,
+    client_address,
+    trim_history,
+)
+from model.prompt import FittedPrompt, build_prompt, fit_to_context
 from model.settings import FIELDS, SamplingSettings, validate_settings
 
 logger = logging.getLogger(__name__)
@@ -47,17 +52,7 @@ GENERIC_ERROR = "Something went wrong on the server (the details are in its log)
 GPU_GROUP = "gpu"
 SETTING_NAMES = tuple(spec.name for spec in FIELDS)
 DEFAULTS = {spec.name: spec.default for spec in FIELDS}
-# The context holds at most 16,384 tokens and StarCoder2's tokenizer averages 3-4 characters per
-# token on code and prose (long runs of spaces reach ~12), so 200,000 characters can never fit:
-# refusing them up front keeps megabytes away from the tokenizer. The Textbox limit is browser-only.
-MAX_PROMPT_CHARS = 200_000
-# Tab, newline and carriage return are text; other C0/C1 controls (NUL, ESC, …) mean binary or
-# terminal junk and are refused; lone UTF-16 surrogates cannot be encoded and are refused too.
-CONTROL_CHARACTERS = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
-LONE_SURROGATES = re.compile("[\ud800-\udfff]")
 HEALTHY_STATES = ("ready", "degraded")  # /health answers 200 for these, 503 otherwise
-
-Message = dict[str, str]
 
 
 # ---- errors at the edge -------------------------------------------------------------------------
@@ -71,110 +66,6 @@ def user_error(error: Exception) -> gr.Error:
         return gr.Error(str(error))
     logger.exception("Unexpected error while handling a request", exc_info=error)
     return gr.Error(GENERIC_ERROR)
-
-
-# ---- untrusted input ----------------------------------------------------------------------------
-
-
-def check_text(what: str, text: object, *, limit: int = MAX_PROMPT_CHARS) -> str:
-    """Return text if it is a str within `limit` characters and free of refused characters."""
-    if not isinstance(text, str):
-        raise InvalidMessages(f"{what} must be text (got {type(text).__name__}).")
-    if len(text) > limit:
-        raise InvalidMessages(
-            f"{what} is {len(text):,} characters; the limit is {limit:,} (more than the largest "
-            "context, 16,384 tokens, can hold). Shorten it or send the relevant part."
-        )
-    if found := LONE_SURROGATES.search(text):
-        raise InvalidMessages(
-            f"{what} holds an invalid character (a lone UTF-16 surrogate, "
-            f"U+{ord(found.group()):04X}) at position {found.start():,}; it cannot be encoded as "
-            "text. Remove it and send again."
-        )
-    if found := CONTROL_CHARACTERS.search(text):
-        raise InvalidMessages(
-            f"{what} holds the control character U+{ord(found.group()):04X} at position "
-            f"{found.start():,}; remove it (tabs and newlines are fine)."
-        )
-    return text
-
-
-def check_history(history: object) -> list[Message]:
-    """Return the chat history if it is a list of role/content text dicts, else raise."""
-    if not isinstance(history, list):
-        raise InvalidMessages(
-            f"The conversation is not a list of messages (got {type(history).__name__}); "
-            "press Clear and start again."
-        )
-    for index, message in enumerate(history):
-        if (
-            not isinstance(message, dict)
-            or message.get("role") not in ROLES
-            or not isinstance(message.get("content"), str)
-        ):
-            raise InvalidMessages(
-                f"Message {index + 1} of the conversation is malformed (each must have a role, "
-                "user or assistant, and text content); press Clear and start again."
-            )
-    return history
-
-
-def trim_history(history: list[Message], budget_chars: int) -> tuple[list[Message], int]:
-    """Drop the oldest whole turns beyond budget_chars (they could never fit the context)."""
-    total = sum(len(message["content"]) for message in history)
-    dropped = 0
-    while total > budget_chars and len(history) - 2 * dropped > 2:
-        total -= sum(len(m["content"]) for m in history[2 * dropped : 2 * dropped + 2])
-        dropped += 1
-    return history[2 * dropped :], dropped
-
-
-class RateLimiter:
-    """At most `per_minute` requests per client in any 60-second window; 0 means no limit."""
-
-    WINDOW_S = 60.0
-    MAX_CLIENTS = 10_000  # beyond this, idle clients are forgotten so the table stays bounded
-
-    def __init__(self, per_minute: int, clock: Callable[[], float] = time.monotonic) -> None:
-        self.per_minute = per_minute
-        self._clock = clock
-        self._seen: dict[str, deque[float]] = {}
-        self._lock = threading.Lock()
-
-    def check(self, client: str | None) -> None:
-        """Count one request from client, or raise gr.Error if it is over the limit."""
-        if not self.per_minute or client is None:
-            return
-        now = self._clock()
-        with self._lock:
-            if len(self._seen) > self.MAX_CLIENTS:
-                self._seen = {
-                    key: times
-                    for key, times in self._seen.items()
-                    if times and now - times[-1] < self.WINDOW_S
-                }
-            times = self._seen.setdefault(client, deque())
-            while times and now - times[0] >= self.WINDOW_S:
-                times.popleft()
-            if len(times) >= self.per_minute:
-                wait = max(1, math.ceil(self.WINDOW_S - (now - times[0])))
-                raise gr.Error(
-                    f"Too many requests: the limit is {self.per_minute} per minute; try again in "
-                    f"{wait} s."
-                )
-            times.append(now)
-
-
-def client_address(request: gr.Request | None, behind_proxy: bool) -> str | None:
-    """Who sent the request: the first X-Forwarded-For address behind a proxy, else the peer."""
-    if request is None:
-        return None
-    if behind_proxy:
-        forwarded = (request.headers.get("x-forwarded-for") or "").split(",")[0].strip()
-        if forwarded:
-            return forwarded
-    client = getattr(request, "client", None)
-    return getattr(client, "host", None)
 
 
 # ---- chat history (pure functions, tested directly) ---------------------------------------------

@@ -45,6 +45,10 @@ class InvalidMessages(ChatError, ValueError):
     """A chat history that the StarCoder2-Instruct template cannot render."""
 
 
+class TooManyRequests(ChatError):
+    """A client sent more requests in the last minute than the rate limit allows."""
+
+
 class ModelNotFound(DownloadError):
     """The repository or the branch does not exist on the Hub (or is private)."""
 

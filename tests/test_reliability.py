@@ -28,7 +28,8 @@ import app
 from model import engine as engine_module
 from model.config import AppConfig, parse_config
 from model.engine import Engine, EngineStatus, Finished, TextDelta
-from model.errors import GenerationFailed
+from model.errors import GenerationFailed, TooManyRequests
+from model.limits import MAX_PROMPT_CHARS, RateLimiter, client_address
 from model.settings import FIELDS, SamplingSettings
 from tests.fake_engine import FakeEngine
 from tests.test_app import free_port
@@ -94,7 +95,7 @@ def by_case(cases: list[tuple]) -> list:
 
 
 MB = 1_048_576
-TOO_LONG = f"is 1,048,576 characters; the limit is {app.MAX_PROMPT_CHARS:,}"
+TOO_LONG = f"is 1,048,576 characters; the limit is {MAX_PROMPT_CHARS:,}"
 # (case id, prompt, settings for /generate, the error it must get)
 API_CASES = [
     ("empty", "", {}, "The prompt is empty"),
@@ -647,25 +648,25 @@ def test_the_chat_rate_limit_counts_per_client_address():
 
 def test_rate_limiter_forgets_requests_older_than_a_minute_and_names_the_wait():
     now = [1000.0]
-    limiter = app.RateLimiter(2, clock=lambda: now[0])
+    limiter = RateLimiter(2, clock=lambda: now[0])
     limiter.check("a")
     now[0] += 20
     limiter.check("a")
-    with pytest.raises(gr.Error, match="try again in 40 s"):
+    with pytest.raises(TooManyRequests, match="try again in 40 s"):
         limiter.check("a")
     now[0] += 40
     limiter.check("a")
-    app.RateLimiter(0).check("a")  # 0: no limit
+    RateLimiter(0).check("a")  # 0: no limit
     for _ in range(5):
-        app.RateLimiter(1).check(None)  # no address (a direct call): not counted
+        RateLimiter(1).check(None)  # no address (a direct call): not counted
 
 
 def test_behind_a_proxy_the_client_is_the_first_forwarded_address():
     request = SimpleNamespace(
         client=SimpleNamespace(host="10.1.1.1"), headers={"x-forwarded-for": "1.2.3.4, 10.0.0.9"}
     )
-    assert app.client_address(request, behind_proxy=True) == "1.2.3.4"
-    assert app.client_address(request, behind_proxy=False) == "10.1.1.1"
+    assert client_address(request, behind_proxy=True) == "1.2.3.4"
+    assert client_address(request, behind_proxy=False) == "10.1.1.1"
     assert parse_config([], {"SPACE_ID": "me/space"}).behind_proxy
 
 
