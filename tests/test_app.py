@@ -19,10 +19,12 @@ from gradio_client import Client
 from gradio_client.exceptions import AppError
 
 import app
+from model import loader as loader_module
 from model.branches import BRANCHES, pick_branch
 from model.config import AppConfig, parse_config
 from model.download import DownloadProgress
-from model.errors import ContextTooLong, GenerationFailed
+from model.errors import NO_GPU_MESSAGE, ContextTooLong, GenerationFailed
+from model.loader import ModelLoader
 from model.prompt import build_prompt
 from model.settings import FIELDS, SamplingSettings
 from tests.fake_engine import FakeEngine
@@ -59,7 +61,7 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def serve(
-    engine: FakeEngine, config: AppConfig | None = None, loader: app.ModelLoader | None = None
+    engine: FakeEngine, config: AppConfig | None = None, loader: ModelLoader | None = None
 ) -> Iterator[str]:
     """Launch the app on a random local port and yield its URL."""
     demo = app.build_demo(engine, config, loader)
@@ -180,8 +182,8 @@ def test_one_clients_cancel_leaves_another_clients_stream_running():
 def test_loading_a_model_raises_the_job_limit_of_a_running_queue(monkeypatch):
     gate = threading.Event()  # holds every job after its first chunk
     engine = FakeEngine(["a", "b"], loaded=False, max_concurrency=2, gate=gate)
-    loader = app.ModelLoader(engine, AppConfig())
-    monkeypatch.setattr(app, "resolve_model_dir", lambda **kwargs: Path("/models/sc2"))
+    loader = ModelLoader(engine, AppConfig())
+    monkeypatch.setattr(loader_module, "resolve_model_dir", lambda **kwargs: Path("/models/sc2"))
     with serve(engine, loader=loader) as url, ThreadPoolExecutor(2) as pool:
         with pytest.raises(AppError, match="not ready"):
             Client(url, verbose=False).predict("Hi", api_name="/generate")  # queue runs, limit 1
@@ -223,8 +225,8 @@ def test_without_a_gpu_the_api_answers_with_the_cuda_message():
     engine = FakeEngine(gpu=None)
     with serve(engine) as url, pytest.raises(AppError) as raised:
         Client(url, verbose=False).predict("Hi", api_name="/generate")
-    assert str(raised.value) == app.NO_GPU_MESSAGE
-    assert "pick GPU hardware in Settings" in app.NO_GPU_MESSAGE
+    assert str(raised.value) == NO_GPU_MESSAGE
+    assert "pick GPU hardware in Settings" in NO_GPU_MESSAGE
     assert engine.calls == []
 
 
@@ -343,10 +345,10 @@ def test_chat_without_a_gpu_answers_with_the_cuda_message():
     demo = app.build_demo(engine)
     with pytest.raises(gr.Error) as raised:
         run_chat(demo, [user("Hi")])
-    assert raised.value.message == app.NO_GPU_MESSAGE
+    assert raised.value.message == NO_GPU_MESSAGE
     assert engine.calls == []
     banners = [b for b in demo.blocks.values() if isinstance(b, gr.HTML) and b.visible]
-    assert any(app.NO_GPU_MESSAGE in str(b.value) for b in banners)
+    assert any(NO_GPU_MESSAGE in str(b.value) for b in banners)
 
 
 def test_chat_before_a_model_is_loaded_says_to_load_one():
@@ -358,7 +360,7 @@ def test_chat_before_a_model_is_loaded_says_to_load_one():
 def test_the_no_gpu_banner_is_hidden_when_a_gpu_is_present():
     demo = app.build_demo(FakeEngine())
     banners = [b for b in demo.blocks.values() if isinstance(b, gr.HTML)]
-    assert not any(b.visible and app.NO_GPU_MESSAGE in str(b.value) for b in banners)
+    assert not any(b.visible and NO_GPU_MESSAGE in str(b.value) for b in banners)
 
 
 # ---- history edits ------------------------------------------------------------------------------
@@ -435,7 +437,7 @@ def test_load_downloads_then_loads_and_raises_the_gpu_concurrency(monkeypatch):
         kwargs["on_progress"](DownloadProgress(5 * 10**8, 10**9, 1, 2, 2e8))
         return Path("/models/sc2-4_25")
 
-    monkeypatch.setattr(app, "resolve_model_dir", fake_resolve)
+    monkeypatch.setattr(loader_module, "resolve_model_dir", fake_resolve)
     reports = []
     load = handler(demo, "load_clicked")
     panel = load("4_25", 8192.0, "q4", progress=lambda fraction, desc: reports.append(desc))
@@ -454,7 +456,7 @@ def test_load_downloads_then_loads_and_raises_the_gpu_concurrency(monkeypatch):
 def test_start_up_load_runs_in_the_background_and_shows_its_progress(monkeypatch):
     engine = FakeEngine(loaded=False, max_concurrency=3)
     config = AppConfig(branch="4_25", load_at_start=True)
-    loader = app.ModelLoader(engine, config)
+    loader = ModelLoader(engine, config)
     demo = app.build_demo(engine, config, loader)
     downloading, release = threading.Event(), threading.Event()
 
@@ -464,7 +466,7 @@ def test_start_up_load_runs_in_the_background_and_shows_its_progress(monkeypatch
         assert release.wait(WAIT_S)
         return Path("/models/sc2-4_25")
 
-    monkeypatch.setattr(app, "resolve_model_dir", slow_resolve)
+    monkeypatch.setattr(loader_module, "resolve_model_dir", slow_resolve)
     thread = loader.load_in_background()
     assert downloading.wait(WAIT_S)
     panel = handler(demo, "refresh_model_panel")("4_25", 4096, "fp16")
@@ -489,7 +491,7 @@ def test_load_without_a_gpu_answers_with_the_cuda_message():
     demo = app.build_demo(FakeEngine(gpu=None, loaded=False))
     with pytest.raises(gr.Error) as raised:
         handler(demo, "load_clicked")("auto", 4096, "fp16", progress=lambda *a, **k: None)
-    assert raised.value.message == app.NO_GPU_MESSAGE
+    assert raised.value.message == NO_GPU_MESSAGE
 
 
 def test_sampling_sliders_are_built_from_the_settings_fields():

@@ -26,10 +26,12 @@ from gradio_client.exceptions import AppError
 
 import app
 from model import engine as engine_module
+from model import loader as loader_module
 from model.config import AppConfig, parse_config
 from model.engine import Engine, EngineStatus, Finished, TextDelta
 from model.errors import GenerationFailed, TooManyRequests
 from model.limits import MAX_PROMPT_CHARS, RateLimiter, client_address
+from model.loader import ModelLoader
 from model.settings import FIELDS, SamplingSettings
 from tests.fake_engine import FakeEngine
 from tests.test_app import free_port
@@ -490,7 +492,7 @@ def test_a_reload_while_others_stream_is_serialised_and_in_flight_jobs_get_a_cle
     gate = threading.Event()  # holds every stream after its first chunk
     engine = FakeEngine(["a", "b"], gate=gate, max_concurrency=4)
     engine.load_gate = threading.Event()
-    monkeypatch.setattr(app, "resolve_model_dir", lambda **kwargs: Path("/models/sc2"))
+    monkeypatch.setattr(loader_module, "resolve_model_dir", lambda **kwargs: Path("/models/sc2"))
     with serve(engine) as (url, demo), ThreadPoolExecutor(4) as pool:
         load = next(fn.fn for fn in demo.fns.values() if fn.name == "load_clicked")
         jobs = [Client(url, verbose=False).submit(f"{n}", api_name="/generate") for n in range(3)]
@@ -697,8 +699,8 @@ def test_health_answers_200_only_while_a_model_serves(engine, status, state):
 def test_health_answers_503_while_a_model_loads(monkeypatch):
     engine = FakeEngine(loaded=False)
     engine.load_gate = threading.Event()
-    monkeypatch.setattr(app, "resolve_model_dir", lambda **kwargs: Path("/models/sc2"))
-    loader = app.ModelLoader(engine, AppConfig())
+    monkeypatch.setattr(loader_module, "resolve_model_dir", lambda **kwargs: Path("/models/sc2"))
+    loader = ModelLoader(engine, AppConfig())
     with serve(engine) as (url, _):
         thread = threading.Thread(target=loader.load, args=("auto", 4096, "fp16"))
         thread.start()
