@@ -9,9 +9,6 @@ from collections.abc import Iterator, Sequence
 
 import gradio as gr
 from gradio.context import LocalContext
-from starlette.requests import Request
-from starlette.responses import JSONResponse
-from starlette.routing import Route
 
 from model.branches import (
     BRANCHES,
@@ -25,6 +22,7 @@ from model.branches import (
 from model.config import AUTO, AppConfig, parse_config
 from model.engine import EngineStatus, Finished, GpuInfo
 from model.errors import NO_GPU_MESSAGE, ChatError, InvalidMessages, InvalidSetting, NotReady
+from model.health import health_route
 from model.limits import (
     MAX_PROMPT_CHARS,
     Message,
@@ -45,7 +43,6 @@ GENERIC_ERROR = "Something went wrong on the server (the details are in its log)
 GPU_GROUP = "gpu"
 SETTING_NAMES = tuple(spec.name for spec in FIELDS)
 DEFAULTS = {spec.name: spec.default for spec in FIELDS}
-HEALTHY_STATES = ("ready", "degraded")  # /health answers 200 for these, 503 otherwise
 
 
 # ---- errors at the edge -------------------------------------------------------------------------
@@ -198,6 +195,9 @@ def branch_choices(
             verdict = " · too big"
         choices.append((f"{name} · {BRANCHES[name].bits:g} bits · ~{need:.1f} GB{verdict}", name))
     return choices
+
+
+# ---- the GPU job limit ---------------------------------------------------------------------------
 
 
 def set_gpu_concurrency(demo: gr.Blocks, limit: int) -> None:
@@ -545,17 +545,6 @@ def build_demo(engine, config: AppConfig | None = None, loader: ModelLoader | No
     loader.on_loaded(lambda status: set_gpu_concurrency(demo, status.max_concurrency))
     demo.queue(max_size=config.queue_size, default_concurrency_limit=1)
     return demo
-
-
-def health_route(engine) -> Route:
-    """GET /health: 200 and {"state": …} while the model serves; 503 loading or without one."""
-
-    def health(_request: Request) -> JSONResponse:
-        state = engine.health if engine.gpu_info() is not None else "no_gpu"
-        code = 200 if state in HEALTHY_STATES else 503
-        return JSONResponse({"state": state}, status_code=code)
-
-    return Route("/health", health, methods=["GET"])
 
 
 def launch_options(engine, config: AppConfig) -> dict:
