@@ -566,7 +566,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     from model.engine import Engine
 
-    engine = Engine()
+    engine = Engine(max_jobs=config.max_jobs)
     loader = ModelLoader(engine, config)
     demo = build_demo(engine, config, loader)
     if config.load_at_start and engine.gpu_info() is not None:

@@ -36,6 +36,7 @@ class AppConfig:
     queue_size: int = 32
     auth: str | None = None
     rate_limit: int = 30  # requests per minute per client for chat and /generate; 0 = no limit
+    max_jobs: int = 8  # jobs batched together on the GPU; the cache holds this many contexts
     behind_proxy: bool = False  # on a Space: the client address is in X-Forwarded-For
     load_at_start: bool = False  # a folder, repo or branch was named: load it while serving
 
@@ -63,6 +64,9 @@ def parse_config(
         ("--auth", ("SC2_AUTH",), None, str, 'require a login, given as "user:password"'),
         ("--rate-limit", ("SC2_RATE_LIMIT",), 30, int,
          "requests per minute per client for chat and /generate (0: no limit)"),
+        ("--max-jobs", ("SC2_MAX_JOBS",), 8, int,
+         "jobs that run together on the GPU; the cache is sized for this many full contexts, "
+         "capped by free VRAM"),
     )  # fmt: skip
     parser = argparse.ArgumentParser(
         prog="app.py",
@@ -91,6 +95,8 @@ def parse_config(
         parser.error(str(error))
     if args.auth is not None and ":" not in args.auth:
         parser.error('--auth must look like "user:password"')
+    if not 1 <= args.max_jobs <= 64:
+        parser.error(f"--max-jobs must be between 1 and 64 (got {args.max_jobs})")
     if args.rate_limit < 0:
         parser.error("--rate-limit must be 0 (no limit) or a positive number of requests")
     load_at_start = (
