@@ -12,29 +12,16 @@ import json
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.engine_bench import in_threads  # noqa: E402
+
 TEXT = "Write a Python function that merges two sorted lists. " * 4
 NEW_TOKENS = 128
-
-
-def in_threads(count: int, work) -> list:
-    results = [None] * count
-
-    def run(i):
-        results[i] = work(i)
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(count)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    return results
 
 
 def clients_main(url: str, clients: int) -> None:

@@ -7,7 +7,7 @@ stock with `no_sdpa=True` (its correct but slow attention), and ours (model.engi
 applied, paged). Stock cannot read the real config key `norm_epsilon`, so it runs on a view of the
 folder whose config.json also carries `layer_norm_epsilon`. Each process measures batch-1 decode
 and prefill at several prompt lengths and peak VRAM; ours also measures concurrent jobs, a long
-prefill arriving while others decode, and (with --app) the Gradio app over HTTP.
+prefill arriving while others decode. The app over HTTP: bench/app_bench.py.
 """
 
 from __future__ import annotations
@@ -126,7 +126,7 @@ def run_stock(folder: Path, no_sdpa: bool) -> dict:
 # ---- ours ----
 
 
-def run_ours(folder: Path, with_app: bool) -> dict:
+def run_ours(folder: Path) -> dict:
     from model.engine import Engine, Finished
     from model.settings import SamplingSettings
 
@@ -147,8 +147,6 @@ def run_ours(folder: Path, with_app: bool) -> dict:
     results["cache_tokens"] = status.cache_tokens
     results["concurrency"] = concurrency(engine)
     results["prefill_while_decoding"] = prefill_while_decoding(engine)
-    if with_app:
-        results["app"] = app_vs_engine(engine)
     engine.close()
     return results
 
@@ -262,84 +260,10 @@ def prefill_while_decoding(engine) -> dict:
     }
 
 
-def app_vs_engine(engine) -> dict:
-    """Streaming clients over HTTP (/generate) vs the engine alone, 1/4/8 at a time."""
-    from gradio_client import Client
-
-    import app
-    from model.engine import Finished
-
-    finals = []
-    original = engine.stream
-
-    def recording(segments, settings):
-        for event in original(segments, settings):
-            if isinstance(event, Finished):
-                finals.append(event)
-            yield event
-
-    engine.stream = recording
-    demo = app.build_demo(engine, app.AppConfig(queue_size=64))
-    _, url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", quiet=True)
-    text = "Write a Python function that merges two sorted lists. " * 4
-    instruction = _instruction(text)
-    rows = {}
-    try:
-        for clients in (1, 4, 8):
-            finals.clear()
-
-            def client(_):
-                c = Client(url, verbose=False)
-                started = time.perf_counter()
-                first = None
-                for _update in c.submit(text, max_new_tokens=128, api_name="/generate"):
-                    first = first or time.perf_counter()
-                return first - started, time.perf_counter() - first
-
-            started = time.perf_counter()
-            timings = in_threads(clients, client)
-            wall = time.perf_counter() - started
-            tokens = [f.new_tokens for f in finals]
-            ttft = sorted(t for t, _ in timings)
-            app_row = {
-                "ttft_p50_s": statistics.median(ttft),
-                "ttft_p95_s": ttft[min(len(ttft) - 1, round(0.95 * (len(ttft) - 1)))],
-                "time_per_token_s": statistics.mean(
-                    rest / max(1, n - 1) for (_, rest), n in zip(timings, tokens, strict=False)
-                ),
-                "aggregate_tok_s": sum(tokens) / wall,
-            }
-            started = time.perf_counter()
-            alone = in_threads(clients, lambda _: consume(engine, engine.encode(instruction), 128))
-            wall = time.perf_counter() - started
-            engine_ttft = sorted(f.time_to_first_token_s for f, _ in alone)
-            rows[str(clients)] = {
-                "app": app_row,
-                "engine": {
-                    "ttft_p50_s": statistics.median(engine_ttft),
-                    "time_per_token_s": statistics.mean(
-                        1 / f.decode_tokens_per_s for f, _ in alone if f.decode_tokens_per_s
-                    ),
-                    "aggregate_tok_s": sum(f.new_tokens for f, _ in alone) / wall,
-                },
-            }
-    finally:
-        demo.close()
-        engine.stream = original
-    return rows
-
-
-def _instruction(text):
-    from model.prompt import prompt_segments
-
-    return prompt_segments([{"role": "user", "content": text}])
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--app", action="store_true", help="also benchmark the app over HTTP")
     parser.add_argument("--stall-only", action="store_true", help="only the prefill-stall test")
     parser.add_argument("--variant", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -356,7 +280,7 @@ def main() -> None:
         import torch
 
         if args.variant == "ours":
-            result = run_ours(args.model, args.app)
+            result = run_ours(args.model)
         else:
             result = run_stock(args.model, no_sdpa=args.variant == "stock-no_sdpa")
         result["gpu"] = torch.cuda.get_device_name(0)
@@ -374,7 +298,7 @@ def main() -> None:
     }
     for variant in ("ours", "stock-sdpa", "stock-no_sdpa"):
         command = [sys.executable, __file__, "--model", str(args.model), "--out", str(args.out)]
-        command += ["--variant", variant] + (["--app"] if args.app and variant == "ours" else [])
+        command += ["--variant", variant]
         done = subprocess.run(command, capture_output=True, text=True)
         lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
         results[variant] = json.loads(lines[-1][7:]) if lines else {"error": done.stderr[-3000:]}

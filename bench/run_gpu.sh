@@ -17,7 +17,7 @@ branch() {  # bits, gpu, name, extra bench flags
     --out "$out/bench-$3.json" ${4:-} >> "$out/log-$3.txt" 2>&1
 }
 
-branch 4.25 0 4_25 --app &
+branch 4.25 0 4_25 &
 if [ "$second" = 1 ]; then
   CUDA_VISIBLE_DEVICES=1 python -m pytest -m gpu tests/test_engine_gpu.py -q -p no:cacheprovider \
     -k "paged or greedy or batched" > "$out/tests.txt" 2>&1
