@@ -229,6 +229,10 @@ class Engine:
             return self._status
 
     def _load(self, folder: Path, max_seq_len: int, cache_mode: str, on_progress) -> None:
+        from model.toolchain import ensure_cuda_home
+
+        # exllamav2 compiles its extension on first import: give it PyPI's nvcc if no toolkit.
+        ensure_cuda_home()
         import torch
         from exllamav2 import (
             ExLlamaV2,

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Compile exllamav2's CUDA extension ahead of time with PyPI's CUDA 13.0 nvcc. Needs no GPU.
 #
-#   pip install -r requirements.txt -r scripts/requirements-cuda-toolchain.txt
+#   pip install -r requirements.txt
 #   bash scripts/build_extension.sh
 #
 # Environment: PYTHON (default: python), TORCH_CUDA_ARCH_LIST (default "8.6;8.9;9.0": A10G, L4/L40S,
@@ -18,7 +18,7 @@ export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
 PATH="$(dirname "$("$PYTHON" -c 'import sys; print(sys.executable)')"):$PATH"
 export PATH
 
-CUDA_HOME="${CUDA_HOME:-$("$PYTHON" scripts/cuda_home.py)}"
+CUDA_HOME="${CUDA_HOME:-$("$PYTHON" -m model.toolchain)}"
 export CUDA_HOME
 echo "CUDA_HOME=$CUDA_HOME ($("$CUDA_HOME/bin/nvcc" --version | tail -n 2 | head -n 1))"
 echo "TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST MAX_JOBS=$MAX_JOBS"

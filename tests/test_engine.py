@@ -59,3 +59,25 @@ def test_without_a_gpu_load_and_stream_say_a_cuda_gpu_is_required(fp16_dir):
     with pytest.raises(NoGPU, match="CUDA GPU is required"):
         engine.stream(prompt_segments([{"role": "user", "content": "x"}]), SamplingSettings())
     assert "exllamav2" not in sys.modules
+
+
+def test_loading_prepares_the_cuda_compiler_before_exllamav2_is_imported(fp16_dir, monkeypatch):
+    from model import toolchain
+    from model.engine import GpuInfo
+
+    class Stop(Exception):
+        pass
+
+    seen = []
+
+    def ensure_cuda_home():
+        seen.append("exllamav2" in sys.modules)
+        raise Stop
+
+    monkeypatch.setattr(toolchain, "ensure_cuda_home", ensure_cuda_home)
+    engine = Engine()
+    monkeypatch.setattr(engine, "gpu_info", lambda: GpuInfo("fake", 80.0, 80.0))
+    with pytest.raises(Stop):
+        engine.load(str(fp16_dir))
+    assert seen == [False]
+    assert engine.status.state == "failed"

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import re
 from datetime import timedelta
 from pathlib import Path
 
 import yaml
 
+from model import toolchain
 from model.branches import BRANCHES, DEFAULT_REPO, estimate_vram_gb
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -44,13 +44,6 @@ def parse_duration(text: str) -> timedelta:
     assert match, f"startup_duration_timeout must look like 30m or 1h (got {text!r})"
     value, unit = int(match.group(1)), match.group(2)
     return timedelta(minutes=value) if unit == "m" else timedelta(hours=value)
-
-
-def load_cuda_home():
-    spec = importlib.util.spec_from_file_location("cuda_home", ROOT / "scripts" / "cuda_home.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 # ---- README front matter ------------------------------------------------------------------------
@@ -116,9 +109,8 @@ def fake_wheel_tree(site: Path) -> Path:
 
 
 def test_toolchain_folder_gives_torch_the_unversioned_libraries_it_links_against(tmp_path):
-    cuda_home = load_cuda_home()
     root = fake_wheel_tree(tmp_path / "site")
-    home = cuda_home.assemble_cuda_home(root, tmp_path / "home")
+    home = toolchain.assemble_cuda_home(root, tmp_path / "home")
     assert (home / "bin" / "nvcc").is_file()
     assert (home / "include" / "cuda_runtime.h").is_file()
     assert (home / "nvvm" / "bin" / "cicc").is_file()
@@ -127,14 +119,13 @@ def test_toolchain_folder_gives_torch_the_unversioned_libraries_it_links_against
     assert (home / "lib64" / "libcudadevrt.a").is_file()
     assert (home / "lib" / "libnvvm.so").is_file()
     # Assembling again (every start of the app) changes nothing and does not fail.
-    assert cuda_home.assemble_cuda_home(root, tmp_path / "home") == home
+    assert toolchain.assemble_cuda_home(root, tmp_path / "home") == home
 
 
 def test_pip_toolchain_is_used_when_no_nvcc_is_on_path(tmp_path):
-    cuda_home = load_cuda_home()
     fake_wheel_tree(tmp_path / "site")
     environ = {"PATH": str(tmp_path / "empty")}
-    home = cuda_home.ensure_cuda_home(
+    home = toolchain.ensure_cuda_home(
         environ, search_paths=[str(tmp_path / "site")], cache_dir=tmp_path / "home"
     )
     assert home == str(tmp_path / "home")
@@ -142,41 +133,38 @@ def test_pip_toolchain_is_used_when_no_nvcc_is_on_path(tmp_path):
 
 
 def test_a_wrapper_nvcc_without_headers_beside_it_does_not_hide_the_pip_toolchain(tmp_path):
-    cuda_home = load_cuda_home()
     fake_wheel_tree(tmp_path / "site")
     wrapper = tmp_path / "usr" / "bin" / "nvcc"  # torch would take tmp_path/usr as CUDA_HOME
     wrapper.parent.mkdir(parents=True)
     wrapper.write_text("#!/bin/sh\n")
     wrapper.chmod(0o755)
     environ = {"PATH": str(wrapper.parent)}
-    home = cuda_home.ensure_cuda_home(
+    home = toolchain.ensure_cuda_home(
         environ, search_paths=[str(tmp_path / "site")], cache_dir=tmp_path / "home"
     )
     assert environ["CUDA_HOME"] == home == str(tmp_path / "home")
 
 
 def test_a_configured_cuda_home_or_a_full_toolkit_on_path_is_left_alone(tmp_path):
-    cuda_home = load_cuda_home()
     fake_wheel_tree(tmp_path / "site")
     environ = {"CUDA_HOME": "/opt/cuda", "PATH": ""}
-    assert cuda_home.ensure_cuda_home(environ, search_paths=[str(tmp_path / "site")]) == "/opt/cuda"
+    assert toolchain.ensure_cuda_home(environ, search_paths=[str(tmp_path / "site")]) == "/opt/cuda"
     toolkit = tmp_path / "cuda-13.0"
     fake = fake_wheel_tree(tmp_path / "toolkit")
     toolkit.symlink_to(fake)
     environ = {"PATH": str(toolkit / "bin")}
     (toolkit / "bin" / "nvcc").chmod(0o755)
-    assert cuda_home.ensure_cuda_home(environ, search_paths=[]) == str(toolkit)
+    assert toolchain.ensure_cuda_home(environ, search_paths=[]) == str(toolkit)
     assert "CUDA_HOME" not in environ
 
 
 def test_no_toolchain_anywhere_sets_nothing(tmp_path):
-    cuda_home = load_cuda_home()
     environ = {"PATH": str(tmp_path)}
-    assert cuda_home.ensure_cuda_home(environ, search_paths=[str(tmp_path)]) is None
+    assert toolchain.ensure_cuda_home(environ, search_paths=[str(tmp_path)]) is None
     assert "CUDA_HOME" not in environ
 
 
 def test_toolchain_requirement_matches_the_cuda_major_of_the_pinned_torch():
-    text = (ROOT / "scripts" / "requirements-cuda-toolchain.txt").read_text()
+    text = (ROOT / "requirements.txt").read_text()
     assert re.search(r"^cuda-toolkit\[[^\]]*nvcc[^\]]*cccl[^\]]*\]==13\.0\.\d+", text, re.M)
     assert pinned_version("torch") == "2.13.0"  # PyPI's 2.13.0 Linux wheels are CUDA 13.0 builds

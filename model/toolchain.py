@@ -2,14 +2,15 @@
 
 PyPI's torch 2.13.0 is built with CUDA 13.0; exllamav2 0.3.2 compiles its extension on first import
 with `torch.utils.cpp_extension.load`, which needs `nvcc` and the CUDA headers under CUDA_HOME. The
-wheels from `scripts/requirements-cuda-toolchain.txt` (cuda-toolkit[nvcc,cccl]==13.0.3) install
+wheels from requirements.txt (cuda-toolkit[nvcc,cccl]==13.0.3, Linux) install
 them into `site-packages/nvidia/cu13`, but torch links with `-L$CUDA_HOME/lib64 -lcudart`, and the
 wheels ship only `libcudart.so.13`. So we assemble a small folder of symlinks (bin, include, nvvm,
 lib64 with unversioned library names) and point CUDA_HOME at it.
 
 Standard library only. Call `ensure_cuda_home()` before anything imports
 `torch.utils.cpp_extension` (exllamav2 does on its first import), or run
-`export CUDA_HOME="$(python scripts/cuda_home.py)"` in a shell.
+`export CUDA_HOME="$(python -m model.toolchain)"` in a shell. The engine calls it before its
+first import of exllamav2.
 """
 
 from __future__ import annotations
@@ -108,8 +109,7 @@ def main() -> int:
     home = ensure_cuda_home()
     if home is None:
         print(
-            "No CUDA toolkit found: install one with "
-            "`pip install -r scripts/requirements-cuda-toolchain.txt`.",
+            "No CUDA toolkit found: install one with `pip install -r requirements.txt` (Linux).",
             file=sys.stderr,
         )
         return 1
