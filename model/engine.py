@@ -16,8 +16,10 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from model.branches import CACHE_BYTES_PER_ELEMENT, CACHE_MODES, MAX_CONTEXT, validate_context
 from model.download import check_model_dir
 from model.errors import (
+    NO_GPU_MESSAGE,
     ContextTooLong,
     DoesNotFit,
     GenerationFailed,
@@ -28,12 +30,8 @@ from model.errors import (
 from model.prompt import EOS_TOKEN_ID, STOP_STRINGS, Segment
 from model.settings import SamplingSettings
 
-CACHE_MODES = ("fp16", "q8", "q6", "q4")
-MAX_CONTEXT = 16384
-PAGE_SIZE = 256
+PAGE_SIZE = 256  # exllamav2's cache page, in tokens
 DEFAULT_MAX_JOBS = 8
-# Cache bytes per element by mode (quantized caches add an fp16 scale per 32 values).
-CACHE_BYTES_PER_VALUE = {"fp16": 2.0, "q8": 1.0625, "q6": 0.8125, "q4": 0.5625}
 # Kept free after weights and cache: scratch buffers, logits, CUDA context growth.
 RESERVE_BYTES = 1_200_000_000
 GB = 1e9
@@ -108,13 +106,7 @@ _STOP_REASONS = {
 
 def validate_load_args(max_seq_len: int, cache_mode: str) -> None:
     """Raise InvalidSetting unless the context and cache mode are ones the engine supports."""
-    if isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int):
-        raise InvalidSetting(f"Context size must be an integer (got {max_seq_len!r}).")
-    if not PAGE_SIZE <= max_seq_len <= MAX_CONTEXT or max_seq_len % PAGE_SIZE:
-        raise InvalidSetting(
-            f"Context size must be a multiple of {PAGE_SIZE} between {PAGE_SIZE} and "
-            f"{MAX_CONTEXT:,} (got {max_seq_len:,})."
-        )
+    validate_context(max_seq_len)
     if cache_mode not in CACHE_MODES:
         raise InvalidSetting(
             f"Cache mode must be one of {', '.join(CACHE_MODES)} (got {cache_mode!r})."
@@ -194,9 +186,7 @@ class Engine:
         """Load (or reload) a model; in-flight jobs are ended with a clear error first."""
         validate_load_args(max_seq_len, cache_mode)
         if self.gpu_info() is None:
-            raise NoGPU(
-                "A CUDA GPU is required: exllamav2 runs only on NVIDIA GPUs and none was found."
-            )
+            raise NoGPU(NO_GPU_MESSAGE)
         folder = check_model_dir(model_dir)
         with self._load_lock:
             self.unload()
@@ -288,7 +278,7 @@ class Engine:
             * config.num_hidden_layers
             * config.num_key_value_heads
             * config.head_dim
-            * CACHE_BYTES_PER_VALUE[cache_mode]
+            * CACHE_BYTES_PER_ELEMENT[cache_mode]
         )
         free = self.gpu_info().free_gb * GB
         budget = free - weights - RESERVE_BYTES
@@ -312,6 +302,7 @@ class Engine:
         else:
             attention = "PyTorch SDPA (paged)"
         batching = "paged" if self._paged else "unpaged"
+        seconds = time.perf_counter() - started
         return EngineStatus(
             state="ready",
             model_dir=str(folder),
@@ -319,10 +310,10 @@ class Engine:
             cache_mode=cache_mode,
             batching=batching,
             max_concurrency=self._jobs,
-            load_seconds=time.perf_counter() - started,
+            load_seconds=seconds,
             vram_used_gb=used_gb,
             message=(
-                f"Loaded {folder.name} in {time.perf_counter() - started:.1f} s: "
+                f"Loaded {folder.name} in {seconds:.1f} s: "
                 f"{max_seq_len:,}-token context, {cache_mode} cache, {batching} batching of up to "
                 f"{self._jobs} jobs, {attention}, {used_gb:.1f} GB of VRAM."
             ),
@@ -373,11 +364,9 @@ class Engine:
         self, segments: Sequence[Segment], settings: SamplingSettings
     ) -> Iterator[StreamEvent]:
         """Yield TextDelta events then one Finished; closing the iterator cancels the GPU job."""
-        if self.gpu_info() is None:
-            raise NoGPU(
-                "A CUDA GPU is required: exllamav2 runs only on NVIDIA GPUs and none was found."
-            )
         if self._status.state != "ready":
+            if self.gpu_info() is None:
+                raise NoGPU(NO_GPU_MESSAGE)
             raise NotReady(f"The model is not ready ({self._status.state}); load one first.")
         return self.stream_tokens(self.encode(segments), settings)
 
