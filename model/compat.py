@@ -22,7 +22,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.bias import causal_lower_right
+
+_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 _applied = False
 
@@ -140,8 +143,19 @@ def fix_unpaged_attention() -> None:
     def _attn_torch(
         self, batch_size, q_len, q_states, k_states, v_states, attn_params, cfg, causal=True
     ):
+        with sdpa_kernel(_SDPA_BACKENDS):
+            return _unpaged(self, batch_size, q_len, q_states, k_states, v_states)
+
+    def _unpaged(self, batch_size, q_len, q_states, k_states, v_states):
         # q (B, Q, H, D); k/v (B, K, Hk, D): the cache up to and including this step's tokens.
         window = self.sliding_window or 0
+        heads, kv_heads, dim = q_states.shape[2], k_states.shape[2], q_states.shape[3]
+        if attention_backend(q_states.device, q_states.dtype, heads, kv_heads, dim) != "sdpa":
+            out = torch.ops.aten._flash_attention_forward(
+                q_states, k_states, v_states, None, None, q_len, k_states.shape[1], 0.0, True,
+                False, scale=self.scaling, window_size_left=window - 1 if window else None,
+            )  # fmt: skip
+            return out[0].reshape(batch_size, q_len, heads * dim)
         if q_len == 1:
             if window and k_states.shape[1] > window:
                 k_states, v_states = k_states[:, -window:], v_states[:, -window:]
@@ -158,47 +172,118 @@ def fix_unpaged_attention() -> None:
 
 
 # 4. paged attention ----
+#
+# Three implementations of one contract, fastest first; the first that passes a check against the
+# plain one on the GPU serves (`attention_backend`):
+# - "flash, paged": torch's bundled flash-attention kernel reads the pages through the block table;
+# - "flash, gathered": the same kernel over each sequence's pages copied out first;
+# - "sdpa": torch SDPA over the gathered pages with a mask (any GPU). cuDNN's SDPA is kept out:
+#   torch picks it by default on Hopper, and it builds a plan for every new shape (~50 ms; decode
+#   makes a new shape each step).
+
+BACKENDS = ("flash, paged", "flash, gathered", "sdpa")
 
 
 @dataclass
 class _Plan:
-    """Indices and masks of one forward pass; the same for every layer, so computed once."""
+    """Indices of one forward pass; the same for every layer, so computed once."""
 
     seqlens: torch.Tensor
     table: torch.Tensor
     shape: tuple
     pages: torch.Tensor  # (B, max_pages) int64
-    write_pages: torch.Tensor | None  # (B, Q): where the new k/v go
-    write_offsets: torch.Tensor | None
-    decode_mask: torch.Tensor | None  # (B, max_pages * page_size), for Q == 1
-    lengths: list[int] | None  # keys per sequence, for Q > 1
+    slots: torch.Tensor | None  # (B * Q,) flat cache rows the new k/v go to
+    totals: torch.Tensor  # (B,) int32 keys per sequence, new ones included
+    cu_q: torch.Tensor  # (B + 1,) int32 query offsets
+    cu_k: torch.Tensor  # (B + 1,) int32 key offsets (cumulative totals)
+    cu_k_gathered: torch.Tensor | None = None  # flash, gathered: (B + 1,) every max_pages pages
+    decode_mask: torch.Tensor | None = None  # sdpa, Q == 1: (B, max_pages * page_size)
+    lengths: list[int] | None = None  # sdpa, Q > 1: keys per sequence (one host sync)
 
 
 _last_plan: list[_Plan | None] = [None]
+_chosen: dict[tuple, str] = {}
 
 
-def _plan(seqlens, table, q_len, page_size, window, appending) -> _Plan:
+def _plan(seqlens, table, q_len, page_size, window, appending, backend) -> _Plan:
     """Reuse the last plan while exllamav2 passes the same tensors (all layers of one forward)."""
-    shape = (q_len, page_size, window, appending)
+    shape = (q_len, page_size, window, appending, backend)
     plan = _last_plan[0]
     if plan and plan.seqlens is seqlens and plan.table is table and plan.shape == shape:
         return plan
+    batch, device = seqlens.shape[0], seqlens.device
     pages = table.to(torch.int64)
-    lengths64 = seqlens.to(torch.int64)
-    write_pages = write_offsets = None
+    totals = seqlens + q_len if appending else seqlens
+    slots = None
     if appending:
-        positions = lengths64[:, None] + torch.arange(q_len, device=seqlens.device)
-        write_pages = pages.gather(1, positions // page_size)
-        write_offsets = positions % page_size
-    total = lengths64 + q_len if appending else lengths64
-    decode_mask = lengths = None
-    if q_len == 1:
-        decode_mask = window_mask((total - 1)[:, None], pages.shape[1] * page_size, window)[:, 0]
-    else:
-        lengths = total.tolist()  # prefill: one host sync per forward, not per layer
-    plan = _Plan(seqlens, table, shape, pages, write_pages, write_offsets, decode_mask, lengths)
+        positions = seqlens.to(torch.int64)[:, None] + torch.arange(q_len, device=device)
+        slots = (pages.gather(1, positions // page_size) * page_size + positions % page_size).view(
+            -1
+        )
+    cu_q = torch.arange(0, (batch + 1) * q_len, q_len, device=device, dtype=torch.int32)
+    cu_k = F.pad(totals.cumsum(0, dtype=torch.int32), (1, 0))
+    plan = _Plan(seqlens, table, shape, pages, slots, totals.to(torch.int32), cu_q, cu_k)
+    if backend == "flash, gathered":
+        step = pages.shape[1] * page_size
+        plan.cu_k_gathered = torch.arange(0, (batch + 1) * step, step, device=device).int()
+    if backend == "sdpa":
+        if q_len == 1:
+            last = (totals.to(torch.int64) - 1)[:, None]
+            plan.decode_mask = window_mask(last, pages.shape[1] * page_size, window)[:, 0]
+        else:
+            plan.lengths = totals.tolist()  # one host sync per forward, not per layer
     _last_plan[0] = plan
     return plan
+
+
+def _flash(q, k, v, plan, max_k, scale, window, **extra) -> torch.Tensor:
+    """torch's flash-attention forward over packed queries; q (B, Q, H, D) -> (B * Q, H, D)."""
+    out = torch.ops.aten._flash_attention_forward(
+        q.reshape(-1, q.shape[2], q.shape[3]),
+        k,
+        v,
+        plan.cu_q,
+        extra.pop("cu_k", plan.cu_k),
+        q.shape[1],
+        max_k,
+        0.0,
+        True,
+        False,
+        scale=scale,
+        window_size_left=window - 1 if window else None,
+        **extra,
+    )
+    return out[0]
+
+
+def _attend(backend, q, k_cache, v_cache, plan, scale, window) -> torch.Tensor:
+    """Attention of q (B, Q, H, D) over each sequence's pages; returns (B, Q, H, D)."""
+    batch, q_len, heads, dim = q.shape
+    page_size = k_cache.shape[1]
+    max_k = plan.pages.shape[1] * page_size
+    if backend == "flash, paged":
+        out = _flash(q, k_cache, v_cache, plan, max_k, scale, window, block_table=plan.table)
+        return out.view(batch, q_len, heads, dim)
+    if backend == "flash, gathered":
+        flat = plan.pages.view(-1)
+        keys = k_cache.index_select(0, flat).view(-1, *k_cache.shape[2:])
+        values = v_cache.index_select(0, flat).view(-1, *v_cache.shape[2:])
+        cu_k = plan.cu_k_gathered
+        out = _flash(q, keys, values, plan, max_k, scale, window, cu_k=cu_k, seqused_k=plan.totals)
+        return out.view(batch, q_len, heads, dim)
+    with sdpa_kernel(_SDPA_BACKENDS):
+        if q_len == 1:
+            keys = k_cache[plan.pages].flatten(1, 2)
+            values = v_cache[plan.pages].flatten(1, 2)
+            out = _decode_attention(q, keys, values, scale, plan.decode_mask)
+            return out.view(batch, 1, heads, dim)
+        outputs = []
+        for b, length in enumerate(plan.lengths):
+            pages = plan.pages[b, : (length + page_size - 1) // page_size]
+            keys = k_cache[pages].flatten(0, 1)[None, :length]
+            values = v_cache[pages].flatten(0, 1)[None, :length]
+            outputs.append(_prefill_attention(q[b : b + 1], keys, values, scale, window))
+        return torch.cat(outputs, dim=0).view(batch, q_len, heads, dim)
 
 
 def paged_attention(
@@ -212,39 +297,69 @@ def paged_attention(
     softmax_scale: float | None = None,
     causal: bool = True,
     window_size: tuple[int, int] = (-1, -1),
+    backend: str | None = None,
     **unused,
 ) -> torch.Tensor:
     """flash_attn_with_kvcache's contract, in PyTorch, for a paged cache.
 
     q (B, Q, H, D); k_cache/v_cache (pages, page_size, Hk, D); k/v (B, Q, Hk, D) or None;
-    cache_seqlens (B,) tokens already cached; block_table (B, max_pages). The new k/v are written at
-    cache_seqlens, then each query attends causally (aligned to the end) over its sequence, within
-    `window_size[0]` keys to the left.
-    Decode (Q == 1) runs batched with no host sync; prefill (Q > 1) runs one sequence at a time.
+    cache_seqlens (B,) tokens already cached; block_table (B, max_pages) int32. The new k/v are
+    written at cache_seqlens, then each query attends causally (aligned to the end) over its
+    sequence, within `window_size[0] + 1` keys, itself included. No host sync on the flash
+    backends. `backend` forces one of BACKENDS (tests); by default the checked fastest serves.
     """
-    batch, q_len, _, dim = q.shape
+    dim = q.shape[3]
     page_size = k_cache.shape[1]
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(dim)
     window = window_size[0] + 1 if window_size and window_size[0] >= 0 else 0
-    plan = _plan(cache_seqlens, block_table, q_len, page_size, window, k is not None)
-
+    backend = backend or attention_backend(q.device, q.dtype, q.shape[2], k_cache.shape[2], dim)
+    plan = _plan(cache_seqlens, block_table, q.shape[1], page_size, window, k is not None, backend)
     if k is not None:
-        k_cache[plan.write_pages, plan.write_offsets] = k
-        v_cache[plan.write_pages, plan.write_offsets] = v
+        rows = k_cache.shape[2:]
+        k_cache.view(-1, *rows).index_copy_(0, plan.slots, k.reshape(-1, *rows))
+        v_cache.view(-1, *rows).index_copy_(0, plan.slots, v.reshape(-1, *rows))
+    return _attend(backend, q, k_cache, v_cache, plan, scale, window)
 
-    if q_len == 1:
-        keys = k_cache[plan.pages].flatten(1, 2)
-        values = v_cache[plan.pages].flatten(1, 2)
-        out = _decode_attention(q, keys, values, scale, plan.decode_mask)
-        return out.view(batch, 1, -1, dim)
 
-    outputs = []
-    for b, length in enumerate(plan.lengths):
-        pages = plan.pages[b, : (length + page_size - 1) // page_size]
-        keys = k_cache[pages].flatten(0, 1)[None, :length]
-        values = v_cache[pages].flatten(0, 1)[None, :length]
-        outputs.append(_prefill_attention(q[b : b + 1], keys, values, scale, window))
-    return torch.cat(outputs, dim=0).view(batch, q_len, -1, dim)
+def attention_backend(device, dtype=torch.half, heads=8, kv_heads=2, dim=128) -> str:
+    """The fastest of BACKENDS that matches "sdpa" on random pages on this GPU (checked once)."""
+    key = (torch.device(device), dtype, heads, kv_heads, dim)
+    if key not in _chosen:
+        _chosen[key] = next(b for b in BACKENDS if b == "sdpa" or _passes_check(b, *key))
+    return _chosen[key]
+
+
+def _passes_check(backend, device, dtype, heads, kv_heads, dim) -> bool:
+    """Several sequences, random page tables, one and many queries, with and without a window."""
+    generator = torch.Generator(device=device).manual_seed(0)
+    page_size, pages = 256, 16
+
+    def rand(*shape):
+        return torch.randn(*shape, device=device, dtype=dtype, generator=generator)
+
+    try:
+        for q_len, lengths, window in ((1, [1, 300, 700], 0), (1, [5, 520], 64), (70, [0, 600], 0),
+                                       (70, [0, 600], 100)):  # fmt: skip
+            batch = len(lengths)
+            k_cache, v_cache = (
+                rand(pages, page_size, kv_heads, dim),
+                rand(pages, page_size, kv_heads, dim),
+            )
+            order = torch.randperm(pages, device=device, generator=generator)
+            table = order[: batch * 4].view(batch, 4).to(torch.int32)
+            seqlens = torch.tensor(lengths, device=device, dtype=torch.int32)
+            q = rand(batch, q_len, heads, dim)
+            window_size = (window - 1, window - 1) if window else (-1, -1)
+            args = (q, k_cache, v_cache, None, None, seqlens + q_len, table, dim**-0.5)
+            out = paged_attention(*args, window_size=window_size, backend=backend)
+            _last_plan[0] = None
+            want = paged_attention(*args, window_size=window_size, backend="sdpa")
+            _last_plan[0] = None
+            if not (out - want).abs().max().item() < 1e-2:
+                return False
+    except (RuntimeError, TypeError, AttributeError):
+        return False
+    return True
 
 
 def _starcoder2_window(flash_fn):

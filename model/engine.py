@@ -293,6 +293,8 @@ class Engine:
         return min(fits, jobs * max_seq_len)
 
     def _ready_status(self, folder, max_seq_len, cache_mode, started, used_gb) -> EngineStatus:
+        import torch
+
         from model import compat
 
         if not self._paged:
@@ -300,7 +302,10 @@ class Engine:
         elif compat.has_real_flash_attn():
             attention = "flash-attn (paged)"
         else:
-            attention = "PyTorch SDPA (paged)"
+            config = self._model.config
+            heads = (config.num_attention_heads, config.num_key_value_heads, config.head_dim)
+            backend = compat.attention_backend("cuda:0", torch.half, *heads)
+            attention = f"PyTorch attention ({backend})"
         batching = "paged" if self._paged else "unpaged"
         seconds = time.perf_counter() - started
         return EngineStatus(

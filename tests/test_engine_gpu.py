@@ -196,62 +196,6 @@ def test_eight_prompts_batched_equal_each_run_alone(fp16_dir):
         assert_greedy_matches(ref, prompt, ours, f"batched prompt {i}")
 
 
-# ---- the paged attention backend against a plain reference ----
-
-
-def plain_attention(q, k, v, scale, window):
-    """Reference: one sequence, fp32, explicit positions. q (Q, H, D), k/v (K, Hk, D)."""
-    q_len, heads, _ = q.shape
-    k_len, kv_heads, _ = k.shape
-    k = k.repeat_interleave(heads // kv_heads, dim=1).float()
-    v = v.repeat_interleave(heads // kv_heads, dim=1).float()
-    scores = torch.einsum("qhd,khd->hqk", q.float(), k) * scale
-    pos = torch.arange(k_len - q_len, k_len, device=q.device)[:, None]
-    keys = torch.arange(k_len, device=q.device)[None, :]
-    visible = keys <= pos
-    if window:
-        visible &= keys > pos - window
-    scores = scores.masked_fill(~visible, float("-inf"))
-    return torch.einsum("hqk,khd->qhd", scores.softmax(-1), v)
-
-
-@pytest.mark.parametrize("q_len", [1, 5, 300])
-@pytest.mark.parametrize("window", [0, 40])
-def test_paged_attention_equals_plain_attention_on_random_pages(q_len, window):
-    from model.compat import paged_attention
-
-    torch.manual_seed(q_len * 100 + window)
-    page, pages, heads, kv_heads, dim = 256, 64, 8, 2, 64
-    lengths = [0, 700] if q_len > 1 else [0, 3, 255, 256, 700, 1500]
-    batch = len(lengths)
-    k_cache = torch.randn(pages, page, kv_heads, dim, device="cuda", dtype=torch.half)
-    v_cache = torch.randn_like(k_cache)
-    table = torch.randperm(pages, device="cuda")[: batch * 8].view(batch, 8).int()
-    seqlens = torch.tensor(lengths, device="cuda", dtype=torch.int32)
-    q = torch.randn(batch, q_len, heads, dim, device="cuda", dtype=torch.half)
-    k_new = torch.randn(batch, q_len, kv_heads, dim, device="cuda", dtype=torch.half)
-    v_new = torch.randn_like(k_new)
-    out = paged_attention(
-        q,
-        k_cache,
-        v_cache,
-        k=k_new,
-        v=v_new,
-        cache_seqlens=seqlens,
-        block_table=table,
-        softmax_scale=dim**-0.5,
-        causal=True,
-        window_size=(window - 1, window - 1) if window else (-1, -1),
-    )
-    for b, length in enumerate(lengths):
-        flat_k = k_cache[table[b].long()].flatten(0, 1)[: length + q_len]
-        flat_v = v_cache[table[b].long()].flatten(0, 1)[: length + q_len]
-        assert torch.equal(flat_k[length:], k_new[b]) and torch.equal(flat_v[length:], v_new[b])
-        expected = plain_attention(q[b], flat_k, flat_v, dim**-0.5, window)
-        error = (out[b].float() - expected).norm() / expected.norm()
-        assert error < 2e-3, (b, length, error.item())
-
-
 # ---- the engine: streaming, cache modes, cancel, reload ----
 
 
