@@ -244,6 +244,10 @@ def test_soak_many_short_jobs_with_random_cancels_leaks_nothing(engine, request)
     assert until(lambda: engine._generator.num_remaining_jobs() == 0, 5), "jobs left running"
     gc.collect()
     vram_after, rss_after = torch.cuda.mem_get_info()[0], rss_bytes()
+    print(
+        f"soak {seconds:.0f} s, 8 clients: {counts}; free VRAM {vram_before:,} -> {vram_after:,} B;"
+        f" RSS {rss_before:,} -> {rss_after:,} B"
+    )
     assert counts["finished"] > 0 and counts["cancelled"] > 0
     assert counts["failed"] == 0, counts
     assert vram_before - vram_after <= 0.01 * total, f"VRAM grew by {vram_before - vram_after:,} B"
