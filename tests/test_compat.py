@@ -98,3 +98,66 @@ def test_the_plan_is_computed_once_per_forward_and_renewed_for_the_next():
 def test_without_a_flash_kernel_the_check_falls_back_to_sdpa():
     assert compat.attention_backend("cpu", torch.float32, 8, 2, 64) == "sdpa"
     assert not compat._passes_check("flash, paged", torch.device("cpu"), torch.float32, 8, 2, 64)
+
+
+def varlen_flash(q, k, v, cu_q, cu_k, max_q, max_k, dropout, causal, debug, *, scale,
+                 window_size_left=None, seqused_k=None, block_table=None, **unused):  # fmt: skip
+    """What torch's varlen flash kernel computes, written plainly: out (total_q, H, D) and the
+    log-sum-exp (H, total_q); a query with no keys gets zeros and +inf, as the kernel writes."""
+    heads = q.shape[1]
+    out = torch.zeros_like(q, dtype=torch.float32)
+    lse = torch.full((heads, q.shape[0]), float("inf"))
+    for b in range(cu_q.shape[0] - 1):
+        q0, q1 = int(cu_q[b]), int(cu_q[b + 1])
+        used = int(seqused_k[b]) if seqused_k is not None else int(cu_k[b + 1] - cu_k[b])
+        if block_table is not None:
+            keys, values = (x[block_table[b].long()].flatten(0, 1)[:used] for x in (k, v))
+        else:
+            keys, values = (
+                k[int(cu_k[b]) : int(cu_k[b]) + used],
+                v[int(cu_k[b]) : int(cu_k[b]) + used],
+            )
+        if used == 0:
+            continue
+        keys = keys.repeat_interleave(heads // k.shape[-2], dim=1).float()
+        values = values.repeat_interleave(heads // k.shape[-2], dim=1).float()
+        scores = torch.einsum("qhd,khd->hqk", q[q0:q1].float(), keys) * scale
+        pos = torch.arange(used - (q1 - q0), used)[:, None]
+        keys_at = torch.arange(used)[None, :]
+        visible = keys_at <= pos if causal else torch.ones_like(keys_at <= pos)
+        if window_size_left is not None:
+            visible &= keys_at >= pos - window_size_left
+        scores = scores.masked_fill(~visible, float("-inf"))
+        lse[:, q0:q1] = scores.logsumexp(-1)
+        out[q0:q1] = torch.einsum("hqk,khd->qhd", scores.softmax(-1), values)
+    return out.to(q.dtype), lse
+
+
+@pytest.mark.parametrize("backend", ["flash, paged", "flash, gathered"])
+@pytest.mark.parametrize("splits", [1, 3, 7])
+@pytest.mark.parametrize(("q_len", "window"), [(1, 0), (1, 40), (5, 0), (5, 40)])
+def test_flash_backends_pass_the_kernel_the_right_ranges(
+    monkeypatch, backend, splits, q_len, window
+):
+    """The flash paths' index bookkeeping, with the kernel replaced by varlen_flash (CPU)."""
+    monkeypatch.setattr(compat, "_flash_forward", varlen_flash)
+    monkeypatch.setattr(compat, "_splits", lambda *args: splits)
+    torch.manual_seed(splits * 10 + q_len + window)
+    page, pages, heads, kv_heads, dim = 256, 40, 6, 2, 16
+    lengths = [0, 1, 39, 300, 700] if q_len == 1 else [0, 300]
+    batch = len(lengths)
+    k_cache, v_cache = torch.randn(2, pages, page, kv_heads, dim)
+    table = torch.randperm(pages)[: batch * 4].view(batch, 4).int()
+    q = torch.randn(batch, q_len, heads, dim)
+    k_new, v_new = torch.randn(2, batch, q_len, kv_heads, dim)
+    seqlens = torch.tensor(lengths, dtype=torch.int32)
+    size = (window - 1, window - 1) if window else (-1, -1)
+    out = compat.paged_attention(
+        q, k_cache, v_cache, k_new, v_new, seqlens, table, dim**-0.5, window_size=size,
+        backend=backend,
+    )  # fmt: skip
+    for b, length in enumerate(lengths):
+        flat_k = k_cache[table[b].long()].flatten(0, 1)[: length + q_len]
+        flat_v = v_cache[table[b].long()].flatten(0, 1)[: length + q_len]
+        expected = plain_attention(q[b], flat_k, flat_v, dim**-0.5, window)
+        assert torch.allclose(out[b], expected, atol=1e-5), (b, length)
