@@ -197,7 +197,6 @@ class _Plan:
     cu_q: torch.Tensor  # (B + 1,) int32 query offsets
     cu_k: torch.Tensor  # (B + 1,) int32 key offsets (cumulative totals)
     cu_k_gathered: torch.Tensor | None = None  # flash, gathered: (B + 1,) every max_pages pages
-    split: tuple | None = None  # flash, gathered, Q == 1: key ranges of `_split_decode`
     decode_mask: torch.Tensor | None = None  # sdpa, Q == 1: (B, max_pages * page_size)
     lengths: list[int] | None = None  # sdpa, Q > 1: keys per sequence (one host sync)
 
@@ -274,8 +273,6 @@ def _attend(backend, q, k_cache, v_cache, plan, scale, window) -> torch.Tensor:
         flat = plan.pages.view(-1)
         keys = k_cache.index_select(0, flat).view(-1, *k_cache.shape[2:])
         values = v_cache.index_select(0, flat).view(-1, *v_cache.shape[2:])
-        if q_len == 1 and _splits(q.device, batch, heads, max_k) > 1:
-            return _split_decode(q, keys, values, plan, max_k, scale, window)
         cu_k = plan.cu_k_gathered
         out = _flash(q, keys, values, plan, max_k, scale, window, cu_k=cu_k, seqused_k=plan.totals)
         return out.view(batch, q_len, heads, dim)
@@ -292,53 +289,6 @@ def _attend(backend, q, k_cache, v_cache, plan, scale, window) -> torch.Tensor:
             values = v_cache[pages].flatten(0, 1)[None, :length]
             outputs.append(_prefill_attention(q[b : b + 1], keys, values, scale, window))
         return torch.cat(outputs, dim=0).view(batch, q_len, heads, dim)
-
-
-_sm_counts: dict[torch.device, int] = {}
-
-
-def _splits(device, batch, heads, max_k) -> int:
-    """Key ranges per sequence for a decode step: enough thread blocks for two waves of the GPU.
-
-    torch's varlen flash kernel runs one block per (sequence, head) and does not split the keys,
-    so one sequence's 48 blocks would leave most of an H100's 132 multiprocessors idle.
-    """
-    if device.type != "cuda" or max_k < 1024:
-        return 1
-    if device not in _sm_counts:
-        _sm_counts[device] = torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(-(-2 * _sm_counts[device] // (batch * heads)), max_k // 512, 16))
-
-
-def _split_decode(q, keys, values, plan, max_k, scale, window) -> torch.Tensor:
-    """One query per sequence over gathered keys, its visible range cut into S parts.
-
-    Each part runs as its own short sequence (not causal: every key in it is visible), and the parts
-    are merged by their log-sum-exp. q (B, 1, H, D); keys/values (B * max_k, Hk, D).
-    """
-    batch, _, heads, dim = q.shape
-    splits = _splits(q.device, batch, heads, max_k)
-    if plan.split is None or plan.split[0] != splits:
-        device = q.device
-        totals = plan.totals.to(torch.int64)
-        start = (totals - window).clamp(min=0) if window else torch.zeros_like(totals)
-        steps = torch.arange(splits + 1, device=device)
-        edges = start[:, None] + ((totals - start)[:, None] * steps) // splits  # (B, S + 1)
-        edges += (torch.arange(batch, device=device) * max_k)[:, None]
-        cu_k = torch.cat([edges[:, :-1].reshape(-1), edges[-1:, -1]]).int()
-        used = (edges[:, 1:] - edges[:, :-1]).reshape(-1).int()
-        cu_q = torch.arange(batch * splits + 1, device=device, dtype=torch.int32)
-        plan.split = (splits, cu_q, cu_k, used, (used == 0).view(batch, splits, 1))
-    _, cu_q, cu_k, used, empty = plan.split
-    out, lse = _flash_forward(
-        q.view(batch, 1, heads, dim).expand(batch, splits, heads, dim).reshape(-1, heads, dim),
-        keys, values, cu_q, cu_k, 1, max_k // splits + 1, 0.0, False, False,
-        scale=scale, seqused_k=used,
-    )[:2]  # fmt: skip
-    lse = (lse.t() if lse.dim() == 2 else lse[..., 0]).view(batch, splits, heads)
-    weights = lse.float().masked_fill(empty, float("-inf")).softmax(dim=1)
-    merged = (out.view(batch, splits, heads, dim).float() * weights[..., None]).sum(dim=1)
-    return merged.to(q.dtype).view(batch, 1, heads, dim)
 
 
 def paged_attention(
