@@ -61,10 +61,21 @@ def user_error(error: Exception) -> gr.Error:
 # ---- chat history (pure functions, tested directly) ---------------------------------------------
 
 
-def add_user_message(message: str, history: list[Message]) -> tuple[str, list[Message]]:
-    """Append the typed message as a user turn; clear the box. A blank message changes nothing."""
+BUSY_MESSAGE = "A reply is still being written: press Stop, or wait for it to finish."
+
+
+def add_user_message(
+    message: str, history: list[Message], busy: bool = False
+) -> tuple[str, list[Message]]:
+    """Append the typed message as a user turn; clear the box. A blank message changes nothing.
+
+    While this chat's reply streams (`busy`), the message is refused and stays in the box: a second
+    job would write into the same conversation.
+    """
     if not message or not message.strip():
         return message, history
+    if busy:
+        raise gr.Error(BUSY_MESSAGE)
     try:
         check_text("The message", message)
         check_history(history)
@@ -74,6 +85,17 @@ def add_user_message(message: str, history: list[Message]) -> tuple[str, list[Me
         # The last question was never answered (stopped or failed): replace it, keep turns paired.
         history = history[:-1]
     return "", [*history, {"role": "user", "content": message}]
+
+
+def chat_controls(busy: bool) -> tuple:
+    """(busy, Send, Retry, Undo, Clear): the edit buttons wait while a reply streams."""
+    button = gr.Button(interactive=not busy)
+    return busy, button, button, button, button
+
+
+def stop_pressed(busy: bool) -> tuple:
+    """Stop: say so only if a reply was streaming; unlock the chat either way."""
+    return ("**Stopped.**" if busy else gr.skip()), *chat_controls(False)
 
 
 def retry_history(history: list[Message]) -> list[Message]:
@@ -373,6 +395,7 @@ def build_demo(engine, config: AppConfig | None = None, loader: ModelLoader | No
         gr.Markdown("# StarCoder2-15B-Instruct · EXL2 chat")
         gr.HTML(f"<div style='{BANNER_STYLE}'>{NO_GPU_MESSAGE}</div>", visible=not has_gpu)
         history = gr.State([])
+        busy = gr.State(False)  # this chat has a reply streaming
         with gr.Row(equal_height=False):
             with gr.Column(scale=3):
                 chatbot = gr.Chatbot(
@@ -485,18 +508,28 @@ def build_demo(engine, config: AppConfig | None = None, loader: ModelLoader | No
             **private,
         }
 
+        controls = [busy, send, retry, undo, clear]
+
+        def show_and_lock(chat: list[Message]) -> tuple:
+            return chat, *chat_controls(True)
+
+        def answer(event):
+            """Show the history, lock the chat, stream the reply, unlock (also after an error)."""
+            shown = event.success(
+                show_and_lock, history, [chatbot, *controls], queue=False, **private
+            )
+            streamed = shown.then(respond, respond_inputs, chat_outputs, **gpu_job)
+            streamed.then(lambda: chat_controls(False), None, controls, queue=False, **private)
+            return streamed  # what Stop cancels
+
         sent = [
-            trigger(add_user_message, [message, history], [message, history], **private)
-            .success(lambda h: h, history, chatbot, queue=False, **private)  # refused: stop here
-            .then(respond, respond_inputs, chat_outputs, **gpu_job)
+            answer(
+                trigger(add_user_message, [message, history, busy], [message, history], **private)
+            )
             for trigger in (message.submit, send.click)
-        ]
-        retried = (
-            retry.click(retry_history, history, history, queue=False, **private)
-            .then(lambda h: h, history, chatbot, queue=False, **private)
-            .then(respond, respond_inputs, chat_outputs, **gpu_job)
-        )
-        stop.click(lambda: "**Stopped.**", None, stats, cancels=[*sent, retried], **private)
+        ]  # a refused message stops at add_user_message (.success)
+        retried = answer(retry.click(retry_history, history, history, queue=False, **private))
+        stop.click(stop_pressed, busy, [stats, *controls], cancels=[*sent, retried], **private)
         undo.click(undo_history, history, [history, message], queue=False, **private).then(
             lambda h: h, history, chatbot, queue=False, **private
         )

@@ -380,6 +380,22 @@ def test_sending_after_a_stopped_empty_reply_replaces_the_unanswered_question():
     assert app.add_user_message("Better", [user("Hi")]) == ("", [user("Better")])
 
 
+def test_sending_while_a_reply_streams_is_refused_and_the_text_stays():
+    with pytest.raises(gr.Error, match="still being written"):
+        app.add_user_message("Another question", [user("Hi")], busy=True)
+
+
+def test_chat_controls_lock_while_busy_and_stop_reports_only_a_running_reply():
+    busy, *buttons = app.chat_controls(True)
+    assert busy is True and all(b.interactive is False for b in buttons)
+    stats, busy, *buttons = app.stop_pressed(True)
+    assert stats == "**Stopped.**" and busy is False
+    assert all(b.interactive is True for b in buttons)
+    stats, busy, *_ = app.stop_pressed(False)
+    assert stats is not None and stats != "**Stopped.**"  # gr.skip(): the stats line is kept
+    assert busy is False
+
+
 def test_retry_drops_the_last_answer_so_its_question_is_asked_again():
     history = [user("Q1"), assistant("A1"), user("Q2"), assistant("A2")]
     assert app.retry_history(history) == history[:3]

@@ -114,9 +114,30 @@ def test_stop_during_a_slow_stream_closes_the_engine_job(page, engine):
     chat = page.locator("#chatbot")
     sync_api.expect(chat).to_contain_text("word word word", timeout=WAIT_MS)
     (call,) = engine.calls
+    expect = sync_api.expect
+    expect(page.locator("#send")).to_be_disabled()
+    send(page, "A second question while the first streams")
+    expect(page.get_by_text("still being written").first).to_be_visible(timeout=WAIT_MS)
+    expect(page.locator("#message textarea")).to_have_value(
+        "A second question while the first streams"
+    )
+    assert len(engine.calls) == 1  # no second job in this chat
     page.locator("#stop").click()
     assert call.closed_event.wait(WAIT_MS / 1000), "Stop did not close the engine's iterator"
     assert call.chunks_sent < len(engine.chunks)
-    sync_api.expect(page.locator("#reply-stats")).to_contain_text("Stopped", timeout=WAIT_MS)
+    expect(page.locator("#reply-stats")).to_contain_text("Stopped", timeout=WAIT_MS)
+    expect(page.locator("#send")).to_be_enabled(timeout=WAIT_MS)
     SCREENSHOTS.mkdir(exist_ok=True)
     page.screenshot(path=str(SCREENSHOTS / "stopped.png"), full_page=True)
+
+
+def test_stop_with_nothing_running_changes_nothing(page, engine):
+    engine.chunks, engine.chunk_delay_s = ["Done."], 0.0
+    send(page, "Quick one")
+    stats = page.locator("#reply-stats")
+    sync_api.expect(stats).to_contain_text("tok/s", timeout=WAIT_MS)
+    before = stats.inner_text()
+    page.locator("#stop").click()
+    page.wait_for_timeout(500)  # give a wrong "Stopped" time to appear
+    assert stats.inner_text() == before
+    sync_api.expect(page.locator("#send")).to_be_enabled()
