@@ -13,6 +13,9 @@ Defects (measured against transformers' Starcoder2ForCausalLM, see tests/test_en
 4. Paged mode (continuous batching) needs flash-attn >= 2.5.7. `paged_attention` below implements
    the same `flash_attn_with_kvcache` contract in PyTorch so batching works everywhere.
 5. A broken xformers (importable, no kernel for the GPU) makes every forward raise.
+Not exllamav2's, but in its way: torch's SDPA picks cuDNN by default on Hopper, which builds a plan
+for every new shape (tens of ms; decoding makes a new shape each step). Our attention never lets
+SDPA choose it (bench/attention_bench.py).
 """
 
 from __future__ import annotations
