@@ -146,19 +146,19 @@ def fix_unpaged_attention() -> None:
     def _attn_torch(
         self, batch_size, q_len, q_states, k_states, v_states, attn_params, cfg, causal=True
     ):
-        with sdpa_kernel(_SDPA_BACKENDS):
-            return _unpaged(self, batch_size, q_len, q_states, k_states, v_states)
-
-    def _unpaged(self, batch_size, q_len, q_states, k_states, v_states):
         # q (B, Q, H, D); k/v (B, K, Hk, D): the cache up to and including this step's tokens.
         window = self.sliding_window or 0
         heads, kv_heads, dim = q_states.shape[2], k_states.shape[2], q_states.shape[3]
         if attention_backend(q_states.device, q_states.dtype, heads, kv_heads, dim) != "sdpa":
-            out = torch.ops.aten._flash_attention_forward(
+            out = _flash_forward(
                 q_states, k_states, v_states, None, None, q_len, k_states.shape[1], 0.0, True,
                 False, scale=self.scaling, window_size_left=window - 1 if window else None,
             )  # fmt: skip
             return out[0].reshape(batch_size, q_len, heads * dim)
+        with sdpa_kernel(_SDPA_BACKENDS):
+            return _unpaged_sdpa(self, batch_size, q_len, q_states, k_states, v_states, window)
+
+    def _unpaged_sdpa(self, batch_size, q_len, q_states, k_states, v_states, window):
         if q_len == 1:
             if window and k_states.shape[1] > window:
                 k_states, v_states = k_states[:, -window:], v_states[:, -window:]
@@ -197,9 +197,8 @@ class _Plan:
     pages: torch.Tensor  # (B, max_pages) int64
     slots: torch.Tensor | None  # (B * Q,) flat cache rows the new k/v go to
     totals: torch.Tensor  # (B,) int32 keys per sequence, new ones included
-    cu_q: torch.Tensor  # (B + 1,) int32 query offsets
-    cu_k: torch.Tensor  # (B + 1,) int32 key offsets (cumulative totals)
-    cu_k_gathered: torch.Tensor | None = None  # flash, gathered: (B + 1,) every max_pages pages
+    cu_q: torch.Tensor | None = None  # flash: (B + 1,) int32 query offsets
+    cu_k: torch.Tensor | None = None  # flash: (B + 1,) int32 where each sequence's keys start
     decode_mask: torch.Tensor | None = None  # sdpa, Q == 1: (B, max_pages * page_size)
     lengths: list[int] | None = None  # sdpa, Q > 1: keys per sequence (one host sync)
 
@@ -223,18 +222,19 @@ def _plan(seqlens, table, q_len, page_size, window, appending, backend) -> _Plan
         slots = (pages.gather(1, positions // page_size) * page_size + positions % page_size).view(
             -1
         )
-    cu_q = torch.arange(0, (batch + 1) * q_len, q_len, device=device, dtype=torch.int32)
-    cu_k = F.pad(totals.cumsum(0, dtype=torch.int32), (1, 0))
-    plan = _Plan(seqlens, table, shape, pages, slots, totals.to(torch.int32), cu_q, cu_k)
-    if backend == "flash, gathered":
+    plan = _Plan(seqlens, table, shape, pages, slots, totals.to(torch.int32))
+    if backend != "sdpa":
+        plan.cu_q = torch.arange(0, (batch + 1) * q_len, q_len, device=device, dtype=torch.int32)
+    if backend == "flash, paged":  # keys are read through the table: offsets are cumulative
+        plan.cu_k = F.pad(totals.cumsum(0, dtype=torch.int32), (1, 0))
+    elif backend == "flash, gathered":  # each sequence's gathered keys take max_pages pages
         step = pages.shape[1] * page_size
-        plan.cu_k_gathered = torch.arange(0, (batch + 1) * step, step, device=device).int()
-    if backend == "sdpa":
-        if q_len == 1:
-            last = (totals.to(torch.int64) - 1)[:, None]
-            plan.decode_mask = window_mask(last, pages.shape[1] * page_size, window)[:, 0]
-        else:
-            plan.lengths = totals.tolist()  # one host sync per forward, not per layer
+        plan.cu_k = torch.arange(0, (batch + 1) * step, step, device=device, dtype=torch.int32)
+    elif q_len == 1:  # sdpa decode: one mask over every page
+        last = (totals.to(torch.int64) - 1)[:, None]
+        plan.decode_mask = window_mask(last, pages.shape[1] * page_size, window)[:, 0]
+    else:  # sdpa prefill
+        plan.lengths = totals.tolist()  # one host sync per forward, not per layer
     _last_plan[0] = plan
     return plan
 
@@ -251,7 +251,7 @@ def _flash(q, k, v, plan, max_k, scale, window, **extra) -> torch.Tensor:
         k,
         v,
         plan.cu_q,
-        extra.pop("cu_k", plan.cu_k),
+        plan.cu_k,
         q.shape[1],
         max_k,
         0.0,
@@ -276,8 +276,7 @@ def _attend(backend, q, k_cache, v_cache, plan, scale, window) -> torch.Tensor:
         flat = plan.pages.view(-1)
         keys = k_cache.index_select(0, flat).view(-1, *k_cache.shape[2:])
         values = v_cache.index_select(0, flat).view(-1, *v_cache.shape[2:])
-        cu_k = plan.cu_k_gathered
-        out = _flash(q, keys, values, plan, max_k, scale, window, cu_k=cu_k, seqused_k=plan.totals)
+        out = _flash(q, keys, values, plan, max_k, scale, window, seqused_k=plan.totals)
         return out.view(batch, q_len, heads, dim)
     with sdpa_kernel(_SDPA_BACKENDS):
         if q_len == 1:
@@ -360,9 +359,7 @@ def _passes_check(backend, device, dtype, heads, kv_heads, dim) -> bool:
             window_size = (window - 1, window - 1) if window else (-1, -1)
             args = (q, k_cache, v_cache, None, None, seqlens + q_len, table, dim**-0.5)
             out = paged_attention(*args, window_size=window_size, backend=backend)
-            _last_plan[0] = None
             want = paged_attention(*args, window_size=window_size, backend="sdpa")
-            _last_plan[0] = None
             if not (out - want).abs().max().item() < 1e-2:
                 return False
     except (RuntimeError, TypeError, AttributeError):
