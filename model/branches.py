@@ -92,7 +92,7 @@ def validate_context(context_tokens: int) -> int:
     return value
 
 
-def _check_cache_mode(cache_mode: str) -> str:
+def check_cache_mode(cache_mode: str) -> str:
     """Return the cache mode if the catalogue knows it, else raise InvalidSetting."""
     if cache_mode not in CACHE_MODES:
         raise InvalidSetting(
@@ -115,10 +115,12 @@ def weight_bytes(branch: str) -> float:
     return layers + lm_head + final_norm
 
 
-def cache_bytes_per_token(cache_mode: str) -> float:
-    """Bytes of K/V cache per token of context for all layers."""
-    elements = 2 * LAYERS * KV_HEADS * HEAD_DIM  # K and V
-    return elements * CACHE_BYTES_PER_ELEMENT[_check_cache_mode(cache_mode)]
+def cache_bytes_per_token(
+    cache_mode: str, layers: int = LAYERS, kv_heads: int = KV_HEADS, head_dim: int = HEAD_DIM
+) -> float:
+    """Bytes of K/V cache per token for all layers (StarCoder2-15B's shape unless given)."""
+    elements = 2 * layers * kv_heads * head_dim  # K and V
+    return elements * CACHE_BYTES_PER_ELEMENT[check_cache_mode(cache_mode)]
 
 
 def estimate_vram_gb(branch: str, context_tokens: int, cache_mode: str = "fp16") -> float:

@@ -16,14 +16,13 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from model.branches import CACHE_BYTES_PER_ELEMENT, CACHE_MODES, MAX_CONTEXT, validate_context
+from model.branches import MAX_CONTEXT, cache_bytes_per_token, check_cache_mode, validate_context
 from model.download import check_model_dir
 from model.errors import (
     NO_GPU_MESSAGE,
     ContextTooLong,
     DoesNotFit,
     GenerationFailed,
-    InvalidSetting,
     NoGPU,
     NotReady,
 )
@@ -107,10 +106,7 @@ _STOP_REASONS = {
 def validate_load_args(max_seq_len: int, cache_mode: str) -> None:
     """Raise InvalidSetting unless the context and cache mode are ones the engine supports."""
     validate_context(max_seq_len)
-    if cache_mode not in CACHE_MODES:
-        raise InvalidSetting(
-            f"Cache mode must be one of {', '.join(CACHE_MODES)} (got {cache_mode!r})."
-        )
+    check_cache_mode(cache_mode)
 
 
 class PromptEncoder:
@@ -273,12 +269,8 @@ class Engine:
     def _cache_tokens(self, folder, config, max_seq_len, cache_mode, jobs) -> int:
         """Cache tokens: room for `jobs` full contexts, capped by the VRAM left after weights."""
         weights = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
-        per_token = (
-            2
-            * config.num_hidden_layers
-            * config.num_key_value_heads
-            * config.head_dim
-            * CACHE_BYTES_PER_ELEMENT[cache_mode]
+        per_token = cache_bytes_per_token(
+            cache_mode, config.num_hidden_layers, config.num_key_value_heads, config.head_dim
         )
         free = self.gpu_info().free_gb * GB
         budget = free - weights - RESERVE_BYTES
