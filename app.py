@@ -11,6 +11,7 @@ import gradio as gr
 from gradio.context import LocalContext
 
 from model.branches import (
+    AUTO,
     BRANCHES,
     CACHE_MODES,
     CONTEXT_STEP,
@@ -19,7 +20,7 @@ from model.branches import (
     estimate_vram_gb,
     pick_branch,
 )
-from model.config import AUTO, AppConfig, parse_config
+from model.config import AppConfig, parse_config
 from model.engine import EngineStatus, Finished, GpuInfo
 from model.errors import NO_GPU_MESSAGE, ChatError, InvalidMessages, InvalidSetting, NotReady
 from model.health import health_route

@@ -12,6 +12,7 @@ MAX_CONTEXT = 16384
 MIN_CONTEXT = 256
 CONTEXT_STEP = 256
 CACHE_MODES = ("fp16", "q8", "q6", "q4")
+AUTO = "auto"  # the branch value that picks the largest branch that fits the GPU
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from model.branches import (
+    AUTO,
     BRANCHES,
     CACHE_MODES,
     CONTEXT_STEP,
@@ -18,8 +19,6 @@ from model.branches import (
     validate_context,
 )
 from model.errors import ChatError
-
-AUTO = "auto"  # the branch value that picks the largest branch that fits the GPU
 
 
 @dataclass(frozen=True)

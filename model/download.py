@@ -28,7 +28,7 @@ from huggingface_hub.errors import (
 from huggingface_hub.utils import filter_repo_objects
 from huggingface_hub.utils import tqdm as hf_tqdm
 
-from model.branches import BRANCHES, estimate_vram_gb, pick_branch
+from model.branches import AUTO, BRANCHES, estimate_vram_gb, pick_branch
 from model.errors import (
     CorruptDownload,
     DiskFull,
@@ -44,7 +44,6 @@ from model.errors import (
 
 logger = logging.getLogger(__name__)
 
-AUTO_BRANCH = "auto"
 ARCHITECTURE = "Starcoder2ForCausalLM"
 MODEL_TYPE = "starcoder2"
 # Only what exllamav2 loads: weights, index, config, tokenizer. No README, no measurement.json.
@@ -112,12 +111,12 @@ def choose_branch(
     if branch == "main":
         raise UnknownBranch(
             "The repository's main branch holds only measurement.json, not a model; "
-            f"choose one of {valid} or {AUTO_BRANCH}."
+            f"choose one of {valid} or {AUTO}."
         )
-    if branch != AUTO_BRANCH:
+    if branch != AUTO:
         if branch not in BRANCHES:
             raise UnknownBranch(
-                f"Unknown branch {branch!r}; choose one of {valid} or {AUTO_BRANCH} "
+                f"Unknown branch {branch!r}; choose one of {valid} or {AUTO} "
                 "(bits per weight, e.g. 4_25 is 4.25 bits)."
             )
         return branch
