@@ -45,25 +45,27 @@ def parse_config(
 ) -> AppConfig:
     """Read flags, falling back to environment variables, then to defaults."""
     env = os.environ if environ is None else environ
-    host_default = "0.0.0.0" if env.get("SPACE_ID") else "127.0.0.1"
+    base = AppConfig()
+    host_default = "0.0.0.0" if env.get("SPACE_ID") else base.host
     options = (
-        ("--model-dir", ("SC2_MODEL_DIR",), None, str, "a local model folder (skips the download)"),
-        ("--repo", ("SC2_REPO",), DEFAULT_REPO, str, "Hugging Face repo with EXL2 branches"),
-        ("--branch", ("SC2_BRANCH",), AUTO, str,
+        ("--model-dir", ("SC2_MODEL_DIR",), base.model_dir, str,
+         "a local model folder (skips the download)"),
+        ("--repo", ("SC2_REPO",), base.repo, str, "Hugging Face repo with EXL2 branches"),
+        ("--branch", ("SC2_BRANCH",), base.branch, str,
          f"quant branch: {', '.join(BRANCHES)} or auto (the largest that fits the GPU)"),
-        ("--context", ("SC2_CONTEXT",), 4096, int,
+        ("--context", ("SC2_CONTEXT",), base.context, int,
          f"context size in tokens ({MIN_CONTEXT}-{MAX_CONTEXT}, multiple of {CONTEXT_STEP})"),
-        ("--cache-mode", ("SC2_CACHE_MODE",), "fp16", str,
+        ("--cache-mode", ("SC2_CACHE_MODE",), base.cache_mode, str,
          f"K/V cache precision: {', '.join(CACHE_MODES)}"),
         ("--host", ("SC2_HOST",), host_default, str,
          "address to listen on (0.0.0.0 on a Space)"),
-        ("--port", ("SC2_PORT", "GRADIO_SERVER_PORT"), 7860, int, "port to listen on"),
-        ("--queue-size", ("SC2_QUEUE_SIZE",), 32, int,
+        ("--port", ("SC2_PORT", "GRADIO_SERVER_PORT"), base.port, int, "port to listen on"),
+        ("--queue-size", ("SC2_QUEUE_SIZE",), base.queue_size, int,
          "requests that may wait in the queue before new ones are turned away"),
-        ("--auth", ("SC2_AUTH",), None, str, 'require a login, given as "user:password"'),
-        ("--rate-limit", ("SC2_RATE_LIMIT",), 30, int,
+        ("--auth", ("SC2_AUTH",), base.auth, str, 'require a login, given as "user:password"'),
+        ("--rate-limit", ("SC2_RATE_LIMIT",), base.rate_limit, int,
          "requests per minute per client for chat and /generate (0: no limit)"),
-        ("--max-jobs", ("SC2_MAX_JOBS",), 8, int,
+        ("--max-jobs", ("SC2_MAX_JOBS",), base.max_jobs, int,
          "jobs that run together on the GPU; the cache is sized for this many full contexts, "
          "capped by free VRAM"),
     )  # fmt: skip

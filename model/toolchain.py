@@ -32,7 +32,7 @@ def find_pip_cuda_root(search_paths: Iterable[str] | None = None) -> Path | None
     """The `nvidia/cu13` folder of PyPI's CUDA wheels that holds bin/nvcc, or None."""
     for entry in sys.path if search_paths is None else search_paths:
         root = Path(entry or ".") / "nvidia" / f"cu{CUDA_MAJOR}"
-        if (root / "bin" / "nvcc").is_file() and (root / "include" / "cuda_runtime.h").is_file():
+        if is_toolkit(root):
             return root.resolve()
     return None
 
