@@ -100,6 +100,17 @@ def _check_text(name: str, value: object) -> None:
         raise InvalidMessages(f"{name} must be text (got {type(value).__name__}).")
 
 
+def _checked_inputs(
+    messages: object, system: str | None, response_prefix: str
+) -> list[dict[str, str]]:
+    """The checked messages, once the system text and response prefix are checked too."""
+    checked = _checked_messages(messages)
+    if system is not None:
+        _check_text("The system prompt", system)
+    _check_text("The response prefix", response_prefix)
+    return checked
+
+
 def _segments(
     messages: list[dict[str, str]], system: str | None, response_prefix: str
 ) -> list[Segment]:
@@ -141,11 +152,7 @@ def prompt_segments(
     response_prefix: str = "",
 ) -> list[Segment]:
     """Render a conversation as template (trusted) and content (untrusted) segments."""
-    checked = _checked_messages(messages)
-    if system is not None:
-        _check_text("The system prompt", system)
-    _check_text("The response prefix", response_prefix)
-    return _segments(checked, system, response_prefix)
+    return _segments(_checked_inputs(messages, system, response_prefix), system, response_prefix)
 
 
 def build_prompt(
@@ -176,10 +183,7 @@ def fit_to_context(
     response_prefix: str = "",
 ) -> FittedPrompt:
     """Drop the oldest whole turns until prompt plus max_new_tokens fits into the context."""
-    checked = _checked_messages(messages)
-    if system is not None:
-        _check_text("The system prompt", system)
-    _check_text("The response prefix", response_prefix)
+    checked = _checked_inputs(messages, system, response_prefix)
     context_tokens = _check_count("The context size", context_tokens)
     max_new_tokens = _check_count("Max new tokens", max_new_tokens)
 
