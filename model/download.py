@@ -84,6 +84,15 @@ class _RepoFile:
     etag: str | None
 
 
+@dataclass(frozen=True)
+class ModelSource:
+    """A checked model folder and where it came from, as the page names it."""
+
+    folder: Path
+    branch: str | None  # None for a local folder
+    label: str  # "owner/repo @ 6_5" for a Hub branch, the path for a local folder
+
+
 def resolve_model_dir(
     *,
     model_dir: str | None,
@@ -93,14 +102,16 @@ def resolve_model_dir(
     cache_mode: str,
     free_vram_gb: float | None,
     on_progress: Callable[[DownloadProgress], None] | None = None,
-) -> Path:
+) -> ModelSource:
     """Return a checked model folder: model_dir as is, or repo@branch from the Hub cache."""
     if model_dir:
-        return check_model_dir(model_dir)
+        folder = check_model_dir(model_dir)
+        return ModelSource(folder, None, str(folder))
     name = choose_branch(
         branch, free_vram_gb=free_vram_gb, context_tokens=context_tokens, cache_mode=cache_mode
     )
-    return check_model_dir(download_branch(repo, name, on_progress=on_progress))
+    folder = check_model_dir(download_branch(repo, name, on_progress=on_progress))
+    return ModelSource(folder, name, f"{repo} @ {name}")
 
 
 def choose_branch(

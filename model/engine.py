@@ -12,7 +12,7 @@ import queue
 import secrets
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,6 +27,15 @@ from model.errors import (
     NotReady,
 )
 from model.prompt import EOS_TOKEN_ID, STOP_STRINGS, Segment
+from model.protocol import (
+    EngineStatus,
+    Finished,
+    GpuInfo,
+    LoadProgress,
+    LoadStep,
+    StreamEvent,
+    TextDelta,
+)
 from model.settings import SamplingSettings
 
 PAGE_SIZE = 256  # exllamav2's cache page, in tokens
@@ -36,48 +45,6 @@ RESERVE_BYTES = 1_200_000_000
 GB = 1e9
 
 
-@dataclass(frozen=True)
-class GpuInfo:
-    name: str
-    total_gb: float
-    free_gb: float
-
-
-@dataclass(frozen=True)
-class TextDelta:
-    text: str
-
-
-@dataclass(frozen=True)
-class Finished:
-    text: str
-    prompt_tokens: int
-    new_tokens: int
-    cached_tokens: int
-    time_to_first_token_s: float
-    decode_tokens_per_s: float
-    stop_reason: str  # "eos" | "stop_string" | "max_new_tokens" | "cancelled"
-
-
-StreamEvent = TextDelta | Finished
-
-
-@dataclass(frozen=True)
-class EngineStatus:
-    state: str = "empty"  # "empty" | "loading" | "ready" | "failed"
-    model_dir: str | None = None
-    max_seq_len: int = 0
-    cache_mode: str = "fp16"
-    batching: str = "unpaged"  # "paged" (continuous batching) | "unpaged" (one job at a time)
-    max_concurrency: int = 1
-    load_seconds: float = 0.0
-    vram_used_gb: float = 0.0
-    message: str = "No model loaded."
-    cache_tokens: int = 0
-    attention: str = ""  # which attention kernel serves the model
-
-
-HEALTH_STATES = ("empty", "loading", "ready", "degraded", "failed")
 # How often a caller waiting for tokens checks that the worker is still alive.
 _WORKER_CHECK_S = 0.5
 
@@ -177,7 +144,7 @@ class Engine:
         *,
         max_seq_len: int = 4096,
         cache_mode: str = "fp16",
-        on_progress: Callable[[int, int], None] | None = None,
+        on_progress: LoadProgress | None = None,
     ) -> EngineStatus:
         """Load (or reload) a model; in-flight jobs are ended with a clear error first."""
         validate_load_args(max_seq_len, cache_mode)
@@ -215,10 +182,8 @@ class Engine:
             return self._status
 
     def _load(self, folder: Path, max_seq_len: int, cache_mode: str, on_progress) -> None:
-        from model.toolchain import ensure_cuda_home
-
-        # exllamav2 compiles its extension on first import: give it PyPI's nvcc if no toolkit.
-        ensure_cuda_home()
+        report = on_progress or (lambda step: None)
+        _import_exllamav2(report)
         import torch
         from exllamav2 import (
             ExLlamaV2,
@@ -250,7 +215,9 @@ class Engine:
         }[cache_mode]
         self._model = ExLlamaV2(config)
         self._cache = cache_class(self._model, max_seq_len=cache_tokens, lazy=True)
-        self._model.load_autosplit(self._cache, callback=on_progress)
+        self._model.load_autosplit(
+            self._cache, callback=lambda done, total: report(LoadStep("layers", done, total))
+        )
         tokenizer = ExLlamaV2Tokenizer(config)
         self._generator_args = dict(
             model=self._model,
@@ -531,6 +498,26 @@ class Engine:
         active.clear()  # before clear_queue, which may raise on a broken generator
         if self._generator is not None:
             self._generator.clear_queue()
+
+
+def _import_exllamav2(report: LoadProgress) -> None:
+    """Import exllamav2, reporting the first start's compile of its extension as it goes."""
+    from model import toolchain
+
+    # exllamav2 compiles its extension on first import: give it PyPI's nvcc if no toolkit.
+    toolchain.ensure_cuda_home()
+    build_dir = toolchain.extension_build_dir()
+    if not toolchain.extension_needs_build(build_dir):
+        import exllamav2  # noqa: F401
+
+        return
+    stop = toolchain.watch_extension_build(
+        build_dir, lambda done, total: report(LoadStep("compiling", done, total))
+    )
+    try:
+        import exllamav2  # noqa: F401
+    finally:
+        stop()
 
 
 def _sampler_settings(settings: SamplingSettings):

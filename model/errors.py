@@ -54,6 +54,22 @@ class InvalidMessages(ChatError, ValueError):
 class TooManyRequests(ChatError):
     """A client sent more requests in the last minute than the rate limit allows."""
 
+    def __init__(self, message: str, *, retry_after_s: int = 60) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class QueueFull(ChatError):
+    """Too many replies are waiting for the GPU (all of them, or this client's)."""
+
+
+class NoListener(ChatError):
+    """A reply's stream was never opened, or was closed: nobody would read it."""
+
+
+class LoadingOff(ChatError):
+    """Loading a model from the page is off on this server, or the admin token is wrong."""
+
 
 class ModelNotFound(DownloadError):
     """The repository or the branch does not exist on the Hub (or is private)."""

@@ -15,11 +15,13 @@ first import of exllamav2.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import shutil
 import sys
-from collections.abc import Iterable, Mapping, MutableMapping
+import threading
+from collections.abc import Callable, Iterable, Mapping, MutableMapping
 from pathlib import Path
 
 CUDA_MAJOR = 13
@@ -102,6 +104,50 @@ def ensure_cuda_home(
     if environ is None and extension_module is not None:
         extension_module.CUDA_HOME = home
     return home
+
+
+# exllamav2 0.3.2 compiles these many sources on its first import (exllamav2/ext.py).
+EXTENSION_NAME = "exllamav2_ext"
+EXTENSION_SOURCES = 48
+
+
+def extension_build_dir(environ: Mapping[str, str] | None = None) -> Path:
+    """Where torch's extension builder puts exllamav2's build (torch.utils.cpp_extension's rule)."""
+    env = os.environ if environ is None else environ
+    base = env.get("TORCH_EXTENSIONS_DIR")
+    if base:
+        return Path(base) / EXTENSION_NAME
+    import torch
+
+    python = f"py{sys.version_info.major}{sys.version_info.minor}"
+    cuda = f"cu{torch.version.cuda.replace('.', '')}" if torch.version.cuda else "cpu"
+    return Path.home() / ".cache" / "torch_extensions" / f"{python}_{cuda}" / EXTENSION_NAME
+
+
+def extension_needs_build(build_dir: Path) -> bool:
+    """True when importing exllamav2 will compile its extension (no prebuilt module, no build)."""
+    if importlib.util.find_spec(EXTENSION_NAME) is not None:
+        return False
+    return not (build_dir / f"{EXTENSION_NAME}.so").is_file()
+
+
+def watch_extension_build(
+    build_dir: Path, report: Callable[[int, int], None], every_s: float = 2.0
+) -> Callable[[], None]:
+    """Call report(objects built, sources) every few seconds until the returned stop() is called."""
+    stopped = threading.Event()
+
+    def built() -> int:
+        count = len(list(build_dir.glob("*.o"))) if build_dir.is_dir() else 0
+        return min(count, EXTENSION_SOURCES)
+
+    def run() -> None:
+        while not stopped.wait(every_s):
+            report(built(), EXTENSION_SOURCES)
+
+    report(built(), EXTENSION_SOURCES)  # at once: the page says "compiling" from the start
+    threading.Thread(target=run, name="extension-build-watch", daemon=True).start()
+    return stopped.set
 
 
 def main() -> int:

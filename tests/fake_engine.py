@@ -1,15 +1,24 @@
-"""A scripted stand-in for model.engine.Engine with the same public surface, for CPU UI tests."""
+"""A scripted engine implementing model.protocol.EngineClient, for the UI and API tests (CPU)."""
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
-from model.engine import EngineStatus, Finished, GpuInfo, StreamEvent, TextDelta
 from model.errors import GenerationFailed, NoGPU, NotReady
 from model.prompt import Segment
+from model.protocol import (
+    EngineClient,
+    EngineStatus,
+    Finished,
+    GpuInfo,
+    LoadProgress,
+    LoadStep,
+    StreamEvent,
+    TextDelta,
+)
 from model.settings import SamplingSettings
 
 FAKE_GPU = GpuInfo(name="Fake RTX 4090", total_gb=24.0, free_gb=22.5)
@@ -32,7 +41,7 @@ class StreamCall:
         return self.closed_event.is_set()
 
 
-class FakeEngine:
+class FakeEngine(EngineClient):
     """Streams `chunks` as TextDelta events then a Finished; records every call it receives."""
 
     def __init__(
@@ -60,6 +69,8 @@ class FakeEngine:
         self.call_made = threading.Event()
         self.load_gate: threading.Event | None = None  # when set, load() waits for it while loading
         self.loading = threading.Event()  # set while a load() is under way
+        self.load_steps = [LoadStep("layers", done, 3) for done in range(1, 4)]
+        self.load_error: Exception | None = None  # raised by the next load, once
         self._fault: tuple[Exception, int] | None = None
         self._degraded = False
         self._generation = 0  # bumped by every load/unload: streams of an older one are ended
@@ -90,7 +101,7 @@ class FakeEngine:
         *,
         max_seq_len: int = 4096,
         cache_mode: str = "fp16",
-        on_progress: Callable[[int, int], None] | None = None,
+        on_progress: LoadProgress | None = None,
     ) -> EngineStatus:
         if self.gpu is None:
             raise NoGPU("A CUDA GPU is required: exllamav2 runs only on NVIDIA GPUs.")
@@ -104,9 +115,13 @@ class FakeEngine:
             try:
                 if self.load_gate is not None:
                     self.load_gate.wait(timeout=30)
-                for done in range(1, 4):
+                if self.load_error is not None:
+                    error, self.load_error = self.load_error, None
+                    self._status = EngineStatus(state="failed", message=str(error))
+                    raise error
+                for step in self.load_steps:
                     if on_progress is not None:
-                        on_progress(done, 3)
+                        on_progress(step)
             finally:
                 self.loading.clear()
             self._degraded = False

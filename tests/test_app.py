@@ -9,7 +9,6 @@ import socket
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -18,16 +17,22 @@ import pytest
 from gradio_client import Client
 from gradio_client.exceptions import AppError
 
-import app
 from model import loader as loader_module
 from model.branches import BRANCHES, pick_branch
-from model.config import AppConfig, parse_config
-from model.download import DownloadProgress
+from model.download import DownloadProgress, ModelSource
 from model.errors import NO_GPU_MESSAGE, ContextTooLong, GenerationFailed
 from model.loader import ModelLoader
 from model.prompt import build_prompt
+from model.protocol import Finished
 from model.settings import FIELDS, SamplingSettings
 from tests.fake_engine import FakeEngine
+from tests.serving import free_port, serve
+from web import chat as chat_module
+from web.chat import FAILED_MARK
+from web.config import AppConfig, parse_config
+from web.errors import GENERIC_ERROR
+from web.panel import branch_choices
+from web.server import WebApp, build_app
 
 ROOT = Path(__file__).resolve().parent.parent
 WAIT_S = 15  # upper bound for anything that should happen "soon"; tests never sleep to sync
@@ -52,37 +57,22 @@ for text in job:  # each value is the whole answer so far
 """
 
 
-def free_port() -> int:
-    """A port nobody listens on right now."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-@contextlib.contextmanager
-def serve(
-    engine: FakeEngine, config: AppConfig | None = None, loader: ModelLoader | None = None
-) -> Iterator[str]:
-    """Launch the app on a random local port and yield its URL."""
-    demo = app.build_demo(engine, config, loader)
-    _, url, _ = demo.launch(
-        prevent_thread_lock=True, server_name="127.0.0.1", server_port=free_port(), quiet=True
-    )
-    try:
-        yield url
-    finally:
-        demo.close()
-
-
-def handler(demo: gr.Blocks, name: str):
-    """The Python function behind one of the app's events."""
-    return next(fn.fn for fn in demo.fns.values() if fn.name == name)
-
-
-def run_chat(demo: gr.Blocks, history, *, system="", prefix="", values=None, seed=None):
-    """Drive the chat handler to the end and return everything it yielded."""
-    respond = handler(demo, "respond")
+def run_chat(web: WebApp, history, *, system="", prefix="", values=None, seed=None):
+    """Drive the chat handler to the end; each update is (chat, stats, meter, prompt)."""
+    respond = web.fn("respond")
     return list(respond(history, system, prefix, *(values or DEFAULT_VALUES), seed))
+
+
+def refusal(updates: list) -> str:
+    """The message on the stats line of a reply that was not answered ('' if it was)."""
+    stats = updates[-1][1] if updates else ""
+    return stats if isinstance(stats, str) and stats.startswith(FAILED_MARK) else ""
+
+
+def resolved(folder: str = "/models/sc2", branch: str | None = "4_25"):
+    """A stand-in for download.resolve_model_dir that finds `folder` at once."""
+    label = f"someone/model-exl2 @ {branch}" if branch else folder
+    return lambda **kwargs: ModelSource(Path(folder), branch, label)
 
 
 def user(text: str) -> dict[str, str]:
@@ -107,7 +97,7 @@ def run_api_example(code: str, url: str) -> list[str]:
 
 def test_generate_streams_the_whole_text_so_far_in_order():
     engine = FakeEngine(["def ", "add(a, b):", "\n    return a + b"])
-    with serve(engine) as url:
+    with serve(engine) as (url, _):
         job = Client(url, verbose=False).submit("Write add.", api_name="/generate")
         outputs = list(job)
     assert outputs == ["def ", "def add(a, b):", "def add(a, b):\n    return a + b"]
@@ -115,7 +105,7 @@ def test_generate_streams_the_whole_text_so_far_in_order():
 
 def test_generate_wraps_the_prompt_as_one_user_instruction():
     engine = FakeEngine()
-    with serve(engine) as url:
+    with serve(engine) as (url, _):
         Client(url, verbose=False).predict("Explain recursion.", api_name="/generate")
     (call,) = engine.calls
     assert "".join(s.text for s in call.segments) == build_prompt([user("Explain recursion.")])
@@ -123,7 +113,7 @@ def test_generate_wraps_the_prompt_as_one_user_instruction():
 
 def test_generate_passes_validated_settings_in_the_documented_order():
     engine = FakeEngine()
-    with serve(engine) as url:
+    with serve(engine) as (url, _):
         Client(url, verbose=False).predict(
             "Hi", 0.7, 0.9, 40, 0.05, 1.1, 64.0, 7, api_name="/generate"
         )
@@ -148,14 +138,14 @@ def test_generate_passes_validated_settings_in_the_documented_order():
 )
 def test_generate_rejects_bad_settings_before_the_engine_sees_them(setting, value, message):
     engine = FakeEngine()
-    with serve(engine) as url, pytest.raises(AppError, match=message):
+    with serve(engine) as (url, _), pytest.raises(AppError, match=message):
         Client(url, verbose=False).predict("Hi", **{setting: value}, api_name="/generate")
     assert engine.calls == []
 
 
 def test_cancelling_a_generate_job_closes_the_engine_stream():
     engine = FakeEngine(["tok "] * 400, chunk_delay_s=0.02)
-    with serve(engine) as url:
+    with serve(engine) as (url, _):
         job = Client(url, verbose=False).submit("Count forever.", api_name="/generate")
         assert next(iter(job)) == "tok "  # the client knows the job's id once output arrives
         call = engine.calls[0]
@@ -166,7 +156,7 @@ def test_cancelling_a_generate_job_closes_the_engine_stream():
 
 def test_one_clients_cancel_leaves_another_clients_stream_running():
     engine = FakeEngine(["x"] * 200, chunk_delay_s=0.02)
-    with serve(engine) as url:
+    with serve(engine) as (url, _):
         keeper = Client(url, verbose=False).submit("Keep going.", api_name="/generate")
         quitter = Client(url, verbose=False).submit("Stop soon.", api_name="/generate")
         assert next(iter(quitter)) == "x" and next(iter(keeper)) == "x"  # both are running
@@ -182,9 +172,9 @@ def test_one_clients_cancel_leaves_another_clients_stream_running():
 def test_loading_a_model_raises_the_job_limit_of_a_running_queue(monkeypatch):
     gate = threading.Event()  # holds every job after its first chunk
     engine = FakeEngine(["a", "b"], loaded=False, max_concurrency=2, gate=gate)
-    loader = ModelLoader(engine, AppConfig())
-    monkeypatch.setattr(loader_module, "resolve_model_dir", lambda **kwargs: Path("/models/sc2"))
-    with serve(engine, loader=loader) as url, ThreadPoolExecutor(2) as pool:
+    loader = ModelLoader(engine, repo="someone/model-exl2")
+    monkeypatch.setattr(loader_module, "resolve_model_dir", resolved())
+    with serve(engine, loader=loader) as (url, _), ThreadPoolExecutor(2) as pool:
         with pytest.raises(AppError, match="not ready"):
             Client(url, verbose=False).predict("Hi", api_name="/generate")  # queue runs, limit 1
         loader.load("auto", 4096, "fp16")
@@ -198,7 +188,7 @@ def test_loading_a_model_raises_the_job_limit_of_a_running_queue(monkeypatch):
 
 
 def test_api_lists_only_the_generate_endpoint():
-    with serve(FakeEngine()) as url:
+    with serve(FakeEngine()) as (url, _):
         api = Client(url, verbose=False).view_api(return_format="dict", print_info=False)
     assert list(api["named_endpoints"]) == ["/generate"]
     assert api["unnamed_endpoints"] == {}
@@ -208,22 +198,22 @@ def test_api_lists_only_the_generate_endpoint():
 
 def test_domain_errors_reach_the_client_as_their_own_message():
     error = GenerationFailed("The GPU job failed (out of memory); the next request can run.")
-    with serve(FakeEngine(error=error)) as url, pytest.raises(AppError) as raised:
+    with serve(FakeEngine(error=error)) as (url, _), pytest.raises(AppError) as raised:
         Client(url, verbose=False).predict("Hi", api_name="/generate")
     assert str(raised.value) == str(error)
 
 
 def test_unexpected_errors_become_a_generic_message_without_details(caplog):
     engine = FakeEngine(error=RuntimeError("CUDA kernel at 0xdeadbeef"))
-    with serve(engine) as url, pytest.raises(AppError) as raised:
+    with serve(engine) as (url, _), pytest.raises(AppError) as raised:
         Client(url, verbose=False).predict("Hi", api_name="/generate")
-    assert str(raised.value) == app.GENERIC_ERROR
+    assert str(raised.value) == GENERIC_ERROR
     assert "0xdeadbeef" in caplog.text  # logged for the operator, not shown to the user
 
 
 def test_without_a_gpu_the_api_answers_with_the_cuda_message():
     engine = FakeEngine(gpu=None)
-    with serve(engine) as url, pytest.raises(AppError) as raised:
+    with serve(engine) as (url, _), pytest.raises(AppError) as raised:
         Client(url, verbose=False).predict("Hi", api_name="/generate")
     assert str(raised.value) == NO_GPU_MESSAGE
     assert "pick GPU hardware in Settings" in NO_GPU_MESSAGE
@@ -232,7 +222,7 @@ def test_without_a_gpu_the_api_answers_with_the_cuda_message():
 
 def test_api_example_streams_an_answer():
     engine = FakeEngine(["def reverse(s):", "\n    return s[::-1]"])
-    with serve(engine) as url:
+    with serve(engine) as (url, _):
         printed = run_api_example(API_EXAMPLE, url)
     assert printed[-1] == "    return s[::-1]"
     assert "def reverse(s):" in printed
@@ -248,7 +238,7 @@ def test_readme_api_example_runs():
     block = re.search(r"```python\n(.*?)```", section[1], re.S)
     assert block, "README's API section has no python example"
     engine = FakeEngine(["print('hi')"])
-    with serve(engine) as url:
+    with serve(engine) as (url, _):
         printed = run_api_example(block.group(1), url)
     assert printed and printed[-1] == "print('hi')"
 
@@ -257,38 +247,51 @@ def test_readme_api_example_runs():
 
 
 def test_chat_streams_the_reply_into_the_history_with_stats():
-    demo = app.build_demo(FakeEngine(["Sure", ", here", " it is."]))
+    web = build_app(FakeEngine(["Sure", ", here", " it is."]))
     history = [user("Write a haiku.")]
-    yields = run_chat(demo, history)
-    chats = [y[1] for y in yields]
+    updates = run_chat(web, history)
+    chats = [update[0] for update in updates]
     assert chats[0] == history  # the question shows before the first token
     assert [c[-1]["content"] for c in chats[1:4]] == ["Sure", "Sure, here", "Sure, here it is."]
     assert chats[-1] == [*history, assistant("Sure, here it is.")]
-    stats = yields[-1][2]
-    assert "0.05 s to first token" in stats and "42.0 tok/s" in stats and "eos" in stats
+    stats = updates[-1][1]
+    assert "0.05 s to first token" in stats and "42.0 tok/s" in stats and "finished" in stats
 
 
 def test_chat_puts_system_text_and_response_prefix_into_the_prompt():
     engine = FakeEngine(["def f(): pass\n```"])
-    demo = app.build_demo(engine)
+    web = build_app(engine)
     history = [user("Hi"), assistant("Hello!"), user("Write f.")]
-    yields = run_chat(demo, history, system="Answer in Python.", prefix="```python\n")
+    updates = run_chat(web, history, system="Answer in Python.", prefix="```python\n")
     sent = "".join(s.text for s in engine.calls[0].segments)
     expected = build_prompt(history, system="Answer in Python.", response_prefix="```python\n")
     assert sent == expected
-    assert yields[-1][1][-1] == assistant("```python\ndef f(): pass\n```")
-    prompt_view = yields[0][4]  # shows exactly what was sent, and its size
+    assert updates[-1][0][-1] == assistant("```python\ndef f(): pass\n```")
+    prompt_view = updates[0][3]  # shows exactly what was sent, and its size
     assert prompt_view.value == expected
     assert prompt_view.label.endswith(f"{engine.count_tokens(engine.calls[0].segments):,} tokens")
 
 
+def test_chat_reads_the_history_in_the_shape_the_page_sends_it():
+    engine = FakeEngine(["fine"])
+    web = build_app(engine)
+    page_shape = [
+        {"role": "user", "content": [{"type": "text", "text": "Hi"}], "metadata": None},
+        {"role": "assistant", "content": [{"type": "text", "text": "Hello!"}]},
+        {"role": "user", "content": [{"type": "text", "text": "Write f."}]},
+    ]
+    run_chat(web, page_shape)
+    sent = "".join(s.text for s in engine.calls[0].segments)
+    assert sent == build_prompt([user("Hi"), assistant("Hello!"), user("Write f.")])
+
+
 def test_chat_meter_shows_the_budget_and_notes_dropped_turns():
     engine = FakeEngine(max_seq_len=1024, tokens_per_char=1.0)
-    demo = app.build_demo(engine)
+    web = build_app(engine)
     old = [user("a" * 300), assistant("b" * 300)]
     values = [*DEFAULT_VALUES[:-1], 256]  # max_new_tokens
-    yields = run_chat(demo, [*old, *old, user("Now?")], values=values)
-    meter = yields[0][3]
+    updates = run_chat(web, [*old, *old, user("Now?")], values=values)
+    meter = updates[0][2]
     assert "of 1,024 tokens" in meter and "+ 256 max new" in meter
     assert "2 oldest turns were left out" in meter
     assert "aaa" not in "".join(s.text for s in engine.calls[0].segments)
@@ -296,71 +299,117 @@ def test_chat_meter_shows_the_budget_and_notes_dropped_turns():
 
 def test_closing_the_chat_handler_closes_the_engine_stream():
     engine = FakeEngine(["a", "b", "c", "d"])
-    demo = app.build_demo(engine)
-    respond = handler(demo, "respond")(([user("Hi")]), "", "", *DEFAULT_VALUES, None)
-    next(respond)  # the question
+    web = build_app(engine)
+    respond = web.fn("respond")([user("Hi")], "", "", *DEFAULT_VALUES, None)
+    next(respond)  # "Generating…"
     next(respond)  # the first token
     respond.close()  # what Gradio does on Stop or disconnect
     assert engine.calls[0].closed
     assert engine.calls[0].chunks_sent == 1
+    assert web.admission.running == 0  # its place on the GPU is free again
 
 
-def test_chat_rejects_bad_settings_before_the_engine_sees_them():
+def test_chat_refuses_bad_settings_before_the_engine_sees_them():
     engine = FakeEngine()
-    demo = app.build_demo(engine)
+    web = build_app(engine)
     values = [*DEFAULT_VALUES]
     values[0] = float("nan")  # temperature
-    with pytest.raises(gr.Error, match="temperature must be between 0 and 2"):
-        run_chat(demo, [user("Hi")], values=values)
-    with pytest.raises(gr.Error, match="seed must be between 0 and"):
-        run_chat(demo, [user("Hi")], seed="-3")
-    with pytest.raises(gr.Error, match="seed must be a whole number, or blank"):
-        run_chat(demo, [user("Hi")], seed="lucky")
+    assert "temperature must be between 0 and 2" in refusal(
+        run_chat(web, [user("Hi")], values=values)
+    )
+    assert "seed must be between 0 and" in refusal(run_chat(web, [user("Hi")], seed="-3"))
+    assert "seed must be a whole number, or blank" in refusal(
+        run_chat(web, [user("Hi")], seed="lucky")
+    )
     assert engine.calls == []
 
 
 def test_chat_passes_the_seed_and_sliders_to_the_engine():
     engine = FakeEngine()
-    demo = app.build_demo(engine)
+    web = build_app(engine)
     values = [0.5, 0.9, 20, 0.1, 1.2, 100.0]
-    run_chat(demo, [user("Hi")], values=values, seed=" 99 ")
+    run_chat(web, [user("Hi")], values=values, seed=" 99 ")
     assert engine.calls[0].settings == SamplingSettings(0.5, 0.9, 20, 0.1, 1.2, 100, 99)
 
 
 def test_a_blank_seed_box_means_a_random_seed():
-    assert app.read_seed("") is None and app.read_seed("  ") is None and app.read_seed(None) is None
-    assert app.read_seed("42") == 42
+    read_seed = chat_module.read_seed
+    assert read_seed("") is None and read_seed("  ") is None and read_seed(None) is None
+    assert read_seed("42") == 42
 
 
-def test_chat_turns_domain_errors_into_their_message():
+def test_chat_shows_domain_errors_as_their_message_and_keeps_the_question():
     error = ContextTooLong("The prompt is 9,000 tokens but the context is 8,192; lower it.")
-    demo = app.build_demo(FakeEngine(error=error))
-    with pytest.raises(gr.Error) as raised:
-        run_chat(demo, [user("Hi")])
-    assert raised.value.message == str(error)
+    web = build_app(FakeEngine(error=error))
+    updates = run_chat(web, [user("Hi")])
+    assert refusal(updates) == f"{FAILED_MARK} {error}"
+    assert updates[-1][0] == [user("Hi")]  # the question stays; Send or Retry asks it again
 
 
 def test_chat_without_a_gpu_answers_with_the_cuda_message():
     engine = FakeEngine(gpu=None)
-    demo = app.build_demo(engine)
-    with pytest.raises(gr.Error) as raised:
-        run_chat(demo, [user("Hi")])
-    assert raised.value.message == NO_GPU_MESSAGE
+    web = build_app(engine)
+    assert refusal(run_chat(web, [user("Hi")])) == f"{FAILED_MARK} {NO_GPU_MESSAGE}"
     assert engine.calls == []
-    banners = [b for b in demo.blocks.values() if isinstance(b, gr.HTML) and b.visible]
+    banners = [b for b in web.demo.blocks.values() if isinstance(b, gr.HTML) and b.visible]
     assert any(NO_GPU_MESSAGE in str(b.value) for b in banners)
 
 
+def test_without_a_gpu_bad_input_still_gets_its_own_message_first():
+    web = build_app(FakeEngine(gpu=None))
+    values = [*DEFAULT_VALUES]
+    values[0] = -1.0  # temperature
+    assert "temperature must be between 0 and 2 (got -1)" in refusal(
+        run_chat(web, [user("Hi")], values=values)
+    )
+    assert "The message is empty" in refusal(run_chat(web, [user("  ")]))
+    with serve(FakeEngine(gpu=None)) as (url, _):
+        client = Client(url, verbose=False)
+        with pytest.raises(AppError, match="The prompt is empty"):
+            client.predict("", api_name="/generate")
+        with pytest.raises(AppError, match="temperature must be between 0 and 2"):
+            client.predict("Hi", temperature=-1, api_name="/generate")
+        with pytest.raises(AppError, match="A CUDA GPU is required"):
+            client.predict("Hi", api_name="/generate")
+
+
 def test_chat_before_a_model_is_loaded_says_to_load_one():
-    demo = app.build_demo(FakeEngine(loaded=False))
-    with pytest.raises(gr.Error, match="not ready .*Load one in the Model panel"):
-        run_chat(demo, [user("Hi")])
+    web = build_app(FakeEngine(loaded=False))
+    assert re.search(
+        r"not ready .*Load one in the Model panel", refusal(run_chat(web, [user("Hi")]))
+    )
 
 
 def test_the_no_gpu_banner_is_hidden_when_a_gpu_is_present():
-    demo = app.build_demo(FakeEngine())
-    banners = [b for b in demo.blocks.values() if isinstance(b, gr.HTML)]
+    web = build_app(FakeEngine())
+    banners = [b for b in web.demo.blocks.values() if isinstance(b, gr.HTML)]
     assert not any(b.visible and NO_GPU_MESSAGE in str(b.value) for b in banners)
+
+
+def test_a_finished_reply_says_why_it_ended_in_plain_words():
+    stats = chat_module.format_stats
+    finished = run_chat(build_app(FakeEngine(["x"])), [user("Hi")])[-1][1]
+    assert finished.endswith("· finished")
+    for reason, words in [("max_new_tokens", "hit max new tokens"), ("cancelled", "stopped")]:
+        event = Finished("x", 1, 1, 0, 0.1, 10.0, reason)
+        assert stats(event).endswith(f"· {words}")
+
+
+def test_a_waiting_reply_says_how_many_are_ahead_then_streams():
+    gate = threading.Event()  # the first reply holds the only place until released
+    engine = FakeEngine(["a", "b"], max_concurrency=1, gate=gate)
+    web = build_app(engine)
+    first = web.fn("respond")([user("First")], "", "", *DEFAULT_VALUES, None)
+    assert next(first)[1] == "Generating…"
+    next(first)  # "a": it holds the place
+    second = web.fn("respond")([user("Second")], "", "", *DEFAULT_VALUES, None)
+    assert next(second)[1] == chat_module.waiting_line(0)
+    assert "yours is next" in chat_module.waiting_line(0)
+    assert "2 replies are ahead of yours" in chat_module.waiting_line(2)
+    gate.set()
+    list(first)
+    rest = list(second)
+    assert rest[0][1] == "Generating…" and rest[-1][0][-1] == assistant("ab")
 
 
 # ---- history edits ------------------------------------------------------------------------------
@@ -368,68 +417,69 @@ def test_the_no_gpu_banner_is_hidden_when_a_gpu_is_present():
 
 def test_sending_appends_the_question_and_clears_the_box():
     history = [user("Hi"), assistant("Hello")]
-    assert app.add_user_message("Next?", history) == ("", [*history, user("Next?")])
+    assert chat_module.add_user_message("Next?", history) == ("", [*history, user("Next?")])
 
 
 def test_sending_a_blank_message_changes_nothing():
     history = [user("Hi"), assistant("Hello")]
-    assert app.add_user_message("   ", history) == ("   ", history)
+    assert chat_module.add_user_message("   ", history) == ("   ", history)
 
 
 def test_sending_after_a_stopped_empty_reply_replaces_the_unanswered_question():
-    assert app.add_user_message("Better", [user("Hi")]) == ("", [user("Better")])
+    assert chat_module.add_user_message("Better", [user("Hi")]) == ("", [user("Better")])
 
 
 def test_sending_while_a_reply_streams_is_refused_and_the_text_stays():
     with pytest.raises(gr.Error, match="still being written"):
-        app.add_user_message("Another question", [user("Hi")], busy=True)
+        chat_module.add_user_message("Another question", [user("Hi")], busy=True)
 
 
 def test_chat_controls_lock_while_busy_and_stop_reports_only_a_running_reply():
-    busy, *buttons = app.chat_controls(True)
-    assert busy is True and all(b.interactive is False for b in buttons)
-    stats, busy, *buttons = app.stop_pressed(True)
+    busy, *edits, stop = chat_module.chat_controls(True)
+    assert busy is True and all(b.interactive is False for b in edits) and stop.interactive
+    stats, busy, *edits, stop = chat_module.stop_pressed(True)
     assert stats == "**Stopped.**" and busy is False
-    assert all(b.interactive is True for b in buttons)
-    stats, busy, *_ = app.stop_pressed(False)
+    assert all(b.interactive is True for b in edits) and stop.interactive is False
+    stats, busy, *_ = chat_module.stop_pressed(False)
     assert stats is not None and stats != "**Stopped.**"  # gr.skip(): the stats line is kept
     assert busy is False
 
 
 def test_retry_drops_the_last_answer_so_its_question_is_asked_again():
     history = [user("Q1"), assistant("A1"), user("Q2"), assistant("A2")]
-    assert app.retry_history(history) == history[:3]
-    assert app.retry_history(history[:3]) == history[:3]
-    assert app.retry_history([]) == []
+    assert chat_module.retry_history(history) == history[:3]
+    assert chat_module.retry_history(history[:3]) == history[:3]
+    assert chat_module.retry_history([]) == []
 
 
 def test_retry_then_chat_answers_the_same_question_again():
     engine = FakeEngine(["again"])
-    demo = app.build_demo(engine)
+    web = build_app(engine)
     history = [user("Q1"), assistant("A1")]
-    yields = run_chat(demo, app.retry_history(history))
-    assert yields[-1][1] == [user("Q1"), assistant("again")]
+    updates = run_chat(web, chat_module.retry_history(history))
+    assert updates[-1][0] == [user("Q1"), assistant("again")]
 
 
 def test_undo_removes_the_last_turn_and_gives_back_its_question():
     history = [user("Q1"), assistant("A1"), user("Q2"), assistant("A2")]
-    assert app.undo_history(history) == (history[:2], "Q2")
-    assert app.undo_history([user("Q1"), assistant("A1"), user("Q2")]) == (history[:2], "Q2")
-    assert app.undo_history([]) == ([], "")
+    undo = chat_module.undo_history
+    assert undo(history) == (history[:2], "Q2")
+    assert undo([user("Q1"), assistant("A1"), user("Q2")]) == (history[:2], "Q2")
+    assert undo([]) == ([], "")
 
 
 # ---- model panel --------------------------------------------------------------------------------
 
 
 def test_branch_choices_show_each_estimate_and_what_fits():
-    choices = dict((value, label) for label, value in app.branch_choices(12.0, 4096, "fp16"))
+    choices = dict((value, label) for label, value in branch_choices(12.0, 4096, "fp16"))
     picked = pick_branch(12.0, 4096, "fp16")
     bigger = list(BRANCHES)[list(BRANCHES).index(picked) + 1]
     assert choices["auto"] == f"auto → {picked}"
     assert choices[picked].endswith("fits") and choices[bigger].endswith("too big")
     assert choices["3_5"].endswith("fits")
     assert re.search(r"~\d+\.\d GB", choices["8_0"])
-    no_gpu = dict((value, label) for label, value in app.branch_choices(None, 4096, "q4"))
+    no_gpu = dict((value, label) for label, value in branch_choices(None, 4096, "q4"))
     assert no_gpu["auto"] == "auto (no GPU found)"
 
 
@@ -437,82 +487,159 @@ def test_a_smaller_cache_lowers_the_estimates_shown():
     def gb(label: str) -> float:
         return float(re.search(r"~(\d+\.\d) GB", label).group(1))
 
-    fp16 = dict((v, gb(label)) for label, v in app.branch_choices(24.0, 16384, "fp16")[1:])
-    q4 = dict((v, gb(label)) for label, v in app.branch_choices(24.0, 16384, "q4")[1:])
+    fp16 = dict((v, gb(label)) for label, v in branch_choices(24.0, 16384, "fp16")[1:])
+    q4 = dict((v, gb(label)) for label, v in branch_choices(24.0, 16384, "q4")[1:])
     assert all(q4[name] < fp16[name] for name in fp16)
 
 
-def test_load_downloads_then_loads_and_raises_the_gpu_concurrency(monkeypatch):
+def test_loader_downloads_then_loads_reporting_each_step(monkeypatch):
     engine = FakeEngine(loaded=False, max_concurrency=6)
-    config = AppConfig(repo="someone/model-exl2")
-    demo = app.build_demo(engine, config)
+    loader = ModelLoader(engine, repo="someone/model-exl2")
     seen = {}
 
     def fake_resolve(**kwargs):
         seen.update(kwargs)
         kwargs["on_progress"](DownloadProgress(5 * 10**8, 10**9, 1, 2, 2e8))
-        return Path("/models/sc2-4_25")
+        return ModelSource(Path("/models/sc2-4_25"), "4_25", "someone/model-exl2 @ 4_25")
 
     monkeypatch.setattr(loader_module, "resolve_model_dir", fake_resolve)
     reports = []
-    load = handler(demo, "load_clicked")
-    panel = load("4_25", 8192.0, "q4", progress=lambda fraction, desc: reports.append(desc))
+    status = loader.load("4_25", 8192, "q4", reports.append)
     assert seen["repo"] == "someone/model-exl2" and seen["branch"] == "4_25"
     assert seen["context_tokens"] == 8192 and seen["cache_mode"] == "q4"
     assert engine.loads == [
         {"model_dir": "/models/sc2-4_25", "max_seq_len": 8192, "cache_mode": "q4"}
     ]
-    assert any("0.5 of 1.0 GB" in text for text in reports)
-    assert any("Loading layers: 3 of 3" in text for text in reports)
-    assert "ready" in panel[2] and "9.8 GB" in panel[2]
-    limits = {fn.concurrency_limit for fn in demo.fns.values() if fn.concurrency_id == "gpu"}
-    assert limits == {6}
+    texts = [report.text for report in reports]
+    assert any("0.5 of 1.0 GB" in text for text in texts)
+    assert "Loading layers: 3 of 3" in texts and reports[-1].fraction == 1.0
+    assert status.state == "ready" and loader.loaded.label == "someone/model-exl2 @ 4_25"
+
+
+def test_load_runs_in_the_background_and_raises_the_gpu_places(monkeypatch):
+    engine = FakeEngine(loaded=False, max_concurrency=6)
+    web = build_app(engine, AppConfig(repo="someone/model-exl2"))
+    monkeypatch.setattr(loader_module, "resolve_model_dir", resolved("/models/sc2-4_25"))
+    model_line, timer = web.fn("load_clicked")("4_25", 8192.0, "q4", "")
+    assert timer.active and timer.value == 1.0  # the page's timer shows the progress
+    web.panel.last_load.join(WAIT_S)
+    assert engine.loads == [
+        {"model_dir": "/models/sc2-4_25", "max_seq_len": 8192, "cache_mode": "q4"}
+    ]
+    line = web.fn("tick")()[1]
+    assert "ready · someone/model-exl2 @ 4_25 · 8,192-token context · q4 cache" in line
+    assert "/models/sc2-4_25" not in line  # a Hub download is named by repo and branch
+    assert web.admission.slots == 6
+
+
+def test_a_local_model_folder_is_named_by_its_path(monkeypatch):
+    engine = FakeEngine(loaded=False)
+    web = build_app(engine, AppConfig(model_dir="/data/my-model"))
+    monkeypatch.setattr(loader_module, "resolve_model_dir", resolved("/data/my-model", None))
+    web.loader.load("auto", 4096, "fp16")
+    assert "ready · /data/my-model · 4,096-token context" in web.fn("tick")()[1]
+
+
+def test_a_failed_load_shows_its_message_once_on_the_model_line(monkeypatch):
+    engine = FakeEngine(loaded=False)
+    engine.load_error = ContextTooLong("The weights and a 16,384-token cache do not fit; use q4.")
+    web = build_app(engine)
+    monkeypatch.setattr(loader_module, "resolve_model_dir", resolved())
+    web.fn("load_clicked")("4_25", 16384, "fp16", "")
+    web.panel.last_load.join(WAIT_S)
+    line = web.fn("tick")()[1]
+    assert line.count("do not fit; use q4.") == 1 and "load failed" in line
 
 
 def test_start_up_load_runs_in_the_background_and_shows_its_progress(monkeypatch):
     engine = FakeEngine(loaded=False, max_concurrency=3)
-    config = AppConfig(branch="4_25", load_at_start=True)
-    loader = ModelLoader(engine, config)
-    demo = app.build_demo(engine, config, loader)
+    config = AppConfig(branch="4_25")
+    web = build_app(engine, config)
     downloading, release = threading.Event(), threading.Event()
 
     def slow_resolve(**kwargs):
         kwargs["on_progress"](DownloadProgress(10**9, 4 * 10**9, 1, 4, 1e8))
         downloading.set()
         assert release.wait(WAIT_S)
-        return Path("/models/sc2-4_25")
+        return ModelSource(Path("/models/sc2-4_25"), "4_25", "x @ 4_25")
 
     monkeypatch.setattr(loader_module, "resolve_model_dir", slow_resolve)
-    thread = loader.load_in_background()
+    thread = web.loader.load_in_background("4_25", 4096, "fp16")
     assert downloading.wait(WAIT_S)
-    panel = handler(demo, "refresh_model_panel")("4_25", 4096, "fp16")
-    assert "Downloading: 1.0 of 4.0 GB, 1 of 4 files, 100 MB/s" in panel[2]
+    gpu_line, line, timer = web.fn("tick")()
+    assert "Downloading: 1.0 of 4.0 GB, 1 of 4 files, 100 MB/s" in line
+    assert timer.active and timer.value == 1.0  # every second while loading
     release.set()
     thread.join(WAIT_S)
     assert engine.loads[0]["model_dir"] == "/models/sc2-4_25"
-    assert engine.status.state == "ready"
-    assert "ready" in handler(demo, "refresh_model_panel")("4_25", 4096, "fp16")[2]
-    limits = {fn.concurrency_limit for fn in demo.fns.values() if fn.concurrency_id == "gpu"}
-    assert limits == {3}
+    gpu_line, line, timer = web.fn("tick")()
+    assert "ready" in line and timer.value == 5.0  # then every few seconds
+    assert web.admission.slots == 3
 
 
-def test_gpu_events_start_at_one_job_until_a_model_is_loaded():
-    demo = app.build_demo(FakeEngine(loaded=False))
-    gpu_fns = [fn for fn in demo.fns.values() if fn.concurrency_id == app.GPU_GROUP]
-    assert {fn.name for fn in gpu_fns} == {"respond", "generate"}
-    assert {fn.concurrency_limit for fn in gpu_fns} == {1}
+def test_a_new_page_shows_the_loaded_model_not_the_start_up_defaults(monkeypatch):
+    engine = FakeEngine(loaded=False)
+    web = build_app(engine, AppConfig())  # defaults: auto, 4096, fp16
+    monkeypatch.setattr(loader_module, "resolve_model_dir", resolved(branch="6_5"))
+    web.loader.load("auto", 16384, "q4")
+    gpu_line, branch, context, cache, line, timer = web.fn("page_opened")()
+    assert (branch.value, context, cache) == ("6_5", 16384, "q4")
+    assert "16,384-token context · q4 cache" in line
+
+
+def test_the_compile_line_counts_files_and_time_and_estimates_what_is_left():
+    from model.loader import compiling_text
+
+    early = compiling_text(0, 48, 30.0, 600.0)
+    assert "0 of 48 files, 30 s so far, about 9 min 30 s left" in early
+    paced = compiling_text(12, 48, 120.0, 600.0)  # 10 s a file, 36 files to go
+    assert "12 of 48 files, 2 min 00 s so far, about 6 min 00 s left" in paced
+    assert paced.startswith("Compiling exllamav2's CUDA extension (first start only)")
+
+
+def test_a_load_that_compiles_the_extension_says_so_in_the_panel(monkeypatch):
+    from model.protocol import LoadStep
+
+    engine = FakeEngine(loaded=False)
+    engine.load_steps = [LoadStep("compiling", 3, 48), LoadStep("layers", 1, 1)]
+    engine.load_gate = threading.Event()
+    web = build_app(engine)
+    monkeypatch.setattr(loader_module, "resolve_model_dir", resolved())
+    shown = []
+    original = engine.load
+
+    def load(*args, on_progress=None, **kwargs):
+        def report(step):
+            on_progress(step)
+            shown.append(web.fn("tick")()[1])
+
+        return original(*args, on_progress=report, **kwargs)
+
+    engine.load = load
+    thread = web.loader.load_in_background("auto", 4096, "fp16")
+    engine.load_gate.set()
+    thread.join(WAIT_S)
+    assert "Compiling exllamav2's CUDA extension (first start only): 3 of 48 files" in shown[0]
 
 
 def test_load_without_a_gpu_answers_with_the_cuda_message():
-    demo = app.build_demo(FakeEngine(gpu=None, loaded=False))
-    with pytest.raises(gr.Error) as raised:
-        handler(demo, "load_clicked")("auto", 4096, "fp16", progress=lambda *a, **k: None)
-    assert raised.value.message == NO_GPU_MESSAGE
+    web = build_app(FakeEngine(gpu=None, loaded=False))
+    web.fn("load_clicked")("auto", 4096, "fp16", "")
+    web.panel.last_load.join(WAIT_S)
+    assert NO_GPU_MESSAGE in web.fn("tick")()[1]
+
+
+def test_gpu_replies_start_at_once_and_wait_for_one_place_until_a_model_is_loaded():
+    web = build_app(FakeEngine(loaded=False))
+    gpu_fns = {fn.name: fn for fn in web.demo.fns.values() if fn.name in ("respond", "generate")}
+    assert set(gpu_fns) == {"respond", "generate"}
+    assert {fn.concurrency_limit for fn in gpu_fns.values()} == {None}  # they queue in admission
+    assert web.admission.slots == 1
 
 
 def test_sampling_sliders_are_built_from_the_settings_fields():
-    demo = app.build_demo(FakeEngine())
-    sliders = {b.label: b for b in demo.blocks.values() if isinstance(b, gr.Slider)}
+    web = build_app(FakeEngine())
+    sliders = {b.label: b for b in web.demo.blocks.values() if isinstance(b, gr.Slider)}
     for spec in FIELDS:
         slider = sliders[spec.label]
         assert (slider.minimum, slider.maximum, slider.step) == (
@@ -523,7 +650,7 @@ def test_sampling_sliders_are_built_from_the_settings_fields():
         assert slider.value == spec.default
 
 
-# ---- configuration ------------------------------------------------------------------------------
+# ---- configuration and start-up -----------------------------------------------------------------
 
 
 def test_flags_override_env_vars_which_override_defaults():
@@ -534,10 +661,11 @@ def test_flags_override_env_vars_which_override_defaults():
     assert parse_config([], {"SPACE_ID": "me/space"}).host == "0.0.0.0"
 
 
-def test_start_up_loads_only_when_a_model_is_named():
-    assert not parse_config([], {}).load_at_start
-    assert parse_config(["--branch", "5_0"], {}).load_at_start
-    assert parse_config([], {"SC2_MODEL_DIR": "/models/sc2"}).load_at_start
+def test_the_model_loads_at_start_unless_no_load_is_given():
+    assert parse_config([], {}).load_at_start
+    assert not parse_config(["--no-load"], {}).load_at_start
+    assert not parse_config([], {"SC2_NO_LOAD": "1"}).load_at_start
+    assert parse_config([], {"SC2_NO_LOAD": "0"}).load_at_start
 
 
 def test_bad_flags_exit_with_a_message(capsys):
@@ -563,6 +691,58 @@ def test_help_lists_every_flag_its_env_var_and_default_without_importing_torch()
         ("--port", "SC2_PORT / GRADIO_SERVER_PORT"),
         ("--queue-size", "SC2_QUEUE_SIZE"),
         ("--auth", "SC2_AUTH"),
+        ("--admin-token", "SC2_ADMIN_TOKEN"),
     ]:
         assert flag in help_text and f"env {env};" in help_text
+    assert "--no-load" in help_text and "SC2_NO_LOAD=1" in help_text
     assert "default: 4096" in help_text and "default: 32" in help_text
+
+
+def run_app(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    """Run `python app.py` as a user would, on this machine (no GPU)."""
+    return subprocess.run(
+        [sys.executable, "app.py", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def test_a_port_in_use_gives_one_line_naming_the_port_flag():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run_app("--port", str(port))
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1] == (
+        f"Port {port} on 127.0.0.1 is already in use (another app.py?); stop that server or "
+        f"start this one with --port {port + 1} (or SC2_PORT)."
+    )
+    assert "Traceback" not in result.stderr
+
+
+def test_the_terminal_says_there_is_no_gpu_and_never_suggests_a_share_link():
+    port = free_port()
+    started = subprocess.Popen(
+        [sys.executable, "app.py", "--port", str(port)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    lines = []
+    try:
+        for line in started.stdout:
+            lines.append(line)
+            if "The page is at" in line:
+                break
+    finally:
+        started.terminate()
+        rest, _ = started.communicate(timeout=WAIT_S)
+    output = "".join(lines) + (rest or "")
+    assert f"The page is at http://127.0.0.1:{port}" in output
+    assert "No CUDA GPU found: the page will say so." in output
+    assert "share=True" not in output and "public link" not in output

@@ -2,7 +2,7 @@
 
 import pytest
 
-from model.config import parse_config
+from web.config import parse_config
 
 
 def test_max_jobs_defaults_to_eight_and_reads_flag_then_environment():

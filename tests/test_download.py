@@ -71,7 +71,7 @@ def resolve(branch: str, **overrides) -> Path:
         cache_mode="fp16",
         free_vram_gb=None,
     )
-    return resolve_model_dir(**(arguments | overrides))
+    return resolve_model_dir(**(arguments | overrides)).folder
 
 
 def cache_blobs() -> Path:

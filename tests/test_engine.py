@@ -2,6 +2,7 @@
 
 import json
 import sys
+import time
 
 import pytest
 import torch
@@ -102,3 +103,39 @@ def test_the_cache_holds_every_jobs_context_capped_by_the_vram_left_after_weight
     monkeypatch.setattr(engine, "gpu_info", lambda: GpuInfo("fake", 80.0, 9.0))
     with pytest.raises(DoesNotFit, match="need about 10.5 GB but 9.0 GB is free"):
         engine._cache_tokens(tmp_path, config, 16384, "fp16", 1)
+
+
+def test_a_first_start_reports_the_extension_compile_as_it_goes(tmp_path, monkeypatch):
+    import types
+
+    from model import engine as engine_module
+    from model import toolchain
+    from model.protocol import LoadStep
+
+    build = tmp_path / "exllamav2_ext"
+    build.mkdir()
+    (build / "ext_cache.o").touch()
+    monkeypatch.setattr(toolchain, "ensure_cuda_home", lambda: None)
+    monkeypatch.setattr(toolchain, "extension_build_dir", lambda: build)
+    monkeypatch.setitem(sys.modules, "exllamav2", types.ModuleType("exllamav2"))
+    steps = []
+    engine_module._import_exllamav2(steps.append)
+    assert steps[0] == LoadStep("compiling", 1, toolchain.EXTENSION_SOURCES)
+    (build / "exllamav2_ext.so").touch()  # built: the next start says nothing about compiling
+    steps.clear()
+    engine_module._import_exllamav2(steps.append)
+    assert steps == []
+
+
+def test_the_build_watch_counts_compiled_files_until_stopped(tmp_path):
+    from model import toolchain
+
+    seen = []
+    stop = toolchain.watch_extension_build(tmp_path, lambda done, total: seen.append(done), 0.01)
+    (tmp_path / "a.o").touch()
+    (tmp_path / "b.o").touch()
+    deadline = time.monotonic() + 5
+    while 2 not in seen and time.monotonic() < deadline:
+        time.sleep(0.01)
+    stop()
+    assert seen[0] == 0 and 2 in seen

@@ -7,13 +7,12 @@ tests/test_reliability_gpu.py.
 
 from __future__ import annotations
 
-import contextlib
 import gc
+import re
 import threading
 import time
 import tracemalloc
 import uuid
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
@@ -28,33 +27,25 @@ from gradio_client.exceptions import AppError
 import app
 from model import engine as engine_module
 from model import loader as loader_module
-from model.config import AppConfig, parse_config
-from model.engine import Engine, EngineStatus, Finished, TextDelta
-from model.errors import GenerationFailed, TooManyRequests
-from model.limits import MAX_PROMPT_CHARS, RateLimiter, client_address
+from model.engine import Engine
+from model.errors import GenerationFailed, NotReady, TooManyRequests
 from model.loader import ModelLoader
+from model.protocol import EngineStatus, Finished, TextDelta
 from model.settings import FIELDS, SamplingSettings
 from tests.fake_engine import FakeEngine
-from tests.test_app import free_port
+from tests.serving import free_port, serve
+from tests.test_app import refusal, resolved
+from web import chat as chat_module
+from web.config import AppConfig, parse_config
+from web.errors import GENERIC_ERROR
+from web.limits import MAX_PROMPT_CHARS, RateLimiter, client_address
+from web.server import WebApp, build_app
 
 ROOT = Path(__file__).resolve().parent.parent
 WAIT_S = 15  # upper bound for what should happen "soon"; tests never sleep to synchronise
 FAST_S = 1.0  # a refusal must come back within this
 DEFAULT_VALUES = [spec.default for spec in FIELDS]
 API_DEFAULTS = [*DEFAULT_VALUES, None]  # /generate's settings, then the seed
-
-
-@contextlib.contextmanager
-def serve(engine: FakeEngine, **config_fields) -> Iterator[tuple[str, gr.Blocks]]:
-    """Launch the app as main() does (same launch options) on a free port; yield URL and demo."""
-    config = AppConfig(port=free_port(), **{"rate_limit": 0, **config_fields})
-    demo = app.build_demo(engine, config)
-    options = {**app.launch_options(engine, config), "prevent_thread_lock": True, "quiet": True}
-    _, url, _ = demo.launch(**options)
-    try:
-        yield url, demo
-    finally:
-        demo.close()
 
 
 def call_raw(url: str, body: bytes | str, api_name: str = "generate") -> tuple[int, str]:
@@ -75,12 +66,8 @@ def assistant(text: str) -> dict[str, str]:
     return {"role": "assistant", "content": text}
 
 
-def respond_handler(demo: gr.Blocks):
-    return next(fn.fn for fn in demo.fns.values() if fn.name == "respond")
-
-
-def run_chat(demo: gr.Blocks, history, *, system="", prefix="", values=None, seed=None):
-    return list(respond_handler(demo)(history, system, prefix, *(values or DEFAULT_VALUES), seed))
+def run_chat(web: WebApp, history, *, system="", prefix="", values=None, seed=None):
+    return list(web.fn("respond")(history, system, prefix, *(values or DEFAULT_VALUES), seed))
 
 
 def with_setting(name: str, value: object) -> list[object]:
@@ -249,30 +236,29 @@ CHAT_CASES = [
 @pytest.mark.parametrize(("case", "history", "extra", "error"), by_case(CHAT_CASES))
 def test_chat_refuses_bad_input_fast_and_answers_the_next_message(case, history, extra, error):
     engine = FakeEngine(["fine"])
-    demo = app.build_demo(engine)
+    web = build_app(engine)
     started = time.perf_counter()
-    with pytest.raises(gr.Error, match=error):
-        run_chat(demo, history, **extra)
+    assert re.search(error, refusal(run_chat(web, history, **extra))), case
     assert time.perf_counter() - started < FAST_S, case
     assert engine.calls == [], f"{case} reached the engine"
-    assert run_chat(demo, [user("Hi")])[-1][1] == [user("Hi"), assistant("fine")]
+    assert run_chat(web, [user("Hi")])[-1][0] == [user("Hi"), assistant("fine")]
 
 
 def test_the_send_step_keeps_an_oversized_or_broken_message_in_the_box():
     for message in ("a" * MB, "a\x00b", "\ud800"):
         with pytest.raises(gr.Error):
-            app.add_user_message(message, [])
-    assert app.add_user_message("ok\tfine\n", []) == ("", [user("ok\tfine\n")])
+            chat_module.add_user_message(message, [])
+    assert chat_module.add_user_message("ok\tfine\n", []) == ("", [user("ok\tfine\n")])
 
 
 def test_a_very_long_conversation_drops_turns_that_could_never_fit_before_counting_tokens():
     engine = FakeEngine(["fine"])
-    demo = app.build_demo(engine)
+    web = build_app(engine)
     old = [user("q" * 150_000), assistant("a" * 150_000)] * 4  # 1.2 M characters of history
     started = time.perf_counter()
-    yields = run_chat(demo, [*old, user("Now?")])
+    updates = run_chat(web, [*old, user("Now?")])
     assert time.perf_counter() - started < FAST_S
-    assert "4 oldest turns were left out" in yields[0][3]
+    assert "4 oldest turns were left out" in updates[0][2]
     assert "qqq" not in "".join(s.text for s in engine.calls[0].segments)
 
 
@@ -298,8 +284,8 @@ def open_stream(url: str, fn_index: int, prompt: str) -> tuple:
 
 def test_twenty_clients_dropped_mid_stream_all_close_their_engine_jobs_within_a_second():
     engine = FakeEngine(["tok "] * 5000, chunk_delay_s=0.05, max_concurrency=20)
-    with serve(engine, queue_size=64) as (url, demo):
-        fn_index = next(index for index, fn in demo.fns.items() if fn.name == "generate")
+    with serve(engine, queue_size=64) as (url, web):
+        fn_index = next(index for index, fn in web.demo.fns.items() if fn.name == "generate")
         browsers = {f"Browser {n}.": open_stream(url, fn_index, f"Browser {n}.") for n in range(10)}
         jobs = {}
         for n in range(10):
@@ -353,13 +339,13 @@ def test_a_fault_mid_reply_fails_only_that_request_and_health_goes_degraded_then
 
 def test_a_fault_in_the_chat_shows_its_message_and_the_next_message_is_answered():
     engine = FakeEngine(["a", "b"])
-    demo = app.build_demo(engine)
+    web = build_app(engine)
     engine.fail_next(RuntimeError("CUDA error: an illegal memory access at 0xdead"), after_chunks=1)
-    with pytest.raises(gr.Error) as raised:
-        run_chat(demo, [user("Hi")])
-    assert raised.value.message == app.GENERIC_ERROR  # no internals shown to the user
+    updates = run_chat(web, [user("Hi")])
+    assert refusal(updates).endswith(GENERIC_ERROR)  # no internals shown to the user
+    assert updates[-1][0] == [user("Hi"), assistant("a")]  # what was written stays visible
     assert engine.calls[0].finished.is_set()
-    assert run_chat(demo, [user("Hi")])[-1][1][-1] == assistant("ab")
+    assert run_chat(web, [user("Hi")])[-1][0][-1] == assistant("ab")
 
 
 class StubJob:
@@ -493,17 +479,16 @@ def test_a_reload_while_others_stream_is_serialised_and_in_flight_jobs_get_a_cle
     gate = threading.Event()  # holds every stream after its first chunk
     engine = FakeEngine(["a", "b"], gate=gate, max_concurrency=4)
     engine.load_gate = threading.Event()
-    monkeypatch.setattr(loader_module, "resolve_model_dir", lambda **kwargs: Path("/models/sc2"))
-    with serve(engine) as (url, demo), ThreadPoolExecutor(4) as pool:
-        load = next(fn.fn for fn in demo.fns.values() if fn.name == "load_clicked")
+    monkeypatch.setattr(loader_module, "resolve_model_dir", resolved())
+    with serve(engine) as (url, web), ThreadPoolExecutor(4) as pool:
         jobs = [Client(url, verbose=False).submit(f"{n}", api_name="/generate") for n in range(3)]
         firsts = [pool.submit(lambda job=job: next(iter(job))) for job in jobs]
         try:
             assert [first.result(timeout=WAIT_S) for first in firsts] == ["a"] * 3
-            reload = pool.submit(load, "4_25", 8192, "q8", progress=lambda *a, **k: None)
+            web.fn("load_clicked")("4_25", 8192, "q8", "")
             assert engine.loading.wait(WAIT_S)
-            with pytest.raises(gr.Error, match="already loading"):  # a second reload waits its turn
-                load("5_0", 4096, "fp16", progress=lambda *a, **k: None)
+            with pytest.raises(NotReady, match="already loading"):  # a second reload waits
+                web.loader.load("5_0", 4096, "fp16")
             with pytest.raises(AppError, match=r"not ready \(loading\)"):
                 Client(url, verbose=False).predict("During.", api_name="/generate")
         finally:
@@ -512,7 +497,8 @@ def test_a_reload_while_others_stream_is_serialised_and_in_flight_jobs_get_a_cle
         for job in jobs:
             with pytest.raises(AppError, match="being reloaded; send the message again"):
                 job.result(timeout=WAIT_S)
-        assert "ready" in reload.result(timeout=WAIT_S)[2]
+        web.panel.last_load.join(WAIT_S)
+        assert "ready" in web.fn("tick")()[1]
         assert [load["max_seq_len"] for load in engine.loads] == [8192]
         assert engine.status.max_seq_len == 8192 and engine.status.cache_mode == "q8"
         assert Client(url, verbose=False).predict("After.", api_name="/generate") == "ab"
@@ -521,27 +507,58 @@ def test_a_reload_while_others_stream_is_serialised_and_in_flight_jobs_get_a_cle
 # ---- 5. overload --------------------------------------------------------------------------------
 
 
+def stream_raw(url: str, prompt: str = "Hi", client: str = "10.0.0.1") -> str:
+    """POST /generate over Gradio's REST API and read its whole stream, as any HTTP client may.
+
+    `client` is sent as X-Forwarded-For, which the app (started behind_proxy) takes as the sender.
+    """
+    headers = {"x-forwarded-for": client}
+    posted = httpx.post(
+        f"{url}gradio_api/call/generate",
+        json={"data": [prompt, *API_DEFAULTS]},
+        headers=headers,
+        timeout=WAIT_S,
+    )
+    assert posted.status_code == 200, posted.text
+    event_id = posted.json()["event_id"]
+    stream = httpx.get(f"{url}gradio_api/call/generate/{event_id}", headers=headers, timeout=WAIT_S)
+    return stream.text
+
+
 def test_a_full_queue_turns_extra_requests_away_fast_without_growing_memory():
     gate = threading.Event()
     engine = FakeEngine(["a", "b"], gate=gate, max_concurrency=1)
     queue_size = 4
-    with serve(engine, queue_size=queue_size) as (url, _):
-        body = {"data": ["Hi", *API_DEFAULTS]}
-        post = lambda: httpx.post(f"{url}gradio_api/call/generate", json=body, timeout=WAIT_S)  # noqa: E731
+    with (
+        serve(engine, queue_size=queue_size, behind_proxy=True) as (url, web),
+        ThreadPoolExecutor(8) as pool,
+    ):
         try:
-            assert post().status_code == 200
-            assert engine.call_made.wait(WAIT_S)  # one runs; the next queue_size wait
-            assert [post().status_code for _ in range(queue_size)] == [200] * queue_size
+            held = [
+                pool.submit(stream_raw, url, f"held {n}", f"10.0.1.{n}")
+                for n in range(1 + queue_size)
+            ]
+            assert engine.call_made.wait(WAIT_S)  # one runs
 
-            def flood() -> list[tuple[int, str]]:
-                """20 requests; only their status and message are kept (not the responses)."""
+            def all_waiting() -> bool:
+                return web.admission.waiting == queue_size
+
+            assert until(all_waiting, WAIT_S)
+
+            def flood() -> list[str]:
+                """20 refused requests; only the refusal's message is kept."""
                 return [
-                    (r.status_code, r.json().get("detail")) for r in (post() for _ in range(20))
+                    stream_raw(url, client=f"10.0.2.{n}").split("data: ")[-1][:80]
+                    for n in range(20)
                 ]
 
-            flood()  # warm-up: the first refusals create what later ones reuse
-            gc.collect()
+            # Warm-up: the first refusals create what later ones reuse, and fill Gradio's table of
+            # sessions (each new one costs ~85 KB) to its bound, past which old ones are dropped.
+            # Traced from the start, so the sessions dropped later count as freed.
             tracemalloc.start()
+            for _ in range(web.launch_options()["state_session_capacity"] // 20 + 1):
+                flood()
+            gc.collect()
             before = tracemalloc.get_traced_memory()[0]
             started = time.perf_counter()
             refused = flood() + flood()
@@ -549,16 +566,25 @@ def test_a_full_queue_turns_extra_requests_away_fast_without_growing_memory():
             gc.collect()
             grown = tracemalloc.get_traced_memory()[0] - before
             tracemalloc.stop()
-            assert {status for status, _ in refused} == {503}
-            assert refused[0][1] == "Queue is full. Max size is 4 and size is 4."
+            assert all("The queue is full: 4 replies are waiting" in text for text in refused)
             assert per_request < 0.2
             assert grown < 512 * 1024, f"{grown:,} bytes kept after 40 refusals"
-            with pytest.raises(Exception, match="Queue is full! Please try again."):
-                Client(url, verbose=False).submit("Hi", api_name="/generate").result(WAIT_S)
+            assert len(engine.calls) == 1
         finally:
             gate.set()
+        assert all("event: complete" in job.result(WAIT_S) for job in held)
         engine.gate = None
         assert Client(url, verbose=False).predict("Next.", api_name="/generate") == "ab"
+
+
+def until(condition, timeout_s: float) -> bool:
+    """Poll condition until it holds or timeout_s passes (for state with no event to wait on)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.01)
+    return condition()
 
 
 # ---- 7. security --------------------------------------------------------------------------------
@@ -584,9 +610,11 @@ def test_main_launches_without_a_share_link_and_with_the_health_route(monkeypatc
         engine_module, "Engine", lambda max_jobs: FakeEngine(gpu=None, loaded=False)
     )
     monkeypatch.setattr(gr.Blocks, "launch", lambda self, **kwargs: seen.update(kwargs))
-    app.main(["--port", "7000", "--auth", "me:secret"])
-    assert seen["share"] is False
-    assert (seen["server_port"], seen["auth"]) == (7000, ("me", "secret"))
+    monkeypatch.setattr(gr.Blocks, "block_thread", lambda self: None)
+    port = free_port()
+    app.main(["--port", str(port), "--auth", "me:secret"])
+    assert seen["share"] is False and seen["quiet"] is True
+    assert (seen["server_port"], seen["auth"]) == (port, ("me", "secret"))
     assert [route.path for route in seen["app_kwargs"]["routes"]] == ["/health"]
 
 
@@ -639,20 +667,19 @@ def test_the_api_rate_limit_refuses_with_the_wait_and_serves_other_clients():
 
 def test_the_chat_rate_limit_counts_per_client_address():
     engine = FakeEngine(["ok"])
-    demo = app.build_demo(engine, AppConfig(rate_limit=1))
+    web = build_app(engine, AppConfig(rate_limit=1))
 
-    def chat_from(address: str) -> None:
+    def chat_from(address: str) -> str:
         request = SimpleNamespace(client=SimpleNamespace(host=address), headers={})
         token = LocalContext.request.set(request)
         try:
-            run_chat(demo, [user("Hi")])
+            return refusal(run_chat(web, [user("Hi")]))
         finally:
             LocalContext.request.reset(token)
 
-    chat_from("10.0.0.1")
-    with pytest.raises(gr.Error, match="Too many requests: the limit is 1 per minute"):
-        chat_from("10.0.0.1")
-    chat_from("10.0.0.2")
+    assert chat_from("10.0.0.1") == ""
+    assert "Too many requests: the limit is 1 per minute" in chat_from("10.0.0.1")
+    assert chat_from("10.0.0.2") == ""
     assert len(engine.calls) == 2
 
 
@@ -707,8 +734,8 @@ def test_health_answers_200_only_while_a_model_serves(engine, status, state):
 def test_health_answers_503_while_a_model_loads(monkeypatch):
     engine = FakeEngine(loaded=False)
     engine.load_gate = threading.Event()
-    monkeypatch.setattr(loader_module, "resolve_model_dir", lambda **kwargs: Path("/models/sc2"))
-    loader = ModelLoader(engine, AppConfig())
+    monkeypatch.setattr(loader_module, "resolve_model_dir", resolved())
+    loader = ModelLoader(engine, repo="someone/model-exl2")
     with serve(engine) as (url, _):
         thread = threading.Thread(target=loader.load, args=("auto", 4096, "fp16"))
         thread.start()

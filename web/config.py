@@ -20,6 +20,9 @@ from model.branches import (
 )
 from model.errors import ChatError
 
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+TRUE_WORDS = ("1", "true", "yes", "on")
+
 
 @dataclass(frozen=True)
 class AppConfig:
@@ -36,8 +39,20 @@ class AppConfig:
     auth: str | None = None
     rate_limit: int = 30  # requests per minute per client for chat and /generate; 0 = no limit
     max_jobs: int = 8  # jobs batched together on the GPU; the cache holds this many contexts
+    admin_token: str | None = None  # lets the page's Load button work on a public server
+    load_at_start: bool = True  # with a GPU, download and load the model while serving
     behind_proxy: bool = False  # on a Space: the client address is in X-Forwarded-For
-    load_at_start: bool = False  # a folder, repo or branch was named: load it while serving
+    on_space: bool = False
+
+    @property
+    def public(self) -> bool:
+        """Reachable by others: on a Space, or listening beyond this machine."""
+        return self.on_space or self.host not in LOOPBACK_HOSTS
+
+    @property
+    def loading_open(self) -> bool:
+        """Anyone with the page may (re)load the model: only a local run."""
+        return not self.public
 
 
 def parse_config(
@@ -68,6 +83,9 @@ def parse_config(
         ("--max-jobs", ("SC2_MAX_JOBS",), base.max_jobs, int,
          "jobs that run together on the GPU; the cache is sized for this many full contexts, "
          "capped by free VRAM"),
+        ("--admin-token", ("SC2_ADMIN_TOKEN",), base.admin_token, str,
+         "a secret that lets the page's Load button work when the app is public (a Space, or "
+         "--host other than 127.0.0.1); without it, loading from the page is off there"),
     )  # fmt: skip
     parser = argparse.ArgumentParser(
         prog="app.py",
@@ -84,6 +102,14 @@ def parse_config(
             default=value,
             help=f"{text} (env {' / '.join(env_names)}; default: {shown})",
         )
+    no_load = (env.get("SC2_NO_LOAD") or "").strip().lower() in TRUE_WORDS
+    parser.add_argument(
+        "--no-load",
+        action="store_true",
+        default=no_load,
+        help="do not load a model at start; the page waits for Load (env SC2_NO_LOAD=1; "
+        "default: load --branch at start when a GPU is present)",
+    )
     arguments = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(arguments)
     if args.cache_mode not in CACHE_MODES:
@@ -100,10 +126,11 @@ def parse_config(
         parser.error(f"--max-jobs must be between 1 and 64 (got {args.max_jobs})")
     if args.rate_limit < 0:
         parser.error("--rate-limit must be 0 (no limit) or a positive number of requests")
-    load_at_start = (
-        bool(args.model_dir)
-        or any(arg.startswith(("--repo", "--branch")) for arg in arguments)
-        or any(env.get(name) for name in ("SC2_REPO", "SC2_BRANCH"))
+    if args.admin_token is not None and len(args.admin_token) < 12:
+        parser.error("--admin-token must be at least 12 characters (it guards model reloads)")
+    values = vars(args)
+    load_at_start = not values.pop("no_load")
+    on_space = bool(env.get("SPACE_ID"))
+    return AppConfig(
+        **values, load_at_start=load_at_start, behind_proxy=on_space, on_space=on_space
     )
-    behind_proxy = bool(env.get("SPACE_ID"))
-    return AppConfig(**vars(args), load_at_start=load_at_start, behind_proxy=behind_proxy)

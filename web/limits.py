@@ -6,7 +6,7 @@ import math
 import re
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from typing import Any
 
@@ -79,16 +79,23 @@ def trim_history(history: list[Message], budget_chars: int) -> tuple[list[Messag
 
 
 class RateLimiter:
-    """At most `per_minute` requests per client in any 60-second window; 0 means no limit."""
+    """At most `per_minute` requests per client in any 60-second window; 0 means no limit.
+
+    The table keeps the MAX_CLIENTS most recently seen clients (least recently seen go first), so
+    forged addresses cannot grow it, and each check costs the same however many clients there are.
+    """
 
     WINDOW_S = 60.0
-    MAX_CLIENTS = 10_000  # beyond this, idle clients are forgotten so the table stays bounded
+    MAX_CLIENTS = 10_000
 
     def __init__(self, per_minute: int, clock: Callable[[], float] = time.monotonic) -> None:
         self.per_minute = per_minute
         self._clock = clock
-        self._seen: dict[str, deque[float]] = {}
+        self._seen: OrderedDict[str, deque[float]] = OrderedDict()
         self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._seen)
 
     def check(self, client: str | None) -> None:
         """Count one request from client, or raise TooManyRequests if it is over the limit."""
@@ -96,20 +103,18 @@ class RateLimiter:
             return
         now = self._clock()
         with self._lock:
+            times = self._seen.pop(client, None) or deque()
+            self._seen[client] = times  # now the most recently seen
             if len(self._seen) > self.MAX_CLIENTS:
-                self._seen = {
-                    key: times
-                    for key, times in self._seen.items()
-                    if times and now - times[-1] < self.WINDOW_S
-                }
-            times = self._seen.setdefault(client, deque())
+                self._seen.popitem(last=False)
             while times and now - times[0] >= self.WINDOW_S:
                 times.popleft()
             if len(times) >= self.per_minute:
                 wait = max(1, math.ceil(self.WINDOW_S - (now - times[0])))
                 raise TooManyRequests(
                     f"Too many requests: the limit is {self.per_minute} per minute; try again in "
-                    f"{wait} s."
+                    f"{wait} s.",
+                    retry_after_s=wait,
                 )
             times.append(now)
 

@@ -1,0 +1,96 @@
+"""What crosses between the web side and an engine: status, events and the engine's interface."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from model.prompt import Segment
+from model.settings import SamplingSettings
+
+HEALTH_STATES = ("empty", "loading", "ready", "degraded", "failed")
+# Why a reply ended: "eos" | "stop_string" | "max_new_tokens" | "cancelled"
+STOP_REASONS = ("eos", "stop_string", "max_new_tokens", "cancelled")
+
+
+@dataclass(frozen=True)
+class GpuInfo:
+    name: str
+    total_gb: float
+    free_gb: float
+
+
+@dataclass(frozen=True)
+class TextDelta:
+    text: str
+
+
+@dataclass(frozen=True)
+class Finished:
+    text: str
+    prompt_tokens: int
+    new_tokens: int
+    cached_tokens: int
+    time_to_first_token_s: float
+    decode_tokens_per_s: float
+    stop_reason: str  # one of STOP_REASONS
+
+
+StreamEvent = TextDelta | Finished
+
+
+@dataclass(frozen=True)
+class EngineStatus:
+    state: str = "empty"  # "empty" | "loading" | "ready" | "failed"
+    model_dir: str | None = None
+    max_seq_len: int = 0
+    cache_mode: str = "fp16"
+    batching: str = "unpaged"  # "paged" (continuous batching) | "unpaged" (one job at a time)
+    max_concurrency: int = 1
+    load_seconds: float = 0.0
+    vram_used_gb: float = 0.0
+    message: str = "No model loaded."
+    cache_tokens: int = 0
+    attention: str = ""  # which attention kernel serves the model
+
+
+@dataclass(frozen=True)
+class LoadStep:
+    """How far a load has come: "compiling" the extension (objects of sources), or "layers"."""
+
+    stage: str  # "compiling" | "layers"
+    done: int
+    total: int
+
+
+LoadProgress = Callable[[LoadStep], None]
+
+
+class EngineClient(Protocol):
+    """What the web side may ask of an engine; the real one and the tests' fake both provide it."""
+
+    @property
+    def status(self) -> EngineStatus: ...
+
+    @property
+    def health(self) -> str: ...
+
+    def gpu_info(self) -> GpuInfo | None: ...
+
+    def count_tokens(self, segments: Sequence[Segment]) -> int: ...
+
+    def load(
+        self,
+        model_dir: str,
+        *,
+        max_seq_len: int = 4096,
+        cache_mode: str = "fp16",
+        on_progress: LoadProgress | None = None,
+    ) -> EngineStatus: ...
+
+    def stream(
+        self, segments: Sequence[Segment], settings: SamplingSettings
+    ) -> Iterator[StreamEvent]: ...
+
+    def close(self) -> None: ...

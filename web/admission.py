@@ -1,0 +1,146 @@
+"""Who runs on the GPU next: a fixed number of replies run, the rest wait in arrival order.
+
+Chat, `/generate` and the OpenAI routes all enter here, so they share the engine's batch and one
+queue. A client may hold only a share of the waiting places, and a waiting reply whose client has
+gone is dropped at once.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter, deque
+from collections.abc import Callable, Iterator
+
+from model.errors import NoListener, QueueFull
+
+# How often a waiting reply checks that its client still listens (and tells it its place).
+POLL_S = 1.0
+
+
+def per_client_places(max_waiting: int) -> int:
+    """Waiting places one client may hold: a quarter of the queue, at least one."""
+    return max(1, max_waiting // 4)
+
+
+class Ticket:
+    """One reply's place: waiting, then running until released (use it as a context manager)."""
+
+    def __init__(
+        self, admission: Admission, client: str | None, listening: Callable[[], bool]
+    ) -> None:
+        self._admission = admission
+        self.client = client
+        self.listening = listening
+        self.running = False
+        self.released = False
+
+    def wait(self, poll_s: float = POLL_S) -> Iterator[int]:
+        """Yield how many replies are ahead while waiting (at least every poll_s); end on admission.
+
+        Raises NoListener when the client stops listening while it waits.
+        """
+        cond = self._admission.changed
+        while True:
+            with cond:
+                if self.running:
+                    return
+                ahead = self._admission.ahead_of(self)
+            if not self.listening():
+                self.release()
+                raise NoListener("The reply's client stopped listening while it waited.")
+            yield ahead
+            with cond:
+                if not self.running:
+                    cond.wait(poll_s)
+
+    def release(self) -> None:
+        """Leave the queue, or free the running place; idempotent."""
+        self._admission.release(self)
+
+    def __enter__(self) -> Ticket:
+        return self
+
+    def __exit__(self, *_exc) -> None:
+        self.release()
+
+
+class Admission:
+    """At most `slots` replies run; up to `max_waiting` wait, each client holding a few places."""
+
+    def __init__(self, slots: int, max_waiting: int) -> None:
+        self.slots = max(1, slots)
+        self.max_waiting = max_waiting
+        self.per_client = per_client_places(max_waiting)
+        self.changed = threading.Condition()
+        self._waiting: deque[Ticket] = deque()
+        self._waiting_by_client: Counter[str] = Counter()
+        self.running = 0
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    def set_slots(self, slots: int) -> None:
+        """Let `slots` replies run at once (the engine's batch size, once a model is loaded)."""
+        with self.changed:
+            self.slots = max(1, slots)
+            self._promote()
+
+    def enter(self, client: str | None, listening: Callable[[], bool] = lambda: True) -> Ticket:
+        """A ticket that runs at once if a place is free, else waits; QueueFull if none is left."""
+        ticket = Ticket(self, client, listening)
+        with self.changed:
+            if self.running >= self.slots or self._waiting:
+                if len(self._waiting) >= self.max_waiting:
+                    raise QueueFull(
+                        f"The queue is full: {len(self._waiting):,} replies are waiting for the "
+                        f"GPU and {self.running:,} are being written; try again in a minute."
+                    )
+                if client is not None and self._waiting_by_client[client] >= self.per_client:
+                    replies = "reply" if self.per_client == 1 else "replies"
+                    raise QueueFull(
+                        f"You already have {self.per_client:,} {replies} waiting for the GPU "
+                        "(the limit per client); wait for one to start, then send again."
+                    )
+            self._waiting.append(ticket)
+            if client is not None:
+                self._waiting_by_client[client] += 1
+            self._promote()
+        return ticket
+
+    def ahead_of(self, ticket: Ticket) -> int:
+        """Replies waiting before this one (call while holding `changed`)."""
+        try:
+            return self._waiting.index(ticket)
+        except ValueError:
+            return 0
+
+    def release(self, ticket: Ticket) -> None:
+        with self.changed:
+            if ticket.released:
+                return
+            ticket.released = True
+            if ticket.running:
+                self.running -= 1
+            else:
+                self._leave_queue(ticket)
+            self._promote()
+
+    def _leave_queue(self, ticket: Ticket) -> None:
+        try:
+            self._waiting.remove(ticket)
+        except ValueError:
+            return
+        if ticket.client is not None:
+            self._waiting_by_client[ticket.client] -= 1
+            if not self._waiting_by_client[ticket.client]:
+                del self._waiting_by_client[ticket.client]
+
+    def _promote(self) -> None:
+        """Start waiting tickets, oldest first, while places are free (holding `changed`)."""
+        while self._waiting and self.running < self.slots:
+            ticket = self._waiting[0]
+            self._leave_queue(ticket)
+            ticket.running = True
+            self.running += 1
+        self.changed.notify_all()

@@ -1,0 +1,114 @@
+"""The one way onto the GPU for the chat, `/generate` and the OpenAI routes.
+
+In order: the request was validated by its caller; then there must be a GPU and a loaded model;
+the client's rate limit counts it; the prompt is fitted to the context; the client must be
+listening; and the reply waits for a free place (`web.admission`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+
+from gradio.context import LocalContext
+
+from model.errors import NO_GPU_MESSAGE, NoGPU, NoListener, NotReady
+from model.prompt import FittedPrompt, fit_to_context
+from model.protocol import EngineClient, EngineStatus, StreamEvent
+from model.settings import SamplingSettings
+from web.admission import Admission, Ticket
+from web.guards import StreamWatch
+from web.limits import Message, RateLimiter, client_address
+
+# How long a reply waits for its client to open the stream that reads it.
+CONNECT_GRACE_S = 5.0
+
+
+class GpuGate:
+    """Readiness, rate limit, context fitting, listener and queue, in that order."""
+
+    def __init__(
+        self,
+        engine: EngineClient,
+        *,
+        limiter: RateLimiter,
+        admission: Admission,
+        streams: StreamWatch,
+        behind_proxy: bool = False,
+        connect_grace_s: float = CONNECT_GRACE_S,
+    ) -> None:
+        self.engine = engine
+        self.limiter = limiter
+        self.admission = admission
+        self.streams = streams
+        self.behind_proxy = behind_proxy
+        self.connect_grace_s = connect_grace_s
+
+    @property
+    def context_tokens(self) -> int:
+        return self.engine.status.max_seq_len
+
+    def ready(self) -> EngineStatus:
+        """The engine's status if it can take a job; NoGPU or NotReady (with the remedy) if not."""
+        if self.engine.gpu_info() is None:
+            raise NoGPU(NO_GPU_MESSAGE)
+        status = self.engine.status
+        if status.state != "ready":
+            raise NotReady(
+                f"The model is not ready ({status.state}): {status.message} Load one in the "
+                "Model panel, or wait for the current load to finish."
+            )
+        return status
+
+    def fit(
+        self,
+        messages: Sequence[Message],
+        settings: SamplingSettings,
+        *,
+        system: str = "",
+        prefix: str = "",
+        client: str | None = None,
+    ) -> FittedPrompt:
+        """Count the request against its client's limit and fit the prompt to the context."""
+        status = self.ready()
+        self.limiter.check(client if client is not None else self._gradio_client())
+        return fit_to_context(
+            messages,
+            count_tokens=self.engine.count_tokens,
+            context_tokens=status.max_seq_len,
+            max_new_tokens=settings.max_new_tokens,
+            system=system or None,
+            response_prefix=prefix,
+        )
+
+    def enter(
+        self, client: str | None = None, listening: Callable[[], bool] | None = None
+    ) -> Ticket:
+        """A place in the queue (QueueFull at once if there is none); by default for the Gradio
+        request being handled, whose client must open its stream within a few seconds."""
+        if listening is not None:
+            return self.admission.enter(client, listening)
+        keys = self._gradio_stream_keys()
+        ticket = self.admission.enter(
+            self._gradio_client(), lambda: not keys or self.streams.is_open(keys)
+        )
+        if keys and not self.streams.wait_open(keys, self.connect_grace_s):
+            ticket.release()
+            raise NoListener(
+                f"No client opened this reply's stream within {self.connect_grace_s:g} s, so it "
+                "was not run. Read the stream your request returns (gradio_client and the page "
+                "do this for you)."
+            )
+        return ticket
+
+    def stream(self, fitted: FittedPrompt, settings: SamplingSettings) -> Iterator[StreamEvent]:
+        return self.engine.stream(fitted.segments, settings)
+
+    def _gradio_client(self) -> str | None:
+        return client_address(LocalContext.request.get(None), self.behind_proxy)
+
+    @staticmethod
+    def _gradio_stream_keys() -> list[str]:
+        """The ids the Gradio request's stream is opened under (none for a direct call)."""
+        request = LocalContext.request.get(None)
+        keys = [getattr(request, "session_hash", None), LocalContext.event_id.get(None)]
+        return [key for key in keys if key]

@@ -1,0 +1,113 @@
+"""The web app around one engine: its parts, the page, and how Gradio serves them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import gradio as gr
+from starlette.middleware import Middleware
+
+from model.loader import ModelLoader
+from model.protocol import EngineClient
+from web.admission import Admission
+from web.api import GenerateApi
+from web.chat import Chat
+from web.config import AppConfig
+from web.gate import GpuGate
+from web.guards import Guards, LoginThrottle, StreamWatch
+from web.health import health_route
+from web.limits import RateLimiter
+from web.panel import ModelPanel
+from web.ui import CSS, JS, build_demo
+
+# Worker threads beyond the GPU's places and the queue: page events (panel, send, stop) need some.
+SPARE_THREADS = 16
+# Gradio keeps a copy of the page's state per browser session (~85 KB each); the app's own state
+# is only the busy flag, so old sessions can go once this many newer ones exist.
+SESSIONS_PER_PLACE = 4
+
+
+@dataclass
+class WebApp:
+    """Everything one server holds; `demo` is the page, `launch_options()` how to serve it."""
+
+    config: AppConfig
+    engine: EngineClient
+    loader: ModelLoader
+    admission: Admission
+    limiter: RateLimiter
+    streams: StreamWatch
+    logins: LoginThrottle
+    panel: ModelPanel
+    demo: gr.Blocks
+
+    def fn(self, name: str):
+        """The Python function behind one of the page's events (tests call handlers directly)."""
+        return next(fn.fn for fn in self.demo.fns.values() if fn.name == name)
+
+    def launch_options(self) -> dict[str, Any]:
+        """Keyword arguments for demo.launch(), the same for main() and the tests."""
+        config = self.config
+        auth = tuple(config.auth.split(":", 1)) if config.auth else None
+        places = config.max_jobs + config.queue_size
+        guards = Middleware(
+            Guards,
+            event_ids=lambda: self.demo.fns.keys(),
+            streams=self.streams,
+            logins=self.logins,
+            behind_proxy=config.behind_proxy,
+            hide_api_info=auth is not None,
+        )
+        return {
+            "server_name": config.host,
+            "server_port": config.port,
+            "auth": auth,
+            "share": False,  # never open a public tunnel to this machine
+            "max_threads": places + SPARE_THREADS,
+            "state_session_capacity": max(64, SESSIONS_PER_PLACE * places),
+            "run_history": False,  # Gradio would keep every prompt and answer for replay
+            "css": CSS,
+            "js": JS,
+            "app_kwargs": {
+                # Routes and middleware given here come before Gradio's own.
+                "routes": [health_route(self.engine)],
+                "middleware": [guards],
+                "openapi_url": None,
+                "docs_url": None,
+                "redoc_url": None,
+            },
+        }
+
+
+def build_app(
+    engine: EngineClient, config: AppConfig | None = None, loader: ModelLoader | None = None
+) -> WebApp:
+    """Wire one engine to the chat, the API and the model panel."""
+    config = config or AppConfig()
+    loader = loader or ModelLoader(engine, repo=config.repo, model_dir=config.model_dir)
+    status = engine.status
+    admission = Admission(
+        status.max_concurrency if status.state == "ready" else 1, config.queue_size
+    )
+    loader.on_loaded(lambda loaded: admission.set_slots(loaded.max_concurrency))
+    limiter = RateLimiter(config.rate_limit)
+    streams = StreamWatch()
+    logins = LoginThrottle()
+    gate = GpuGate(
+        engine,
+        limiter=limiter,
+        admission=admission,
+        streams=streams,
+        behind_proxy=config.behind_proxy,
+    )
+    panel = ModelPanel(engine, loader, config, logins)
+    demo = build_demo(
+        Chat(gate),
+        GenerateApi(gate),
+        panel,
+        initial_gpu=engine.gpu_info(),
+        model_dir=config.model_dir,
+    )
+    demo.queue(max_size=config.queue_size, default_concurrency_limit=1)
+    return WebApp(config, engine, loader, admission, limiter, streams, logins, panel, demo)
