@@ -49,6 +49,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     """Parse the configuration, start the engine, serve the page and load the model."""
     config = parse_config(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # Gradio's start-up checks, line by line
     problem = port_problem(config.host, config.port)
     if problem:
         sys.exit(problem)
@@ -62,9 +63,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     except OSError as error:  # lost a race for the port since the check above
         engine.close()
         sys.exit(f"Cannot start the server on {config.host}:{config.port}: {error}")
+    start(web, config)
     shown_host = "127.0.0.1" if config.host == "0.0.0.0" else config.host
     logger.info("The page is at http://%s:%d (Ctrl+C stops the server).", shown_host, config.port)
-    start(web, config)
     try:
         web.demo.block_thread()
     finally:

@@ -746,3 +746,25 @@ def test_the_terminal_says_there_is_no_gpu_and_never_suggests_a_share_link():
     assert f"The page is at http://127.0.0.1:{port}" in output
     assert "No CUDA GPU found: the page will say so." in output
     assert "share=True" not in output and "public link" not in output
+
+
+def test_with_a_gpu_the_app_loads_the_configured_branch_at_start_unless_told_not_to(monkeypatch):
+    import app
+
+    monkeypatch.setattr(loader_module, "resolve_model_dir", resolved(branch="6_5"))
+    engine = FakeEngine(loaded=False)
+    web = build_app(engine, AppConfig(branch="6_5", context=8192))
+    app.start(web, web.config)
+    assert until_loaded(web)
+    assert engine.loads == [{"model_dir": "/models/sc2", "max_seq_len": 8192, "cache_mode": "fp16"}]
+    idle = FakeEngine(loaded=False)
+    app.start(build_app(idle, AppConfig(load_at_start=False)), AppConfig(load_at_start=False))
+    assert idle.loads == []
+
+
+def until_loaded(web: WebApp) -> bool:
+    """Wait for the start-up load thread (it is the loader's only thread)."""
+    for thread in threading.enumerate():
+        if thread.name == "model-loader":
+            thread.join(WAIT_S)
+    return web.engine.status.state == "ready"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +20,7 @@ from web.guards import Guards, LoginThrottle, StreamWatch
 from web.health import health_route
 from web.limits import RateLimiter
 from web.panel import ModelPanel
+from web.sessions import SessionSweeper
 from web.ui import CSS, JS, build_demo
 
 # Worker threads beyond the GPU's places and the queue: page events (panel, send, stop) need some.
@@ -26,6 +28,7 @@ SPARE_THREADS = 16
 # Gradio keeps a copy of the page's state per browser session (~85 KB each); the app's own state
 # is only the busy flag, so old sessions can go once this many newer ones exist.
 SESSIONS_PER_PLACE = 4
+ANALYTICS_EVENTS = 100
 
 
 @dataclass
@@ -109,5 +112,10 @@ def build_app(
         initial_gpu=engine.gpu_info(),
         model_dir=config.model_dir,
     )
-    demo.queue(max_size=config.queue_size, default_concurrency_limit=1)
+    # Replies wait in `admission`; Gradio's own queue only hands them to a worker thread, so it
+    # takes a burst as large as all the places at once. Its per-event statistics (recomputed with
+    # pandas after every event) are kept short.
+    os.environ.setdefault("GRADIO_ANALYTICS_MAX_EVENTS", str(ANALYTICS_EVENTS))
+    demo.queue(max_size=config.max_jobs + config.queue_size, default_concurrency_limit=1)
+    SessionSweeper(demo, streams.is_open).start()
     return WebApp(config, engine, loader, admission, limiter, streams, logins, panel, demo)
