@@ -12,7 +12,7 @@ import queue
 import secrets
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,6 +37,7 @@ from model.protocol import (
     TextDelta,
 )
 from model.settings import SamplingSettings
+from model.tokens import PromptEncoder
 
 PAGE_SIZE = 256  # exllamav2's cache page, in tokens
 DEFAULT_MAX_JOBS = 8
@@ -49,13 +50,17 @@ GB = 1e9
 _WORKER_CHECK_S = 0.5
 
 
+# Where the worker sends a job's events (TextDelta, Finished, or an exception that ends it).
+Sink = Callable[[object], None]
+
+
 @dataclass(eq=False)
 class _Request:
-    """One job in flight: the worker pushes events into `events`; the caller reads them."""
+    """One job in flight: the worker hands its events to `deliver`."""
 
     input_ids: list[int]
     settings: SamplingSettings
-    events: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
+    deliver: Sink
     job: object = None
     submitted_at: float = field(default_factory=time.time)  # exllamav2 stamps jobs with time.time()
     text: list[str] = field(default_factory=list)
@@ -74,24 +79,6 @@ def validate_load_args(max_seq_len: int, cache_mode: str) -> None:
     """Raise InvalidSetting unless the context and cache mode are ones the engine supports."""
     validate_context(max_seq_len)
     check_cache_mode(cache_mode)
-
-
-class PromptEncoder:
-    """Encodes prompt segments: template text may hold special tokens, user text never does."""
-
-    def __init__(self, tokenizer_json: str | Path) -> None:
-        from tokenizers import Tokenizer
-
-        self._trusted = Tokenizer.from_file(str(tokenizer_json))
-        self._literal = Tokenizer.from_file(str(tokenizer_json))
-        self._literal.encode_special_tokens = True  # typing "<|endoftext|>" gives plain-text tokens
-
-    def encode(self, segments: Sequence[Segment]) -> list[int]:
-        ids: list[int] = []
-        for segment in segments:
-            tokenizer = self._trusted if segment.trusted else self._literal
-            ids += tokenizer.encode(segment.text, add_special_tokens=False).ids
-        return ids
 
 
 class Engine:
@@ -336,6 +323,12 @@ class Engine:
 
     def stream_tokens(self, ids: list[int], settings: SamplingSettings) -> Iterator[StreamEvent]:
         """Like `stream`, for a prompt that is already token ids."""
+        events: queue.SimpleQueue = queue.SimpleQueue()
+        request = self.submit(ids, settings, events.put)
+        return self._events(request, events)
+
+    def submit(self, ids: Sequence[int], settings: SamplingSettings, sink: Sink) -> _Request:
+        """Start a job; its events go to sink(event) from the worker thread. `cancel` ends it."""
         if self._status.state != "ready":
             raise NotReady(f"The model is not ready ({self._status.state}); load one first.")
         context = self._status.max_seq_len
@@ -345,15 +338,21 @@ class Engine:
                 f"{settings.max_new_tokens:,}, but the context is {context:,} tokens; shorten the "
                 "prompt, lower max new tokens or raise the context size."
             )
-        return self._events(_Request(list(ids), settings))
-
-    def _events(self, request: _Request) -> Iterator[StreamEvent]:
+        request = _Request(list(ids), settings, sink)
         request.worker = self._worker
         self._commands.put(("submit", request))
+        return request
+
+    def cancel(self, request: _Request) -> None:
+        """End a job early (its caller went away); the worker drops it before its next step."""
+        if not request.done:
+            self._commands.put(("cancel", request))
+
+    def _events(self, request: _Request, events: queue.SimpleQueue) -> Iterator[StreamEvent]:
         try:
             while True:
                 try:
-                    event = request.events.get(timeout=_WORKER_CHECK_S)
+                    event = events.get(timeout=_WORKER_CHECK_S)
                 except queue.Empty:
                     # A worker that stopped (reload) or died never answers: fail, do not hang.
                     if request.worker is None or not request.worker.is_alive():
@@ -367,8 +366,7 @@ class Engine:
                 if isinstance(event, Finished):
                     return
         finally:
-            if not request.done:
-                self._commands.put(("cancel", request))
+            self.cancel(request)
 
     # ---- the worker ----
 
@@ -427,7 +425,7 @@ class Engine:
             self._generator.enqueue(request.job)
         except Exception as error:
             request.done = True
-            request.events.put(GenerationFailed(f"The job could not start: {error}"))
+            request.deliver(GenerationFailed(f"The job could not start: {error}"))
             return
         active[request.job] = request
 
@@ -435,7 +433,7 @@ class Engine:
         text = result.get("text", "")
         if text:
             request.text.append(text)
-            request.events.put(TextDelta(text))
+            request.deliver(TextDelta(text))
         if not result.get("eos"):
             return
         del active[request.job]
@@ -446,7 +444,7 @@ class Engine:
         ttft = first_token - request.submitted_at
         new_tokens = result.get("new_tokens", 0)
         generate_s = result.get("time_generate", 0.0)
-        request.events.put(
+        request.deliver(
             Finished(
                 text="".join(request.text),
                 prompt_tokens=result.get("prompt_tokens", len(request.input_ids)),
@@ -479,7 +477,7 @@ class Engine:
                 self._generator.cancel(request.job)
                 del active[request.job]
                 request.done = True
-                request.events.put(GenerationFailed(message))
+                request.deliver(GenerationFailed(message))
         except Exception:
             try:
                 self._end_all(active, message)
@@ -494,7 +492,7 @@ class Engine:
     def _end_all(self, active: dict, message: str) -> None:
         for request in active.values():
             request.done = True
-            request.events.put(GenerationFailed(message))
+            request.deliver(GenerationFailed(message))
         active.clear()  # before clear_queue, which may raise on a broken generator
         if self._generator is not None:
             self._generator.clear_queue()

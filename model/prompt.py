@@ -46,12 +46,16 @@ class Segment:
 
 @dataclass(frozen=True)
 class FittedPrompt:
-    """The prompt that fits the context, and how many old turns were dropped to get there."""
+    """The prompt that fits the context, its token ids, and how many old turns were dropped."""
 
     messages: list[dict[str, str]]
     segments: list[Segment]
-    prompt_tokens: int
+    ids: list[int]
     dropped_turns: int
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.ids)
 
 
 def _checked_messages(messages: object) -> list[dict[str, str]]:
@@ -176,7 +180,7 @@ def _check_count(name: str, value: object) -> int:
 def fit_to_context(
     messages: Sequence[Mapping[str, str]],
     *,
-    count_tokens: Callable[[Sequence[Segment]], int],
+    encode: Callable[[Sequence[Segment]], list[int]],
     context_tokens: int,
     max_new_tokens: int,
     system: str | None = None,
@@ -189,33 +193,33 @@ def fit_to_context(
 
     budget = context_tokens - max_new_tokens
     total_turns = (len(checked) - 1) // 2
-    counted: dict[int, tuple[list[Segment], int]] = {}
+    encoded: dict[int, tuple[list[Segment], list[int]]] = {}
 
-    def render(dropped: int) -> tuple[list[Segment], int]:
-        """Render and count the prompt without the `dropped` oldest turns (memoised)."""
-        if dropped not in counted:
+    def render(dropped: int) -> tuple[list[Segment], list[int]]:
+        """Render and encode the prompt without the `dropped` oldest turns (memoised)."""
+        if dropped not in encoded:
             segments = _segments(checked[2 * dropped :], system, response_prefix)
-            counted[dropped] = (segments, int(count_tokens(segments)))
-        return counted[dropped]
+            encoded[dropped] = (segments, list(encode(segments)))
+        return encoded[dropped]
 
     def result(dropped: int) -> FittedPrompt:
-        segments, tokens = render(dropped)
-        return FittedPrompt(checked[2 * dropped :], segments, tokens, dropped)
+        segments, ids = render(dropped)
+        return FittedPrompt(checked[2 * dropped :], segments, ids, dropped)
 
-    if render(0)[1] <= budget:
+    if len(render(0)[1]) <= budget:
         return result(0)
-    _, current_only = render(total_turns)
+    current_only = len(render(total_turns)[1])
     if current_only > budget:
         raise ContextTooLong(
             f"The prompt is {current_only:,} tokens and max new tokens is {max_new_tokens:,}, "
             f"but the context is {context_tokens:,} tokens; shorten the message, lower max new "
             "tokens or raise the context size."
         )
-    # Dropping turns only shortens the prompt, so binary search keeps the count calls logarithmic.
+    # Dropping turns only shortens the prompt, so binary search keeps the encodings logarithmic.
     too_long, fits = 0, total_turns
     while fits - too_long > 1:
         middle = (too_long + fits) // 2
-        if render(middle)[1] <= budget:
+        if len(render(middle)[1]) <= budget:
             fits = middle
         else:
             too_long = middle

@@ -41,6 +41,24 @@ StreamEvent = TextDelta | Finished
 
 
 @dataclass(frozen=True)
+class GenerationRequest:
+    """One reply to write: checked, rendered, tokenized and fitted to the context at the edge.
+
+    Nothing downstream checks or tokenizes it again; an engine needs only `ids` and `settings`
+    (the other fields say what the ids are, for the page and for tests).
+    """
+
+    ids: tuple[int, ...]
+    settings: SamplingSettings
+    segments: tuple[Segment, ...] = ()
+    dropped_turns: int = 0
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.ids)
+
+
+@dataclass(frozen=True)
 class EngineStatus:
     state: str = "empty"  # "empty" | "loading" | "ready" | "failed"
     model_dir: str | None = None
@@ -78,7 +96,9 @@ class EngineClient(Protocol):
 
     def gpu_info(self) -> GpuInfo | None: ...
 
-    def count_tokens(self, segments: Sequence[Segment]) -> int: ...
+    def encode(self, segments: Sequence[Segment]) -> list[int]:
+        """The loaded model's token ids for a prompt (NotReady without a model)."""
+        ...
 
     def load(
         self,
@@ -89,8 +109,8 @@ class EngineClient(Protocol):
         on_progress: LoadProgress | None = None,
     ) -> EngineStatus: ...
 
-    def stream(
-        self, segments: Sequence[Segment], settings: SamplingSettings
-    ) -> Iterator[StreamEvent]: ...
+    def stream(self, request: GenerationRequest) -> Iterator[StreamEvent]:
+        """TextDelta events, then one Finished; closing the iterator cancels the job."""
+        ...
 
     def close(self) -> None: ...

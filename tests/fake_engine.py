@@ -13,6 +13,7 @@ from model.protocol import (
     EngineClient,
     EngineStatus,
     Finished,
+    GenerationRequest,
     GpuInfo,
     LoadProgress,
     LoadStep,
@@ -30,6 +31,7 @@ class StreamCall:
 
     segments: list[Segment]
     settings: SamplingSettings
+    ids: list[int]
     started: threading.Event = field(default_factory=threading.Event)
     finished: threading.Event = field(default_factory=threading.Event)
     closed_event: threading.Event = field(default_factory=threading.Event)
@@ -146,21 +148,24 @@ class FakeEngine(EngineClient):
         """Make the next stream raise `error` after `after_chunks` chunks (a fault on the GPU)."""
         self._fault = (error, after_chunks)
 
-    def count_tokens(self, segments: Sequence[Segment]) -> int:
+    def encode(self, segments: Sequence[Segment]) -> list[int]:
+        """Stand-in token ids: `tokens_per_char` of them per character."""
         if self._status.state != "ready":
             raise NotReady("No model is loaded yet; load one in the Model panel first.")
+        return list(range(self.count_tokens(segments)))
+
+    def count_tokens(self, segments: Sequence[Segment]) -> int:
         return max(1, round(sum(len(s.text) for s in segments) * self.tokens_per_char))
 
-    def stream(
-        self, segments: Sequence[Segment], settings: SamplingSettings
-    ) -> Iterator[StreamEvent]:
+    def stream(self, request: GenerationRequest) -> Iterator[StreamEvent]:
+        segments, settings = request.segments, request.settings
         if self.gpu is None:
             raise NoGPU("A CUDA GPU is required: exllamav2 runs only on NVIDIA GPUs.")
         if self._status.state != "ready":
             raise NotReady("The model is not ready; load one first.")
         if self.error is not None:
             raise self.error
-        call = StreamCall(list(segments), settings)
+        call = StreamCall(list(segments), settings, list(request.ids))
         self.calls.append(call)
         self.call_made.set()
         fault, self._fault = self._fault, None
@@ -187,7 +192,7 @@ class FakeEngine(EngineClient):
             text = "".join(self.chunks)
             yield Finished(
                 text=text,
-                prompt_tokens=self.count_tokens(call.segments),
+                prompt_tokens=len(call.ids),
                 new_tokens=len(self.chunks),
                 cached_tokens=0,
                 time_to_first_token_s=0.05,

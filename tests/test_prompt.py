@@ -67,7 +67,7 @@ def assistant(content):
 
 def chars(segments):
     """A stand-in tokenizer: one token per character."""
-    return sum(len(segment.text) for segment in segments)
+    return [ord(character) for segment in segments for character in segment.text]
 
 
 class CountingCounter:
@@ -223,11 +223,11 @@ def conversation(turns):
 def test_history_that_fits_is_kept_whole_with_one_count():
     messages = conversation(3)
     counter = CountingCounter()
-    fitted = fit_to_context(messages, count_tokens=counter, context_tokens=10_000, max_new_tokens=1)
+    fitted = fit_to_context(messages, encode=counter, context_tokens=10_000, max_new_tokens=1)
     assert fitted == FittedPrompt(
         messages=messages,
         segments=prompt_segments(messages),
-        prompt_tokens=len(build_prompt(messages)),
+        ids=[ord(character) for character in build_prompt(messages)],
         dropped_turns=0,
     )
     assert counter.calls == 1
@@ -238,7 +238,7 @@ def test_history_is_trimmed_oldest_first_but_keeps_current_instruction():
     # Room for the current instruction and exactly three old turns.
     budget = len(build_prompt(messages[14:]))
     fitted = fit_to_context(
-        messages, count_tokens=chars, context_tokens=budget + 100, max_new_tokens=100
+        messages, encode=chars, context_tokens=budget + 100, max_new_tokens=100
     )
     assert fitted.dropped_turns == 7
     assert fitted.messages == messages[14:]
@@ -252,7 +252,7 @@ def test_one_token_too_many_drops_one_more_turn():
     messages = conversation(10)
     budget = len(build_prompt(messages[14:]))
     fitted = fit_to_context(
-        messages, count_tokens=chars, context_tokens=budget + 99, max_new_tokens=100
+        messages, encode=chars, context_tokens=budget + 99, max_new_tokens=100
     )
     assert fitted.dropped_turns == 8
     assert fitted.messages == messages[16:]
@@ -261,7 +261,7 @@ def test_one_token_too_many_drops_one_more_turn():
 def test_system_text_moves_to_the_first_kept_instruction():
     messages = conversation(4)
     fitted = fit_to_context(
-        messages, count_tokens=chars, context_tokens=400, max_new_tokens=50, system="SYS"
+        messages, encode=chars, context_tokens=400, max_new_tokens=50, system="SYS"
     )
     kept = messages[2 * fitted.dropped_turns :]
     assert fitted.dropped_turns > 0
@@ -275,7 +275,7 @@ def test_only_the_current_instruction_is_kept_when_nothing_else_fits():
     messages = conversation(5)
     budget = len(build_prompt([user("current")]))
     fitted = fit_to_context(
-        messages, count_tokens=chars, context_tokens=budget + 1, max_new_tokens=1
+        messages, encode=chars, context_tokens=budget + 1, max_new_tokens=1
     )
     assert fitted.dropped_turns == 5
     assert fitted.messages == [user("current")]
@@ -287,7 +287,7 @@ def test_current_instruction_that_cannot_fit_raises_context_too_long_with_number
     with pytest.raises(ContextTooLong) as caught:
         fit_to_context(
             [user("old"), assistant("reply"), user(long_instruction)],
-            count_tokens=chars,
+            encode=chars,
             context_tokens=8192,
             max_new_tokens=512,
         )
@@ -299,7 +299,7 @@ def test_current_instruction_that_cannot_fit_raises_context_too_long_with_number
 
 def test_max_new_tokens_alone_can_exceed_the_context():
     with pytest.raises(ContextTooLong, match="max new tokens is 4,096, but the context is 4,096"):
-        fit_to_context([user("Hi")], count_tokens=chars, context_tokens=4096, max_new_tokens=4096)
+        fit_to_context([user("Hi")], encode=chars, context_tokens=4096, max_new_tokens=4096)
 
 
 @pytest.mark.parametrize("turns", [1, 2, 7, 64, 1000])
@@ -308,7 +308,7 @@ def test_token_counting_calls_grow_logarithmically_with_history(turns):
     two_turns = len(build_prompt(conversation(2)))  # every old turn has the same length
     counter = CountingCounter()
     fitted = fit_to_context(
-        messages, count_tokens=counter, context_tokens=two_turns + 100, max_new_tokens=100
+        messages, encode=counter, context_tokens=two_turns + 100, max_new_tokens=100
     )
     assert fitted.prompt_tokens + 100 <= two_turns + 100
     assert fitted.dropped_turns == max(0, turns - 2)
@@ -322,7 +322,7 @@ def test_non_positive_or_non_integer_budgets_are_rejected(context_tokens, max_ne
     with pytest.raises(InvalidMessages, match="positive whole number"):
         fit_to_context(
             [user("Hi")],
-            count_tokens=chars,
+            encode=chars,
             context_tokens=context_tokens,
             max_new_tokens=max_new_tokens,
         )

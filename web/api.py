@@ -48,12 +48,12 @@ class GenerateApi:
             )
             if not prompt.strip():
                 raise InvalidMessages("The prompt is empty; send an instruction to answer.")
-            fitted = self.gate.fit([{"role": "user", "content": prompt}], settings)
+            request = self.gate.fit([{"role": "user", "content": prompt}], settings)
             with self.gate.enter() as ticket:
                 for _ahead in ticket.wait():
                     pass  # the stream says nothing while it waits; Gradio reports the wait
                 text = ""
-                with contextlib.closing(self.gate.stream(fitted, settings)) as events:
+                with contextlib.closing(self.gate.stream(request)) as events:
                     for event in events:
                         if isinstance(event, Finished):
                             if event.text != text:

@@ -9,8 +9,7 @@ from collections.abc import Sequence
 import gradio as gr
 
 from model.errors import ChatError, InvalidMessages, InvalidSetting
-from model.prompt import FittedPrompt, build_prompt
-from model.protocol import Finished
+from model.protocol import Finished, GenerationRequest
 from model.settings import FIELDS, SamplingSettings, validate_settings
 from web.errors import user_message
 from web.gate import GpuGate
@@ -161,8 +160,9 @@ def failed_line(message: str) -> str:
     return f"{FAILED_MARK} {message}"
 
 
-def context_meter(fitted: FittedPrompt, max_new_tokens: int, context_tokens: int) -> str:
+def context_meter(request: GenerationRequest, context_tokens: int) -> str:
     """An HTML bar: prompt plus max new tokens against the context, and a note on dropped turns."""
+    fitted, max_new_tokens = request, request.settings.max_new_tokens
     used = fitted.prompt_tokens + max_new_tokens
     share = min(100.0, 100.0 * used / context_tokens) if context_tokens else 100.0
     dropped = ""
@@ -212,21 +212,21 @@ class Chat:
             settings = read_settings(values[:-1], values[-1])
             budget = MAX_PROMPT_CHARS - len(system) - len(prefix)
             kept, pre_dropped = trim_history(history, max(budget, len(question)))
-            fitted = self.gate.fit(kept, settings, system=system, prefix=prefix)
+            request = self.gate.fit(kept, settings, system=system, prefix=prefix)
             if pre_dropped:
-                fitted = dataclasses.replace(
-                    fitted, dropped_turns=fitted.dropped_turns + pre_dropped
+                request = dataclasses.replace(
+                    request, dropped_turns=request.dropped_turns + pre_dropped
                 )
-            prompt = build_prompt(fitted.messages, system=system or None, response_prefix=prefix)
+            prompt = "".join(segment.text for segment in request.segments)
             shown_prompt = gr.Textbox(
-                prompt, label=f"Prompt sent to the model: {fitted.prompt_tokens:,} tokens"
+                prompt, label=f"Prompt sent to the model: {request.prompt_tokens:,} tokens"
             )
-            meter = context_meter(fitted, settings.max_new_tokens, self.gate.context_tokens)
+            meter = context_meter(request, self.gate.context_tokens)
             with self.gate.enter() as ticket:
                 for ahead in ticket.wait():
                     yield history, waiting_line(ahead), meter, shown_prompt
                 # closing(): Stop closes this generator, which must close the engine's (the job).
-                with contextlib.closing(self.gate.stream(fitted, settings)) as events:
+                with contextlib.closing(self.gate.stream(request)) as events:
                     yield history, "Generating…", meter, shown_prompt
                     text = ""
                     for event in events:

@@ -12,8 +12,8 @@ from collections.abc import Callable, Iterator, Sequence
 from gradio.context import LocalContext
 
 from model.errors import NO_GPU_MESSAGE, NoGPU, NoListener, NotReady
-from model.prompt import FittedPrompt, fit_to_context
-from model.protocol import EngineClient, EngineStatus, StreamEvent
+from model.prompt import fit_to_context
+from model.protocol import EngineClient, EngineStatus, GenerationRequest, StreamEvent
 from model.settings import SamplingSettings
 from web.admission import Admission, Ticket
 from web.guards import StreamWatch
@@ -67,17 +67,20 @@ class GpuGate:
         system: str = "",
         prefix: str = "",
         client: str | None = None,
-    ) -> FittedPrompt:
-        """Count the request against its client's limit and fit the prompt to the context."""
+    ) -> GenerationRequest:
+        """Count the request against its client's limit, fit it to the context and encode it."""
         status = self.ready()
         self.limiter.check(client if client is not None else self._gradio_client())
-        return fit_to_context(
+        fitted = fit_to_context(
             messages,
-            count_tokens=self.engine.count_tokens,
+            encode=self.engine.encode,
             context_tokens=status.max_seq_len,
             max_new_tokens=settings.max_new_tokens,
             system=system or None,
             response_prefix=prefix,
+        )
+        return GenerationRequest(
+            tuple(fitted.ids), settings, tuple(fitted.segments), fitted.dropped_turns
         )
 
     def enter(
@@ -100,8 +103,8 @@ class GpuGate:
             )
         return ticket
 
-    def stream(self, fitted: FittedPrompt, settings: SamplingSettings) -> Iterator[StreamEvent]:
-        return self.engine.stream(fitted.segments, settings)
+    def stream(self, request: GenerationRequest) -> Iterator[StreamEvent]:
+        return self.engine.stream(request)
 
     def _gradio_client(self) -> str | None:
         return client_address(LocalContext.request.get(None), self.behind_proxy)
