@@ -1,16 +1,26 @@
-"""Chat with StarCoder2-15B-Instruct (EXL2) on one NVIDIA GPU: `python app.py --help`."""
+"""Chat with StarCoder2-15B-Instruct (EXL2) on one NVIDIA GPU: `python app.py --help`.
+
+The web server (this process) never imports torch or exllamav2: the engine runs in a process of
+its own per GPU (model.client). An engine process re-imports this module, so it imports only
+what it needs at the top.
+"""
 
 from __future__ import annotations
 
 import errno
 import logging
+import os
 import socket
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 from model.errors import NO_GPU_MESSAGE
-from web.config import AppConfig, parse_config
-from web.server import WebApp, build_app
+
+if TYPE_CHECKING:
+    from model.protocol import EngineClient
+    from web.config import AppConfig
+    from web.server import WebApp
 
 logger = logging.getLogger("app")
 
@@ -32,6 +42,35 @@ def port_problem(host: str, port: int) -> str | None:
     return None
 
 
+def device_names(gpus: Sequence[str] | None, environ: Mapping[str, str]) -> list[str | None]:
+    """CUDA_VISIBLE_DEVICES for each engine process: --gpus counts among the GPUs this process
+    may see (CUDA_VISIBLE_DEVICES, if set); None leaves the first visible GPU."""
+    if not gpus:
+        return [None]
+    visible = [d.strip() for d in environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    if not visible:
+        return list(gpus)
+    missing = [gpu for gpu in gpus if int(gpu) >= len(visible)]
+    if missing:
+        raise SystemExit(
+            f"--gpus {','.join(gpus)} names GPU {missing[0]}, but CUDA_VISIBLE_DEVICES shows only "
+            f"{len(visible)} ({','.join(visible)}); count from 0 among those."
+        )
+    return [visible[int(gpu)] for gpu in gpus]
+
+
+def start_engines(config: AppConfig) -> EngineClient:
+    """One engine process per GPU, behind one client."""
+    from model.client import EngineProcess
+    from model.pool import EnginePool
+
+    engines = [
+        EngineProcess(device=device, max_jobs=config.max_jobs)
+        for device in device_names(config.gpus, os.environ)
+    ]
+    return engines[0] if len(engines) == 1 else EnginePool(engines)
+
+
 def start(web: WebApp, config: AppConfig) -> None:
     """Say what will happen with the GPU and the model, and start loading it if asked."""
     gpu = web.engine.gpu_info()
@@ -47,15 +86,16 @@ def start(web: WebApp, config: AppConfig) -> None:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Parse the configuration, start the engine, serve the page and load the model."""
+    from web.config import parse_config
+    from web.server import build_app
+
     config = parse_config(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # Gradio's start-up checks, line by line
     problem = port_problem(config.host, config.port)
     if problem:
         sys.exit(problem)
-    from model.engine import Engine
-
-    engine = Engine(max_jobs=config.max_jobs)
+    engine = start_engines(config)
     web = build_app(engine, config)
     try:
         # quiet: Gradio's own banner suggests share=True, which this app never uses.

@@ -9,7 +9,7 @@ from typing import Protocol
 from model.prompt import Segment
 from model.settings import SamplingSettings
 
-HEALTH_STATES = ("empty", "loading", "ready", "degraded", "failed")
+HEALTH_STATES = ("empty", "loading", "ready", "degraded", "failed", "restarting")
 # Why a reply ended: "eos" | "stop_string" | "max_new_tokens" | "cancelled"
 STOP_REASONS = ("eos", "stop_string", "max_new_tokens", "cancelled")
 
@@ -60,7 +60,7 @@ class GenerationRequest:
 
 @dataclass(frozen=True)
 class EngineStatus:
-    state: str = "empty"  # "empty" | "loading" | "ready" | "failed"
+    state: str = "empty"  # "empty" | "loading" | "ready" | "failed" | "restarting"
     model_dir: str | None = None
     max_seq_len: int = 0
     cache_mode: str = "fp16"

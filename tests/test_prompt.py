@@ -237,9 +237,7 @@ def test_history_is_trimmed_oldest_first_but_keeps_current_instruction():
     messages = conversation(10)
     # Room for the current instruction and exactly three old turns.
     budget = len(build_prompt(messages[14:]))
-    fitted = fit_to_context(
-        messages, encode=chars, context_tokens=budget + 100, max_new_tokens=100
-    )
+    fitted = fit_to_context(messages, encode=chars, context_tokens=budget + 100, max_new_tokens=100)
     assert fitted.dropped_turns == 7
     assert fitted.messages == messages[14:]
     assert fitted.messages[0]["content"].startswith("q7")
@@ -251,9 +249,7 @@ def test_history_is_trimmed_oldest_first_but_keeps_current_instruction():
 def test_one_token_too_many_drops_one_more_turn():
     messages = conversation(10)
     budget = len(build_prompt(messages[14:]))
-    fitted = fit_to_context(
-        messages, encode=chars, context_tokens=budget + 99, max_new_tokens=100
-    )
+    fitted = fit_to_context(messages, encode=chars, context_tokens=budget + 99, max_new_tokens=100)
     assert fitted.dropped_turns == 8
     assert fitted.messages == messages[16:]
 
@@ -274,9 +270,7 @@ def test_system_text_moves_to_the_first_kept_instruction():
 def test_only_the_current_instruction_is_kept_when_nothing_else_fits():
     messages = conversation(5)
     budget = len(build_prompt([user("current")]))
-    fitted = fit_to_context(
-        messages, encode=chars, context_tokens=budget + 1, max_new_tokens=1
-    )
+    fitted = fit_to_context(messages, encode=chars, context_tokens=budget + 1, max_new_tokens=1)
     assert fitted.dropped_turns == 5
     assert fitted.messages == [user("current")]
 

@@ -606,9 +606,7 @@ def test_gradio_is_pinned_to_a_release_with_the_file_route_fixes():
 
 def test_main_launches_without_a_share_link_and_with_the_health_route(monkeypatch):
     seen = {}
-    monkeypatch.setattr(
-        engine_module, "Engine", lambda max_jobs: FakeEngine(gpu=None, loaded=False)
-    )
+    monkeypatch.setattr(app, "start_engines", lambda config: FakeEngine(gpu=None, loaded=False))
     monkeypatch.setattr(gr.Blocks, "launch", lambda self, **kwargs: seen.update(kwargs))
     monkeypatch.setattr(gr.Blocks, "block_thread", lambda self: None)
     port = free_port()

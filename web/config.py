@@ -38,7 +38,8 @@ class AppConfig:
     queue_size: int = 32
     auth: str | None = None
     rate_limit: int = 30  # requests per minute per client for chat and /generate; 0 = no limit
-    max_jobs: int = 8  # jobs batched together on the GPU; the cache holds this many contexts
+    max_jobs: int = 8  # jobs batched together on each GPU; the cache holds this many contexts
+    gpus: tuple[str, ...] | None = None  # one engine process per GPU; None: the first GPU
     admin_token: str | None = None  # lets the page's Load button work on a public server
     load_at_start: bool = True  # with a GPU, download and load the model while serving
     behind_proxy: bool = False  # on a Space: the client address is in X-Forwarded-For
@@ -53,6 +54,18 @@ class AppConfig:
     def loading_open(self) -> bool:
         """Anyone with the page may (re)load the model: only a local run."""
         return not self.public
+
+
+def parse_gpus(parser: argparse.ArgumentParser, text: str | None) -> tuple[str, ...] | None:
+    """'0,1' -> ('0', '1'): distinct GPU indices; None or blank: the first GPU."""
+    if not text or not text.strip():
+        return None
+    gpus = tuple(part.strip() for part in text.split(","))
+    if not all(gpu.isdigit() for gpu in gpus) or len(set(gpus)) != len(gpus):
+        parser.error(
+            f"--gpus must be distinct GPU numbers separated by commas, e.g. 0,1 (got {text!r})"
+        )
+    return gpus
 
 
 def parse_config(
@@ -83,6 +96,9 @@ def parse_config(
         ("--max-jobs", ("SC2_MAX_JOBS",), base.max_jobs, int,
          "jobs that run together on the GPU; the cache is sized for this many full contexts, "
          "capped by free VRAM"),
+        ("--gpus", ("SC2_GPUS",), None, str,
+         "GPUs to serve from, one engine process each, e.g. 0,1 (replies go to the least "
+         "loaded; follow-up turns to the GPU holding their conversation)"),
         ("--admin-token", ("SC2_ADMIN_TOKEN",), base.admin_token, str,
          "a secret that lets the page's Load button work when the app is public (a Space, or "
          "--host other than 127.0.0.1); without it, loading from the page is off there"),
@@ -130,6 +146,7 @@ def parse_config(
         parser.error("--admin-token must be at least 12 characters (it guards model reloads)")
     values = vars(args)
     load_at_start = not values.pop("no_load")
+    values["gpus"] = parse_gpus(parser, values["gpus"])
     on_space = bool(env.get("SPACE_ID"))
     return AppConfig(
         **values, load_at_start=load_at_start, behind_proxy=on_space, on_space=on_space

@@ -1,0 +1,291 @@
+"""The web side's handle on one engine process: status, a stream per reply, load, restart.
+
+The engine runs in a child process (model.worker) that alone imports torch and exllamav2. If it
+dies (killed, a segfault, a CUDA error), every reply in flight ends at once with a clear error,
+a new process starts and the last model is loaded again.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import multiprocessing
+import queue
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+from model import worker
+from model.errors import GenerationFailed, NoGPU, NotReady
+from model.prompt import Segment
+from model.protocol import (
+    EngineClient,
+    EngineStatus,
+    Finished,
+    GenerationRequest,
+    GpuInfo,
+    LoadProgress,
+    StreamEvent,
+)
+from model.tokens import PromptEncoder
+
+logger = logging.getLogger(__name__)
+
+REAL_ENGINE = "model.engine:Engine"
+START_TIMEOUT_S = 300.0  # importing torch and probing the GPU; a cold disk can be slow
+GPU_INFO_TTL_S = 1.0  # free memory is asked for at most once a second
+CALL_TIMEOUT_S = 5.0
+RESTART_DELAYS_S = (0.0, 1.0, 5.0, 30.0)  # after one, two, three and more deaths in a row
+
+
+@dataclass
+class _Call:
+    """A call to the engine process waiting for its reply (and, for a load, its progress)."""
+
+    on_progress: LoadProgress | None = None
+    done: threading.Event = field(default_factory=threading.Event)
+    value: object = None
+
+
+class EngineProcess(EngineClient):
+    """One engine process (one GPU), restarted and reloaded if it dies."""
+
+    def __init__(
+        self,
+        *,
+        device: str | None = None,
+        max_jobs: int = 8,
+        backend: str = REAL_ENGINE,
+        options: dict | None = None,
+        start_timeout_s: float = START_TIMEOUT_S,
+    ) -> None:
+        self.device = device
+        self.backend = backend
+        self.options = {"max_jobs": max_jobs, **(options or {})}
+        self.start_timeout_s = start_timeout_s
+        self.restarts = 0
+        self._context = multiprocessing.get_context("spawn")  # no CUDA state is ever forked
+        self._send_lock = threading.Lock()
+        self._ids = itertools.count(1)
+        self._streams: dict[int, queue.SimpleQueue] = {}
+        self._calls: dict[int, _Call] = {}
+        self._status = EngineStatus(state="loading", message="Starting the engine process…")
+        self._health = "loading"
+        self._gpu: GpuInfo | None = None
+        self._gpu_asked_at = 0.0
+        self._encoder: PromptEncoder | None = None
+        self._last_load: dict | None = None
+        self._deaths_in_a_row = 0
+        self._closing = False
+        self._start()
+
+    # ---- the process ----
+
+    def _start(self) -> None:
+        ours, theirs = self._context.Pipe()
+        self._hello = threading.Event()
+        self._process = self._context.Process(
+            target=worker.main,
+            args=(theirs, self.backend, self.device, self.options),
+            name=f"engine-{self.device or 'gpu'}",
+            daemon=True,
+        )
+        self._process.start()
+        theirs.close()
+        self._conn = ours
+        threading.Thread(
+            target=self._read, args=(ours, self._process), name="engine-reader", daemon=True
+        ).start()
+        if not self._hello.wait(self.start_timeout_s):
+            raise GenerationFailed(
+                f"The engine process did not start within {self.start_timeout_s:g} s; see the "
+                "server log."
+            )
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid
+
+    def _send(self, *message: object) -> None:
+        with self._send_lock:
+            self._conn.send(message)
+
+    def _read(self, conn, process) -> None:
+        """Hand each message to its reader; when the pipe breaks, the process has died."""
+        try:
+            while True:
+                self._dispatch(conn.recv())
+        except (EOFError, OSError):
+            pass
+        process.join(5)
+        if not self._closing:
+            self._died(process.exitcode)
+
+    def _dispatch(self, message: tuple) -> None:
+        kind = message[0]
+        if kind == "events":
+            _, events, self._health = message
+            for request_id, event in events:
+                stream = self._streams.get(request_id)
+                if stream is not None:
+                    stream.put(event)
+        elif kind == "progress":
+            call = self._calls.get(message[1])
+            if call is not None and call.on_progress is not None:
+                call.on_progress(message[2])
+        elif kind == "reply":
+            call = self._calls.pop(message[1], None)
+            if call is not None:
+                call.value = message[2]
+                call.done.set()
+        elif kind == "status":
+            _, self._status, self._health = message
+        elif kind == "hello":
+            _, self._gpu, self._status, self._health = message
+            self._gpu_asked_at = time.monotonic()
+            self._deaths_in_a_row = 0
+            self._hello.set()
+
+    def _died(self, exitcode: int | None) -> None:
+        """End everything in flight with the reason, then start again and reload the model."""
+        reloading = " and the model reloaded" if self._last_load else ""
+        message = (
+            f"The engine process stopped (exit code {exitcode}); it is being restarted"
+            f"{reloading}. Send the message again in a moment."
+        )
+        logger.error(message)
+        self._status = EngineStatus(state="restarting", message=message)
+        self._health = "restarting"
+        self._encoder = None
+        for stream in list(self._streams.values()):
+            stream.put(worker.Failure("GenerationFailed", message))
+        for call in list(self._calls.values()):
+            call.value = worker.Failure("GenerationFailed", message)
+            call.done.set()
+        self._calls.clear()
+        threading.Thread(target=self._restart, name="engine-restart", daemon=True).start()
+
+    def _restart(self) -> None:
+        delay = RESTART_DELAYS_S[min(self._deaths_in_a_row, len(RESTART_DELAYS_S) - 1)]
+        self._deaths_in_a_row += 1
+        time.sleep(delay)  # a process that dies at once must not spin
+        try:
+            self._start()
+            self.restarts += 1
+            if self._last_load:
+                self.load(**self._last_load)
+        except Exception as error:  # the next death, or the log, tells the operator
+            logger.exception("Restarting the engine process failed", exc_info=error)
+
+    def _call(self, method: str, timeout_s: float | None = CALL_TIMEOUT_S, **kwargs) -> object:
+        call_id = next(self._ids)
+        call = _Call(on_progress=kwargs.pop("on_progress", None))
+        self._calls[call_id] = call
+        try:
+            self._send("call", call_id, method, kwargs)
+        except (OSError, EOFError):
+            self._calls.pop(call_id, None)
+            raise GenerationFailed("The engine process is restarting; try again.") from None
+        if not call.done.wait(timeout_s):
+            self._calls.pop(call_id, None)
+            raise GenerationFailed(f"The engine did not answer {method} within {timeout_s:g} s.")
+        if isinstance(call.value, worker.Failure):
+            raise call.value.exception()
+        return call.value
+
+    # ---- EngineClient ----
+
+    @property
+    def status(self) -> EngineStatus:
+        return self._status
+
+    @property
+    def health(self) -> str:
+        if not self._process.is_alive():
+            return "restarting" if not self._closing else "failed"
+        return self._health
+
+    def gpu_info(self) -> GpuInfo | None:
+        """The GPU's name and memory; free memory is refreshed at most once a second."""
+        stale = time.monotonic() - self._gpu_asked_at > GPU_INFO_TTL_S
+        if self._gpu is not None and stale and self._process.is_alive():
+            self._gpu_asked_at = time.monotonic()
+            try:
+                self._gpu = self._call("gpu_info")
+            except GenerationFailed:
+                pass  # keep the last reading: the panel must not fail because the GPU is busy
+        return self._gpu
+
+    def encode(self, segments: Sequence[Segment]) -> list[int]:
+        if self._encoder is None:
+            raise NotReady("No model is loaded yet; load one in the Model panel first.")
+        return self._encoder.encode(segments)
+
+    def load(
+        self,
+        model_dir: str,
+        *,
+        max_seq_len: int = 4096,
+        cache_mode: str = "fp16",
+        on_progress: LoadProgress | None = None,
+    ) -> EngineStatus:
+        """Load (or reload) in the engine process; replies in flight end with a clear error."""
+        if self._gpu is None:
+            raise NoGPU("A CUDA GPU is required: the engine process found none.")
+        self._encoder = None
+        self._status = EngineStatus(state="loading", message=f"Loading {model_dir}…")
+        arguments = {"model_dir": model_dir, "max_seq_len": max_seq_len, "cache_mode": cache_mode}
+        status = self._call("load", timeout_s=None, on_progress=on_progress, **arguments)
+        assert isinstance(status, EngineStatus)
+        self._encoder = PromptEncoder.for_model(model_dir)
+        self._last_load = arguments  # what a restart loads again
+        self._status = status
+        return status
+
+    def stream(self, request: GenerationRequest) -> Iterator[StreamEvent]:
+        """Send the ids and settings; yield what the engine streams; closing cancels the job."""
+        status = self._status
+        if status.state != "ready":
+            raise NotReady(f"The model is not ready ({status.state}): {status.message}")
+        request_id = next(self._ids)
+        events: queue.SimpleQueue = queue.SimpleQueue()
+        self._streams[request_id] = events
+        try:
+            self._send("submit", request_id, list(request.ids), request.settings)
+        except (OSError, EOFError):
+            self._streams.pop(request_id, None)
+            raise GenerationFailed("The engine process is restarting; try again.") from None
+        return self._events(request_id, events)
+
+    def _events(self, request_id: int, events: queue.SimpleQueue) -> Iterator[StreamEvent]:
+        finished = False
+        try:
+            while True:
+                event = events.get()
+                if isinstance(event, worker.Failure):
+                    finished = True
+                    raise event.exception()
+                yield event
+                if isinstance(event, Finished):
+                    finished = True
+                    return
+        finally:
+            self._streams.pop(request_id, None)
+            if not finished:
+                try:
+                    self._send("cancel", request_id)
+                except (OSError, EOFError):
+                    pass  # the process is gone, and its job with it
+
+    def close(self) -> None:
+        """Stop the engine process (it unloads and frees its GPU) and wait for it."""
+        self._closing = True
+        try:
+            self._send("stop")
+        except (OSError, EOFError):
+            pass
+        self._process.join(30)
+        if self._process.is_alive():
+            self._process.kill()
+            self._process.join(5)

@@ -1,0 +1,172 @@
+"""The engine process: it alone imports torch and exllamav2 and owns its GPU; one pipe to the web.
+
+Messages from the web side:
+    ("submit", request_id, token_ids, settings)   start a reply
+    ("cancel", request_id)                        its reader went away
+    ("call", call_id, method, kwargs)             "load", "unload" or "gpu_info"
+    ("stop",)
+Messages to the web side:
+    ("hello", gpu_info, status, health)
+    ("events", [(request_id, event), …], health)  every event of one generator step, in one message
+    ("progress", call_id, load_step)
+    ("reply", call_id, value)                     a call's result, or a Failure
+    ("status", status, health)
+
+Events are the protocol's small frozen dataclasses; exceptions cross as `Failure`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from typing import Any
+
+from model import errors
+from model.protocol import Finished
+
+# How often the engine process checks, between messages, that its generator thread still runs.
+CHECK_EVERY_S = 0.5
+
+
+@dataclass(frozen=True)
+class Failure:
+    """An exception as it crosses the process boundary: the ChatError's class name and message."""
+
+    kind: str  # a class in model.errors, or the name of any other exception
+    message: str
+
+    @classmethod
+    def of(cls, error: BaseException) -> Failure:
+        return cls(type(error).__name__, str(error))
+
+    def exception(self) -> Exception:
+        """The exception to raise on the web side (anything unexpected stays unexpected)."""
+        kind = getattr(errors, self.kind, None)
+        if isinstance(kind, type) and issubclass(kind, errors.ChatError):
+            try:
+                return kind(self.message)
+            except TypeError:
+                return errors.GenerationFailed(self.message)
+        return RuntimeError(f"{self.kind} in the engine process: {self.message}")
+
+
+def load_backend(spec: str) -> Callable[..., Any]:
+    """'package.module:Name' -> the class (the real engine, or a scripted one in tests)."""
+    module, name = spec.split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+class Outbox:
+    """Everything the engine process sends, in order; a step's events go out as one message."""
+
+    def __init__(self, conn: Connection, health: Callable[[], str]) -> None:
+        self._conn = conn
+        self._health = health
+        self._pending: list[list] = []
+        self._lock = threading.Lock()
+        self._ready = threading.Condition(self._lock)
+        self._closed = False
+        threading.Thread(target=self._send, name="engine-outbox", daemon=True).start()
+
+    def put(self, *message: object) -> None:
+        with self._lock:
+            self._pending.append(list(message))
+            self._ready.notify()
+
+    def event(self, request_id: int, event: object) -> None:
+        with self._lock:
+            if self._pending and self._pending[-1][0] == "events":
+                self._pending[-1][1].append((request_id, event))
+            else:
+                self._pending.append(["events", [(request_id, event)]])
+            self._ready.notify()
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            self._ready.notify()
+
+    def _send(self) -> None:
+        while True:
+            with self._lock:
+                while not self._pending and not self._closed:
+                    self._ready.wait()
+                batch, self._pending = self._pending, []
+                closed = self._closed
+            for message in batch:
+                if message[0] == "events":
+                    message.append(self._health())
+                try:
+                    self._conn.send(tuple(message))
+                except (OSError, EOFError):  # the web side is gone
+                    return
+            if closed:
+                return
+
+
+def main(conn: Connection, backend: str, device: str | None, options: dict) -> None:
+    """Run the engine until told to stop or until the web side goes away."""
+    if device is not None:  # before torch is imported: this process sees one GPU as cuda:0
+        os.environ["CUDA_VISIBLE_DEVICES"] = device
+    engine = load_backend(backend)(**options)
+    outbox = Outbox(conn, lambda: engine.health)
+    handles: dict[int, object] = {}
+    outbox.put("hello", engine.gpu_info(), engine.status, engine.health)
+
+    def sink_for(request_id: int) -> Callable[[object], None]:
+        def sink(event: object) -> None:
+            if isinstance(event, BaseException):
+                event = Failure.of(event)
+            if isinstance(event, (Finished, Failure)):
+                handles.pop(request_id, None)
+            outbox.event(request_id, event)
+
+        return sink
+
+    def call(call_id: int, method: str, kwargs: dict) -> None:
+        try:
+            if method == "load":
+                kwargs["on_progress"] = lambda step: outbox.put("progress", call_id, step)
+                outbox.put("status", engine.status, engine.health)
+            value = getattr(engine, method)(**kwargs)
+        except Exception as error:
+            value = Failure.of(error)
+        outbox.put("reply", call_id, value)
+        outbox.put("status", engine.status, engine.health)
+
+    try:
+        while True:
+            if not conn.poll(CHECK_EVERY_S):
+                if handles and engine.health == "failed":  # the generator thread is gone
+                    for request_id in list(handles):
+                        sink_for(request_id)(errors.GenerationFailed("The engine stopped."))
+                continue
+            message = conn.recv()
+            kind = message[0]
+            if kind == "submit":
+                _, request_id, ids, settings = message
+                sink = sink_for(request_id)
+                try:
+                    handles[request_id] = engine.submit(ids, settings, sink)
+                except Exception as error:
+                    sink(error)
+            elif kind == "cancel":
+                handle = handles.pop(message[1], None)
+                if handle is not None:
+                    engine.cancel(handle)
+            elif kind == "call":
+                _, call_id, method, kwargs = message
+                threading.Thread(
+                    target=call, args=(call_id, method, kwargs), name=f"engine-{method}"
+                ).start()
+            elif kind == "stop":
+                break
+    except (EOFError, OSError):  # the web side went away: nothing is left to serve
+        pass
+    finally:
+        engine.close()
+        outbox.close()
