@@ -1,6 +1,10 @@
 """The app over HTTP vs the engine alone: streaming clients on /generate, 1, 4 and 8 at a time.
 
-Usage (GPU): python bench/app_bench.py --model DIR --out app.json
+Usage (GPU): python bench/app_bench.py --model DIR --out bench/results/app-4_25.json
+Three variants in one run, each with the same clients and prompt:
+- "engine": the engine alone, in this process (no web server);
+- "app, engine in the web process": the previous path, the engine's thread beside Gradio's;
+- "app, engine process": the engine in its own process (model.client), as the app runs now.
 Clients run in their own process, as real clients do, and speak HTTP + server-sent events to
 /gradio_api/call/generate, so the numbers are the server's, not a client library's.
 """
@@ -22,6 +26,7 @@ from bench.engine_bench import in_threads  # noqa: E402
 
 TEXT = "Write a Python function that merges two sorted lists. " * 4
 NEW_TOKENS = 128
+CLIENTS = (1, 4, 8)
 
 
 def clients_main(url: str, clients: int) -> None:
@@ -47,24 +52,110 @@ def clients_main(url: str, clients: int) -> None:
     print("RESULT " + json.dumps(in_threads(clients, one)))
 
 
-def engine_alone(stream, segments, settings) -> dict:
-    """The same job straight on the engine, timed the way a client sees it (first text shown)."""
-    from model.engine import Finished
-
-    started = time.perf_counter()
-    first = None
-    for event in stream(segments, settings):
-        if first is None and event.text:
-            first = time.perf_counter()
-        if isinstance(event, Finished):
-            end = time.perf_counter()
-            return {"ttft_s": first - started, "stream_s": end - first, "tokens": event.new_tokens}
-    raise RuntimeError("stream ended without a Finished event")
-
-
 def percentile(values: list[float], fraction: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(fraction * (len(ordered) - 1)))]
+
+
+def summary(ttfts: list[float], rates: list[float], tokens: int, wall: float) -> dict:
+    return {
+        "ttft_p50_s": statistics.median(ttfts),
+        "ttft_p95_s": percentile(ttfts, 0.95),
+        "tok_s_per_client": statistics.mean(rates),
+        "aggregate_tok_s": tokens / wall,
+    }
+
+
+class InWebProcess:
+    """The previous path: the in-process engine behind the EngineClient protocol."""
+
+    def __init__(self, engine) -> None:
+        from model.tokens import PromptEncoder
+
+        self.engine = engine
+        self.encoder = PromptEncoder.for_model(engine.status.model_dir)
+        self.status, self.health = engine.status, "ready"
+        self.gpu_info, self.close = engine.gpu_info, engine.close
+
+    def encode(self, segments):
+        return self.encoder.encode(segments)
+
+    def stream(self, request):
+        yield from self.engine.stream_tokens(list(request.ids), request.settings)
+
+
+class Recorded:
+    """An EngineClient that keeps every Finished event (the tokens each reply really had)."""
+
+    def __init__(self, client) -> None:
+        self.client = client
+        self.finals: list = []
+
+    def __getattr__(self, name):
+        return getattr(self.client, name)
+
+    def stream(self, request):
+        from model.protocol import Finished
+
+        for event in self.client.stream(request):
+            if isinstance(event, Finished):
+                self.finals.append(event)
+            yield event
+
+
+def engine_alone(engine, clients: int) -> dict:
+    """The same job straight on the engine, timed the way a client sees it (first text shown)."""
+    from model.prompt import prompt_segments
+    from model.protocol import Finished
+    from model.settings import SamplingSettings
+
+    segments = prompt_segments([{"role": "user", "content": TEXT}])
+    settings = SamplingSettings(max_new_tokens=NEW_TOKENS)
+
+    def one(_):
+        started, first = time.perf_counter(), None
+        for event in engine.stream(segments, settings):
+            if first is None and event.text:
+                first = time.perf_counter()
+            if isinstance(event, Finished):
+                end = time.perf_counter()
+                return {
+                    "ttft_s": first - started,
+                    "stream_s": end - first,
+                    "tokens": event.new_tokens,
+                }
+        raise RuntimeError("stream ended without a Finished event")
+
+    started = time.perf_counter()
+    alone = in_threads(clients, one)
+    wall = time.perf_counter() - started
+    rates = [(a["tokens"] - 1) / a["stream_s"] for a in alone if a["stream_s"] > 0]
+    return summary([a["ttft_s"] for a in alone], rates, sum(a["tokens"] for a in alone), wall)
+
+
+def through_the_app(client, clients: int) -> dict:
+    """`clients` HTTP clients in another process against the app serving `client`."""
+    from web.config import AppConfig
+    from web.server import build_app
+
+    recorded = Recorded(client)
+    web = build_app(recorded, AppConfig(queue_size=64, max_jobs=16, rate_limit=0))
+    options = {**web.launch_options(), "server_name": "127.0.0.1", "server_port": None}
+    _, url, _ = web.demo.launch(**options, prevent_thread_lock=True, quiet=True)
+    try:
+        started = time.perf_counter()
+        done = subprocess.run(
+            [sys.executable, __file__, "--client", url, "--clients", str(clients)],
+            capture_output=True, text=True, check=True,
+        )  # fmt: skip
+        wall = time.perf_counter() - started
+    finally:
+        web.demo.close()
+    timings = json.loads(done.stdout.split("RESULT ", 1)[1])
+    tokens = statistics.mean(f.new_tokens for f in recorded.finals)
+    rates = [(tokens - 1) / t["stream_s"] for t in timings if t["stream_s"] > 0]
+    total = sum(f.new_tokens for f in recorded.finals)
+    return summary([t["ttft_s"] for t in timings], rates, total, wall)
 
 
 def main() -> None:
@@ -78,66 +169,35 @@ def main() -> None:
         clients_main(args.client, args.clients)
         return
 
-    import app
-    from model.engine import Engine, Finished
-    from model.prompt import prompt_segments
-    from model.settings import SamplingSettings
+    from model.client import EngineProcess
+    from model.engine import Engine
 
     engine = Engine(max_jobs=16)
     engine.load(str(args.model), max_seq_len=4096)
-    finals: list[Finished] = []
-    original = engine.stream
-
-    def recording(segments, settings):
-        for event in original(segments, settings):
-            if isinstance(event, Finished):
-                finals.append(event)
-            yield event
-
-    engine.stream = recording
-    demo = app.build_demo(engine, app.AppConfig(queue_size=64))
-    _, url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", quiet=True)
-    segments = prompt_segments([{"role": "user", "content": TEXT}])
-    settings = SamplingSettings(max_new_tokens=NEW_TOKENS)
-    list(original(segments, settings))  # warm-up
-    rows = {}
+    gpu = engine.gpu_info()
+    rows: dict = {"gpu": gpu.name if gpu else None, "new_tokens": NEW_TOKENS}
+    engine_alone(engine, 1)  # warm-up
     try:
-        for clients in (1, 4, 8):
-            finals.clear()
-            started = time.perf_counter()
-            done = subprocess.run(
-                [sys.executable, __file__, "--client", url, "--clients", str(clients)],
-                capture_output=True, text=True, check=True,
-            )  # fmt: skip
-            wall = time.perf_counter() - started
-            timings = json.loads(done.stdout.split("RESULT ", 1)[1])
-            tokens = statistics.mean(f.new_tokens for f in finals)
-            app_ttft = [t["ttft_s"] for t in timings]
-            app_row = {
-                "ttft_p50_s": statistics.median(app_ttft),
-                "ttft_p95_s": percentile(app_ttft, 0.95),
-                "tok_s_per_client": statistics.mean(
-                    (tokens - 1) / t["stream_s"] for t in timings if t["stream_s"] > 0
-                ),
-                "aggregate_tok_s": sum(f.new_tokens for f in finals) / wall,
-            }
-            started = time.perf_counter()
-            alone = in_threads(clients, lambda _: engine_alone(original, segments, settings))
-            wall = time.perf_counter() - started
-            engine_ttft = [a["ttft_s"] for a in alone]
-            engine_row = {
-                "ttft_p50_s": statistics.median(engine_ttft),
-                "ttft_p95_s": percentile(engine_ttft, 0.95),
-                "tok_s_per_client": statistics.mean(
-                    (a["tokens"] - 1) / a["stream_s"] for a in alone if a["stream_s"] > 0
-                ),
-                "aggregate_tok_s": sum(a["tokens"] for a in alone) / wall,
-            }
-            rows[str(clients)] = {"app": app_row, "engine": engine_row}
-            print(clients, json.dumps(rows[str(clients)]), flush=True)
+        rows["engine"] = {str(n): engine_alone(engine, n) for n in CLIENTS}
+        previous = InWebProcess(engine)
+        rows["app, engine in the web process"] = {
+            str(n): through_the_app(previous, n) for n in CLIENTS
+        }
     finally:
-        demo.close()
         engine.close()
+    process = EngineProcess(max_jobs=16)
+    try:
+        process.load(str(args.model), max_seq_len=4096)
+        rows["app, engine process"] = {str(n): through_the_app(process, n) for n in CLIENTS}
+    finally:
+        process.close()
+    for n in map(str, CLIENTS):
+        alone = rows["engine"][n]
+        for variant in ("app, engine in the web process", "app, engine process"):
+            row = rows[variant][n]
+            row["tok_s_vs_engine"] = row["tok_s_per_client"] / alone["tok_s_per_client"]
+            row["ttft_overhead_p50_s"] = row["ttft_p50_s"] - alone["ttft_p50_s"]
+        print(n, json.dumps({k: rows[k][n] for k in rows if isinstance(rows[k], dict)}), flush=True)
     args.out.write_text(json.dumps(rows, indent=1))
 
 

@@ -40,13 +40,14 @@ def main() -> None:
     parser.add_argument("--switch-ms", type=float, nargs="+", default=[5.0, 0.5])
     args = parser.parse_args()
 
-    import app
     from tests.fake_engine import FakeEngine
+    from web.config import AppConfig
+    from web.server import build_app
 
-    demo = app.build_demo(
-        FakeEngine(["tok "] * 64, chunk_delay_s=0.005), app.AppConfig(rate_limit=0)
-    )
-    _, url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", quiet=True)
+    web = build_app(FakeEngine(["tok "] * 64, chunk_delay_s=0.005), AppConfig(rate_limit=0))
+    options = {**web.launch_options(), "server_name": "127.0.0.1", "server_port": None}
+    _, url, _ = web.demo.launch(**options, prevent_thread_lock=True, quiet=True)
+    demo = web.demo
     first_text_ms(url, rounds=1)  # warm-up: the first request pays one-off costs
     stop = threading.Event()
 

@@ -77,14 +77,14 @@ def get_branch(name: str) -> Branch:
     return BRANCHES[name]
 
 
-def validate_context(context_tokens: int) -> int:
+def validate_context(context_tokens: object) -> int:
     """Return the context size if it is a multiple of 256 from 256 to 16384, else raise."""
     allowed = (
         f"a multiple of {CONTEXT_STEP} between {MIN_CONTEXT:,} and {MAX_CONTEXT:,} "
         "(the model was trained on 16,384 tokens)"
     )
     value = context_tokens
-    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+    if isinstance(value, float) and math.isfinite(value) and float.is_integer(value):
         value = int(value)  # sliders may send 4096.0
     if isinstance(value, bool) or not isinstance(value, int):
         raise InvalidSetting(f"The context size must be {allowed} (got {context_tokens!r}).")

@@ -13,8 +13,9 @@ import multiprocessing
 import queue
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import cast
 
 from model import worker
 from model.errors import GenerationFailed, NoGPU, NotReady
@@ -22,11 +23,11 @@ from model.prompt import Segment
 from model.protocol import (
     EngineClient,
     EngineStatus,
+    EventStream,
     Finished,
     GenerationRequest,
     GpuInfo,
     LoadProgress,
-    StreamEvent,
 )
 from model.tokens import PromptEncoder
 
@@ -212,7 +213,7 @@ class EngineProcess(EngineClient):
         if self._gpu is not None and stale and self._process.is_alive():
             self._gpu_asked_at = time.monotonic()
             try:
-                self._gpu = self._call("gpu_info")
+                self._gpu = cast(GpuInfo | None, self._call("gpu_info"))
             except GenerationFailed:
                 pass  # keep the last reading: the panel must not fail because the GPU is busy
         return self._gpu
@@ -243,7 +244,7 @@ class EngineProcess(EngineClient):
         self._status = status
         return status
 
-    def stream(self, request: GenerationRequest) -> Iterator[StreamEvent]:
+    def stream(self, request: GenerationRequest) -> EventStream:
         """Send the ids and settings; yield what the engine streams; closing cancels the job."""
         status = self._status
         if status.state != "ready":
@@ -258,7 +259,7 @@ class EngineProcess(EngineClient):
             raise GenerationFailed("The engine process is restarting; try again.") from None
         return self._events(request_id, events)
 
-    def _events(self, request_id: int, events: queue.SimpleQueue) -> Iterator[StreamEvent]:
+    def _events(self, request_id: int, events: queue.SimpleQueue) -> EventStream:
         finished = False
         try:
             while True:

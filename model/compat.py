@@ -67,7 +67,7 @@ def _patch_starcoder2_arch(change) -> None:
         if arch_string == "Starcoder2ForCausalLM":
             change(self.lm)
 
-    ExLlamaV2ArchParams.__init__ = __init__
+    ExLlamaV2ArchParams.__init__ = __init__  # type: ignore[method-assign]  # the fix itself
 
 
 def fix_norm_epsilon_key() -> None:
@@ -171,7 +171,7 @@ def fix_unpaged_attention() -> None:
         ]
         return torch.cat(outputs, dim=0)
 
-    ExLlamaV2Attention._attn_torch = _attn_torch
+    ExLlamaV2Attention._attn_torch = _attn_torch  # type: ignore[method-assign]  # the fix itself
 
 
 # 4. paged attention ----
@@ -321,7 +321,7 @@ def paged_attention(
     window = window_size[0] + 1 if window_size and window_size[0] >= 0 else 0
     backend = backend or attention_backend(q.device, q.dtype, q.shape[2], k_cache.shape[2], dim)
     plan = _plan(cache_seqlens, block_table, q.shape[1], page_size, window, k is not None, backend)
-    if k is not None:
+    if k is not None and v is not None and plan.slots is not None:  # slots: planned for appends
         rows = k_cache.shape[2:]
         k_cache.view(-1, *rows).index_copy_(0, plan.slots, k.reshape(-1, *rows))
         v_cache.view(-1, *rows).index_copy_(0, plan.slots, v.reshape(-1, *rows))
@@ -386,7 +386,7 @@ def fix_paged_attention() -> None:
     real = (
         getattr(attn, "flash_attn_with_kvcache", None) if attn.has_flash_attn_with_paged else None
     )
-    attn._real_flash_attn_with_kvcache = real
+    setattr(attn, "_real_flash_attn_with_kvcache", real)  # noqa: B010 (ours, not exllamav2's)
     attn.flash_attn_with_kvcache = _starcoder2_window(real or paged_attention)
     attn.has_flash_attn_with_paged = True
     attn.has_flash_attn_with_window = True

@@ -157,7 +157,7 @@ def download_branch(
     try:
         files = _list_model_files(repo, branch)
     except RevisionNotFoundError as error:
-        raise _hub_error(error, repo=repo, branch=branch, cache_dir=cache_dir) from error
+        raise _hub_error(error, repo=repo, branch=branch, cache_dir=cache_dir) or error from error
     except (HfHubHTTPError, OfflineModeIsEnabled, *_TRANSPORT_ERRORS) as error:
         # Offline, unreachable, or refused: snapshot_download falls back to the cache like
         # every Hub user expects, and raises the same error if nothing is cached.

@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from model.branches import MAX_CONTEXT, cache_bytes_per_token, check_cache_mode, validate_context
 from model.download import check_model_dir
@@ -91,7 +92,10 @@ class Engine:
         self._load_lock = threading.Lock()
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._worker: threading.Thread | None = None
-        self._model = self._cache = self._generator = None
+        # exllamav2's objects (untyped); None while nothing is loaded.
+        self._model: Any = None
+        self._cache: Any = None
+        self._generator: Any = None
         self._generator_args: dict = {}
         self._encoder: PromptEncoder | None = None
         self._degraded = False  # a job failed and was recovered from; cleared by the next success
@@ -108,6 +112,12 @@ class Engine:
             return None
         free, total = torch.cuda.mem_get_info(0)
         return GpuInfo(torch.cuda.get_device_name(0), total / GB, free / GB)
+
+    def _free_gb(self) -> float:
+        gpu = self.gpu_info()
+        if gpu is None:
+            raise NoGPU(NO_GPU_MESSAGE)
+        return gpu.free_gb
 
     @property
     def status(self) -> EngineStatus:
@@ -148,7 +158,7 @@ class Engine:
                 message=f"Loading {folder.name}…",
             )
             started = time.perf_counter()
-            free_before = self.gpu_info().free_gb
+            free_before = self._free_gb()
             try:
                 self._load(folder, max_seq_len, cache_mode, on_progress)
             except BaseException as error:
@@ -157,11 +167,11 @@ class Engine:
                 if _is_oom(error):
                     raise DoesNotFit(
                         f"The model and a {max_seq_len:,}-token {cache_mode} cache do not fit in "
-                        f"{self.gpu_info().free_gb:.1f} GB free; lower the context, use a q4 cache "
+                        f"{self._free_gb():.1f} GB free; lower the context, use a q4 cache "
                         "or a smaller branch."
                     ) from None
                 raise
-            used_gb = free_before - self.gpu_info().free_gb
+            used_gb = free_before - self._free_gb()
             # The worker runs before the status says ready, so no job is handed to a missing one.
             self._worker = threading.Thread(target=self._run, name="exllamav2-worker", daemon=True)
             self._worker.start()
@@ -226,7 +236,7 @@ class Engine:
         per_token = cache_bytes_per_token(
             cache_mode, config.num_hidden_layers, config.num_key_value_heads, config.head_dim
         )
-        free = self.gpu_info().free_gb * GB
+        free = self._free_gb() * GB
         budget = free - weights - RESERVE_BYTES
         fits = int(budget // per_token) // PAGE_SIZE * PAGE_SIZE if budget > 0 else 0
         if fits < max_seq_len:
@@ -444,6 +454,7 @@ class Engine:
         ttft = first_token - request.submitted_at
         new_tokens = result.get("new_tokens", 0)
         generate_s = result.get("time_generate", 0.0)
+        reason = str(result.get("eos_reason"))
         request.deliver(
             Finished(
                 text="".join(request.text),
@@ -452,7 +463,7 @@ class Engine:
                 cached_tokens=result.get("cached_tokens", 0),
                 time_to_first_token_s=ttft,
                 decode_tokens_per_s=(new_tokens - 1) / generate_s if generate_s > 0 else 0.0,
-                stop_reason=_STOP_REASONS.get(result.get("eos_reason"), result.get("eos_reason")),
+                stop_reason=_STOP_REASONS.get(reason, reason),
             )
         )
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 from model.errors import NotReady
@@ -17,10 +17,10 @@ from model.prompt import Segment
 from model.protocol import (
     EngineClient,
     EngineStatus,
+    EventStream,
     GenerationRequest,
     GpuInfo,
     LoadProgress,
-    StreamEvent,
 )
 
 PAGE_TOKENS = 256  # exllamav2's cache page: prefixes are reused in whole pages
@@ -83,8 +83,9 @@ class EnginePool(EngineClient):
 
     def gpu_info(self) -> GpuInfo | None:
         """Per GPU, the least of them: each GPU must hold a whole copy of the model."""
-        gpus = [engine.gpu_info() for engine in self.engines]
-        if any(gpu is None for gpu in gpus):
+        found = [engine.gpu_info() for engine in self.engines]
+        gpus = [gpu for gpu in found if gpu is not None]
+        if len(gpus) < len(found):
             return None
         names = {gpu.name for gpu in gpus}
         name = names.pop() if len(names) == 1 else " + ".join(gpu.name for gpu in gpus)
@@ -149,7 +150,7 @@ class EnginePool(EngineClient):
             self.running[chosen] += 1
         return chosen
 
-    def stream(self, request: GenerationRequest) -> Iterator[StreamEvent]:
+    def stream(self, request: GenerationRequest) -> EventStream:
         index = self.choose(request.ids)
         try:
             events = self.engines[index].stream(request)
@@ -158,7 +159,7 @@ class EnginePool(EngineClient):
             raise
         return self._events(index, events)
 
-    def _events(self, index: int, events: Iterator[StreamEvent]) -> Iterator[StreamEvent]:
+    def _events(self, index: int, events: EventStream) -> EventStream:
         try:
             yield from events
         finally:

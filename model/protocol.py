@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -38,6 +38,8 @@ class Finished:
 
 
 StreamEvent = TextDelta | Finished
+# What `stream` returns: closing it (Stop, a closed tab) cancels the job.
+EventStream = Generator[StreamEvent, None, None]
 
 
 @dataclass(frozen=True)
@@ -109,7 +111,7 @@ class EngineClient(Protocol):
         on_progress: LoadProgress | None = None,
     ) -> EngineStatus: ...
 
-    def stream(self, request: GenerationRequest) -> Iterator[StreamEvent]:
+    def stream(self, request: GenerationRequest) -> EventStream:
         """TextDelta events, then one Finished; closing the iterator cancels the job."""
         ...
 

@@ -95,10 +95,10 @@ class SamplingSettings:
 
     temperature: float = _SPECS["temperature"].default  # 0 = greedy
     top_p: float = _SPECS["top_p"].default
-    top_k: int = _SPECS["top_k"].default  # 0 = off
+    top_k: int = int(_SPECS["top_k"].default)  # 0 = off
     min_p: float = _SPECS["min_p"].default
     repetition_penalty: float = _SPECS["repetition_penalty"].default
-    max_new_tokens: int = _SPECS["max_new_tokens"].default
+    max_new_tokens: int = int(_SPECS["max_new_tokens"].default)
     seed: int | None = None  # None = random
 
     def __post_init__(self) -> None:

@@ -102,7 +102,7 @@ def ensure_cuda_home(
     # torch reads CUDA_HOME once, when torch.utils.cpp_extension is first imported.
     extension_module = sys.modules.get("torch.utils.cpp_extension")
     if environ is None and extension_module is not None:
-        extension_module.CUDA_HOME = home
+        setattr(extension_module, "CUDA_HOME", home)  # noqa: B010 (not a declared attribute)
     return home
 
 

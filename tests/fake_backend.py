@@ -100,6 +100,11 @@ class ScriptedBackend:
             if job in self._jobs:
                 self._jobs.remove(job)
 
+    def running_jobs(self) -> int:
+        """How many jobs are in the loop (tests ask through EngineProcess._call)."""
+        with self._lock:
+            return len(self._jobs)
+
     def close(self) -> None:
         self._stopped.set()
         self.unload()

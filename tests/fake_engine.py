@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from model.errors import GenerationFailed, NoGPU, NotReady
@@ -12,12 +12,12 @@ from model.prompt import Segment
 from model.protocol import (
     EngineClient,
     EngineStatus,
+    EventStream,
     Finished,
     GenerationRequest,
     GpuInfo,
     LoadProgress,
     LoadStep,
-    StreamEvent,
     TextDelta,
 )
 from model.settings import SamplingSettings
@@ -157,7 +157,7 @@ class FakeEngine(EngineClient):
     def count_tokens(self, segments: Sequence[Segment]) -> int:
         return max(1, round(sum(len(s.text) for s in segments) * self.tokens_per_char))
 
-    def stream(self, request: GenerationRequest) -> Iterator[StreamEvent]:
+    def stream(self, request: GenerationRequest) -> EventStream:
         segments, settings = request.segments, request.settings
         if self.gpu is None:
             raise NoGPU("A CUDA GPU is required: exllamav2 runs only on NVIDIA GPUs.")
@@ -173,7 +173,7 @@ class FakeEngine(EngineClient):
 
     def _events(
         self, call: StreamCall, generation: int, fault: tuple[Exception, int] | None
-    ) -> Iterator[StreamEvent]:
+    ) -> EventStream:
         call.started.set()
         try:
             for index, chunk in enumerate(self.chunks):

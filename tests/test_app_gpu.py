@@ -1,4 +1,4 @@
-"""The app on a GPU with the real engine and the tiny EXL2 model (`pytest -m gpu`).
+"""The app on a GPU: the real engine in its own process, the tiny EXL2 model (`pytest -m gpu`).
 
 The tiny model's logits are near-ties and exllamav2's EXL2 matmuls add partial sums with atomics,
 so two runs of one greedy prompt may pick different tokens. These tests therefore compare what
@@ -13,7 +13,7 @@ if not torch.cuda.is_available():
 
 from gradio_client import Client  # noqa: E402
 
-from model.engine import Engine  # noqa: E402
+from model.client import EngineProcess  # noqa: E402
 from model.prompt import prompt_segments  # noqa: E402
 from model.protocol import Finished  # noqa: E402
 from model.settings import FIELDS, SamplingSettings  # noqa: E402
@@ -23,17 +23,17 @@ from web.server import build_app  # noqa: E402
 pytestmark = pytest.mark.gpu
 
 
-class Recording(Engine):
-    """The real engine, keeping each stream's prompt, settings and the events it yielded."""
+class Recording(EngineProcess):
+    """The client of the real engine process, keeping each request and what came back for it."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.streams: list[tuple[list, SamplingSettings, list]] = []
+        self.streams: list[tuple[object, list]] = []
 
-    def stream(self, segments, settings):
+    def stream(self, request):
         events: list = []
-        self.streams.append((list(segments), settings, events))
-        for event in super().stream(segments, settings):
+        self.streams.append((request, events))
+        for event in super().stream(request):
             events.append(event)
             yield event
 
@@ -48,16 +48,17 @@ def test_generate_api_streams_exactly_what_the_engine_wrote_for_its_prompt(exl2_
             streamed = list(client.submit(question, max_new_tokens=32, api_name="/generate"))
     finally:
         engine.close()
-    ((segments, settings, events),) = engine.streams
-    assert segments == prompt_segments([{"role": "user", "content": question}])
-    assert settings == SamplingSettings(max_new_tokens=32)
+    ((request, events),) = engine.streams
+    assert list(request.segments) == prompt_segments([{"role": "user", "content": question}])
+    assert list(request.ids) == engine.encode(request.segments)
+    assert request.settings == SamplingSettings(max_new_tokens=32)
     assert isinstance(events[-1], Finished) and events[-1].new_tokens > 1
     assert streamed and streamed[-1] == events[-1].text
     assert len(streamed) > 1  # it streamed, not one final blob
 
 
 def test_chat_answers_and_a_follow_up_turn_reuses_the_cached_prompt_pages(exl2_dir):
-    engine = Engine()
+    engine = EngineProcess()
     engine.load(str(exl2_dir), max_seq_len=2048)
     web = build_app(engine)
     respond = web.fn("respond")

@@ -253,3 +253,39 @@ def test_soak_many_short_jobs_with_random_cancels_leaks_nothing(engine, request)
     assert vram_before - vram_after <= 0.01 * total, f"VRAM grew by {vram_before - vram_after:,} B"
     assert rss_after <= rss_before * 1.01, f"RSS grew from {rss_before:,} to {rss_after:,} B"
     assert engine.health == "ready"
+
+
+def test_killing_the_engine_process_mid_stream_fails_all_eight_fast_and_frees_its_vram(exl2_dir):
+    import signal
+
+    from model.client import EngineProcess
+    from model.protocol import GenerationRequest
+
+    free_before = torch.cuda.mem_get_info(0)[0]
+    engine = EngineProcess(max_jobs=8)
+    try:
+        engine.load(str(exl2_dir), max_seq_len=2048)
+        loaded_free = torch.cuda.mem_get_info(0)[0]
+        ids = tuple(engine.encode(instruction("Count to a thousand.")))
+        streams = [
+            engine.stream(GenerationRequest(ids, SamplingSettings(max_new_tokens=1500)))
+            for _ in range(8)
+        ]
+        for stream in streams:
+            assert isinstance(next(stream), TextDelta)
+        os.kill(engine.pid, signal.SIGKILL)
+        killed = time.perf_counter()
+        for stream in streams:
+            with pytest.raises(GenerationFailed, match=r"exit code -9"):
+                for _ in stream:
+                    pass
+        assert time.perf_counter() - killed < 1.0
+        assert until(lambda: engine.status.state == "ready", WAIT_S)  # restarted and reloaded
+        events = list(engine.stream(GenerationRequest(ids, SamplingSettings(max_new_tokens=16))))
+        assert isinstance(events[-1], Finished)
+        again_free = torch.cuda.mem_get_info(0)[0]
+        used_first, used_again = free_before - loaded_free, free_before - again_free
+        assert abs(used_again - used_first) <= 0.02 * used_first  # the dead process's VRAM is back
+    finally:
+        engine.close()
+    assert until(lambda: torch.cuda.mem_get_info(0)[0] >= free_before * 0.98, WAIT_S)

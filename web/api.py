@@ -26,10 +26,10 @@ class GenerateApi:
         prompt: str,
         temperature: float = DEFAULTS["temperature"],
         top_p: float = DEFAULTS["top_p"],
-        top_k: int = DEFAULTS["top_k"],
+        top_k: int = int(DEFAULTS["top_k"]),
         min_p: float = DEFAULTS["min_p"],
         repetition_penalty: float = DEFAULTS["repetition_penalty"],
-        max_new_tokens: int = DEFAULTS["max_new_tokens"],
+        max_new_tokens: int = int(DEFAULTS["max_new_tokens"]),
         seed: int | None = None,
     ) -> Iterator[str]:
         """Answer one instruction; each streamed value is the whole answer so far."""

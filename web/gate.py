@@ -7,13 +7,13 @@ listening; and the reply waits for a free place (`web.admission`).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 
 from gradio.context import LocalContext
 
 from model.errors import NO_GPU_MESSAGE, NoGPU, NoListener, NotReady
 from model.prompt import fit_to_context
-from model.protocol import EngineClient, EngineStatus, GenerationRequest, StreamEvent
+from model.protocol import EngineClient, EngineStatus, EventStream, GenerationRequest
 from model.settings import SamplingSettings
 from web.admission import Admission, Ticket
 from web.guards import StreamWatch
@@ -103,7 +103,7 @@ class GpuGate:
             )
         return ticket
 
-    def stream(self, request: GenerationRequest) -> Iterator[StreamEvent]:
+    def stream(self, request: GenerationRequest) -> EventStream:
         return self.engine.stream(request)
 
     def _gradio_client(self) -> str | None:

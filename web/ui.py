@@ -55,7 +55,7 @@ JS = """
   });
 }
 """
-PRIVATE = {"api_visibility": "private"}
+PRIVATE = "private"  # hidden from the API page (the handlers still check everything)
 
 
 def build_demo(
@@ -204,7 +204,7 @@ def build_demo(
 
         def answer(event):
             """Lock the chat, stream the reply, unlock after it ends, fails or is stopped."""
-            locked = event.success(lock, None, controls, queue=False, **PRIVATE)
+            locked = event.success(lock, None, controls, queue=False, api_visibility=PRIVATE)
             # Every reply starts at once and waits for the GPU inside (web.admission), so the
             # chat, /generate and the OpenAI routes share one queue and the page shows its place.
             streamed = locked.then(
@@ -213,41 +213,60 @@ def build_demo(
                 chat_outputs,
                 concurrency_limit=None,
                 show_progress="hidden",
-                **PRIVATE,
+                api_visibility=PRIVATE,
             )
-            streamed.then(unlock, None, controls, queue=False, **PRIVATE)
-            streamed.failure(unlock, None, controls, queue=False, **PRIVATE)
+            streamed.then(unlock, None, controls, queue=False, api_visibility=PRIVATE)
+            streamed.failure(unlock, None, controls, queue=False, api_visibility=PRIVATE)
             return streamed  # what Stop cancels
 
         sent = [
             answer(
-                trigger(add_user_message, [message, chatbot, busy], [message, chatbot], **PRIVATE)
+                trigger(
+                    add_user_message,
+                    [message, chatbot, busy],
+                    [message, chatbot],
+                    api_visibility=PRIVATE,
+                )
             )
             for trigger in (message.submit, send.click)
         ]  # a refused message stops at add_user_message (.success)
 
-        def example_chosen(picked: gr.SelectData, chat: list, is_busy: bool) -> tuple:
+        def example_chosen(picked: gr.SelectData, chat: list, is_busy: bool) -> list:
             return add_user_message(picked.value.get("text", ""), chat, is_busy)[1]
 
         sent.append(
-            answer(chatbot.example_select(example_chosen, [chatbot, busy], chatbot, **PRIVATE))
+            answer(
+                chatbot.example_select(
+                    example_chosen, [chatbot, busy], chatbot, api_visibility=PRIVATE
+                )
+            )
         )
-        sent.append(answer(retry.click(retry_history, chatbot, chatbot, queue=False, **PRIVATE)))
-        stop.click(stop_pressed, busy, [stats, *controls], cancels=sent, **PRIVATE)
-        undo.click(undo_history, chatbot, [chatbot, message], queue=False, **PRIVATE)
-        clear.click(lambda: ([], "", ""), None, [chatbot, stats, meter], queue=False, **PRIVATE)
+        sent.append(
+            answer(
+                retry.click(retry_history, chatbot, chatbot, queue=False, api_visibility=PRIVATE)
+            )
+        )
+        stop.click(stop_pressed, busy, [stats, *controls], cancels=sent, api_visibility=PRIVATE)
+        undo.click(undo_history, chatbot, [chatbot, message], queue=False, api_visibility=PRIVATE)
+        clear.click(
+            lambda: ([], "", ""), None, [chatbot, stats, meter], queue=False, api_visibility=PRIVATE
+        )
         show_prompt_box.change(
             lambda visible: gr.Textbox(visible=visible),
             show_prompt_box,
             prompt_view,
             queue=False,
-            **PRIVATE,
+            api_visibility=PRIVATE,
         )
 
         panel_outputs = [gpu_line, branch, model_line]
         for control in (context, cache_mode):
             control.change(
-                panel.refresh, [branch, context, cache_mode], panel_outputs, queue=False, **PRIVATE
+                panel.refresh,
+                [branch, context, cache_mode],
+                panel_outputs,
+                queue=False,
+                api_visibility=PRIVATE,
             )
         load.click(
             panel.load_clicked,
@@ -255,7 +274,7 @@ def build_demo(
             [model_line, timer],
             queue=False,
             show_progress="hidden",
-            **PRIVATE,
+            api_visibility=PRIVATE,
         )
         demo.load(
             panel.page_opened,
@@ -263,7 +282,7 @@ def build_demo(
             [gpu_line, branch, context, cache_mode, model_line, timer],
             queue=False,
             show_progress="hidden",
-            **PRIVATE,
+            api_visibility=PRIVATE,
         )
         timer.tick(
             panel.tick,
@@ -271,7 +290,7 @@ def build_demo(
             [gpu_line, model_line, timer],
             queue=False,
             show_progress="hidden",
-            **PRIVATE,
+            api_visibility=PRIVATE,
         )
         gr.api(api.generate, api_name="generate", concurrency_limit=None)
     return demo
