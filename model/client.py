@@ -253,7 +253,7 @@ class EngineProcess(EngineClient):
         events: queue.SimpleQueue = queue.SimpleQueue()
         self._streams[request_id] = events
         try:
-            self._send("submit", request_id, list(request.ids), request.settings)
+            self._send("submit", request_id, list(request.ids), request.settings, request.stop)
         except (OSError, EOFError):
             self._streams.pop(request_id, None)
             raise GenerationFailed("The engine process is restarting; try again.") from None
@@ -278,6 +278,15 @@ class EngineProcess(EngineClient):
                     self._send("cancel", request_id)
                 except (OSError, EOFError):
                     pass  # the process is gone, and its job with it
+
+    def cache_pages(self) -> tuple[int, int]:
+        if not self._process.is_alive() or self._status.state != "ready":
+            return 0, 0
+        try:
+            used, total = cast(tuple[int, int], self._call("cache_pages"))
+        except GenerationFailed:
+            return 0, 0
+        return used, total
 
     def close(self) -> None:
         """Stop the engine process (it unloads and frees its GPU) and wait for it."""

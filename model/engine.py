@@ -62,6 +62,7 @@ class _Request:
     input_ids: list[int]
     settings: SamplingSettings
     deliver: Sink
+    stop: tuple[str, ...] = STOP_STRINGS
     job: object = None
     submitted_at: float = field(default_factory=time.time)  # exllamav2 stamps jobs with time.time()
     text: list[str] = field(default_factory=list)
@@ -331,14 +332,25 @@ class Engine:
             raise NotReady(f"The model is not ready ({self._status.state}); load one first.")
         return self.stream_tokens(self.encode(segments), settings)
 
-    def stream_tokens(self, ids: list[int], settings: SamplingSettings) -> Iterator[StreamEvent]:
+    def stream_tokens(
+        self, ids: list[int], settings: SamplingSettings, stop: Sequence[str] = STOP_STRINGS
+    ) -> Iterator[StreamEvent]:
         """Like `stream`, for a prompt that is already token ids."""
         events: queue.SimpleQueue = queue.SimpleQueue()
-        request = self.submit(ids, settings, events.put)
+        request = self.submit(ids, settings, events.put, stop)
         return self._events(request, events)
 
-    def submit(self, ids: Sequence[int], settings: SamplingSettings, sink: Sink) -> _Request:
-        """Start a job; its events go to sink(event) from the worker thread. `cancel` ends it."""
+    def submit(
+        self,
+        ids: Sequence[int],
+        settings: SamplingSettings,
+        sink: Sink,
+        stop: Sequence[str] = STOP_STRINGS,
+    ) -> _Request:
+        """Start a job; its events go to sink(event) from the worker thread. `cancel` ends it.
+
+        It ends at the end-of-text token or at any of the `stop` strings (left out of its text).
+        """
         if self._status.state != "ready":
             raise NotReady(f"The model is not ready ({self._status.state}); load one first.")
         context = self._status.max_seq_len
@@ -348,10 +360,17 @@ class Engine:
                 f"{settings.max_new_tokens:,}, but the context is {context:,} tokens; shorten the "
                 "prompt, lower max new tokens or raise the context size."
             )
-        request = _Request(list(ids), settings, sink)
+        request = _Request(list(ids), settings, sink, tuple(stop))
         request.worker = self._worker
         self._commands.put(("submit", request))
         return request
+
+    def cache_pages(self) -> tuple[int, int]:
+        """(pages in use, pages in all) of the paged K/V cache; (0, 0) with nothing loaded."""
+        generator = self._generator
+        if generator is None or not getattr(generator, "paged", False):
+            return 0, 0
+        return len(generator.referenced_pages), generator.max_pages
 
     def cancel(self, request: _Request) -> None:
         """End a job early (its caller went away); the worker drops it before its next step."""
@@ -429,7 +448,7 @@ class Engine:
                 seed=request.settings.seed
                 if request.settings.seed is not None
                 else secrets.randbelow(2**31),
-                stop_conditions=[EOS_TOKEN_ID, *STOP_STRINGS],
+                stop_conditions=[EOS_TOKEN_ID, *request.stop],
                 decode_special_tokens=False,
             )
             self._generator.enqueue(request.job)

@@ -172,6 +172,10 @@ class EnginePool(EngineClient):
         with self._lock:
             self.running[index] -= 1
 
+    def cache_pages(self) -> tuple[int, int]:
+        pages = [engine.cache_pages() for engine in self.engines]
+        return sum(used for used, _ in pages), sum(total for _, total in pages)
+
     def close(self) -> None:
         for engine in self.engines:
             engine.close()

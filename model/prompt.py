@@ -34,6 +34,13 @@ EOS_TOKEN_ID = 0
 STOP_STRINGS: tuple[str, ...] = ("\n### Instruction",)
 
 ROLES = ("user", "assistant")
+# StarCoder2's fill-in-the-middle tokens: prefix, then suffix, then the model writes the middle.
+FIM_PREFIX, FIM_SUFFIX, FIM_MIDDLE = "<fim_prefix>", "<fim_suffix>", "<fim_middle>"
+
+
+def fim_prompt(prefix: str, suffix: str) -> str:
+    """The text of a fill-in-the-middle prompt (raw model text: its tokens count as such)."""
+    return f"{FIM_PREFIX}{prefix}{FIM_SUFFIX}{suffix}{FIM_MIDDLE}"
 
 
 @dataclass(frozen=True)

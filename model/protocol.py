@@ -6,7 +6,7 @@ from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from model.prompt import Segment
+from model.prompt import STOP_STRINGS, Segment
 from model.settings import SamplingSettings
 
 HEALTH_STATES = ("empty", "loading", "ready", "degraded", "failed", "restarting")
@@ -54,6 +54,7 @@ class GenerationRequest:
     settings: SamplingSettings
     segments: tuple[Segment, ...] = ()
     dropped_turns: int = 0
+    stop: tuple[str, ...] = STOP_STRINGS  # besides end-of-text; left out of the reply's text
 
     @property
     def prompt_tokens(self) -> int:
@@ -113,6 +114,10 @@ class EngineClient(Protocol):
 
     def stream(self, request: GenerationRequest) -> EventStream:
         """TextDelta events, then one Finished; closing the iterator cancels the job."""
+        ...
+
+    def cache_pages(self) -> tuple[int, int]:
+        """(pages in use, pages in all) of the K/V cache, for /metrics."""
         ...
 
     def close(self) -> None: ...

@@ -1,9 +1,9 @@
 """The engine process: it alone imports torch and exllamav2 and owns its GPU; one pipe to the web.
 
 Messages from the web side:
-    ("submit", request_id, token_ids, settings)   start a reply
+    ("submit", request_id, token_ids, settings, stop)   start a reply
     ("cancel", request_id)                        its reader went away
-    ("call", call_id, method, kwargs)             "load", "unload" or "gpu_info"
+    ("call", call_id, method, kwargs)             "load", "unload", "gpu_info", "cache_pages"
     ("stop",)
 Messages to the web side:
     ("hello", gpu_info, status, health)
@@ -148,10 +148,10 @@ def main(conn: Connection, backend: str, device: str | None, options: dict) -> N
             message = conn.recv()
             kind = message[0]
             if kind == "submit":
-                _, request_id, ids, settings = message
+                _, request_id, ids, settings, stop = message
                 sink = sink_for(request_id)
                 try:
-                    handles[request_id] = engine.submit(ids, settings, sink)
+                    handles[request_id] = engine.submit(ids, settings, sink, stop)
                 except Exception as error:
                     sink(error)
             elif kind == "cancel":

@@ -85,7 +85,7 @@ class ScriptedBackend:
             job.sink(NotReady("The model is being reloaded; send the message again."))
         self.status, self.health = EngineStatus(), "empty"
 
-    def submit(self, ids: Sequence[int], settings: SamplingSettings, sink) -> _Job:
+    def submit(self, ids: Sequence[int], settings: SamplingSettings, sink, stop=()) -> _Job:
         if self.status.state != "ready":
             raise NotReady(f"The model is not ready ({self.status.state}); load one first.")
         if len(ids) + settings.max_new_tokens > self.status.max_seq_len:
@@ -99,6 +99,10 @@ class ScriptedBackend:
         with self._lock:
             if job in self._jobs:
                 self._jobs.remove(job)
+
+    def cache_pages(self) -> tuple[int, int]:
+        with self._lock:
+            return len(self._jobs), 64
 
     def running_jobs(self) -> int:
         """How many jobs are in the loop (tests ask through EngineProcess._call)."""

@@ -32,6 +32,7 @@ class StreamCall:
     segments: list[Segment]
     settings: SamplingSettings
     ids: list[int]
+    stop: tuple[str, ...]
     started: threading.Event = field(default_factory=threading.Event)
     finished: threading.Event = field(default_factory=threading.Event)
     closed_event: threading.Event = field(default_factory=threading.Event)
@@ -165,7 +166,7 @@ class FakeEngine(EngineClient):
             raise NotReady("The model is not ready; load one first.")
         if self.error is not None:
             raise self.error
-        call = StreamCall(list(segments), settings, list(request.ids))
+        call = StreamCall(list(segments), settings, list(request.ids), tuple(request.stop))
         self.calls.append(call)
         self.call_made.set()
         fault, self._fault = self._fault, None
@@ -175,8 +176,11 @@ class FakeEngine(EngineClient):
         self, call: StreamCall, generation: int, fault: tuple[Exception, int] | None
     ) -> EventStream:
         call.started.set()
+        chunks = self.chunks[: call.settings.max_new_tokens]  # a chunk stands for a token
+        reason = "max_new_tokens" if len(chunks) < len(self.chunks) else "eos"
+        text = ""
         try:
-            for index, chunk in enumerate(self.chunks):
+            for index, chunk in enumerate(chunks):
                 if index and self.gate is not None:
                     self.gate.wait(timeout=30)
                 if index and self.chunk_delay_s:
@@ -187,17 +191,25 @@ class FakeEngine(EngineClient):
                     self._degraded = True
                     raise fault[0]
                 call.chunks_sent += 1
+                # Like the engine: a stop string ends the reply and is left out of its text.
+                joined = text + chunk
+                cut = min((joined.find(stop) for stop in call.stop if stop in joined), default=-1)
+                if cut >= 0:
+                    if joined[len(text) : cut]:
+                        yield TextDelta(joined[len(text) : cut])
+                    text, reason = joined[:cut], "stop_string"
+                    break
+                text += chunk
                 yield TextDelta(chunk)
             self._degraded = False
-            text = "".join(self.chunks)
             yield Finished(
                 text=text,
                 prompt_tokens=len(call.ids),
-                new_tokens=len(self.chunks),
+                new_tokens=call.chunks_sent,
                 cached_tokens=0,
                 time_to_first_token_s=0.05,
                 decode_tokens_per_s=42.0,
-                stop_reason="eos",
+                stop_reason=reason,
             )
         except GeneratorExit:
             call.closed_at = time.perf_counter()
@@ -205,6 +217,10 @@ class FakeEngine(EngineClient):
             raise
         finally:
             call.finished.set()
+
+    def cache_pages(self) -> tuple[int, int]:
+        running = sum(1 for call in self.calls if not call.finished.is_set())
+        return running, 16 * self.max_concurrency
 
     def close(self) -> None:
         self.unload()

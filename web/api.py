@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from model.errors import InvalidMessages
 from model.protocol import Finished
 from model.settings import FIELDS, validate_settings
-from web.errors import user_error
+from web.errors import http_status, user_error
 from web.gate import GpuGate
 from web.limits import check_text
 
@@ -61,5 +61,10 @@ class GenerateApi:
                         else:
                             text += event.text
                             yield text
-        except Exception as error:  # GeneratorExit (a cancel, a closed stream) is not caught
+        except GeneratorExit:  # a cancel, a closed stream
+            self.gate.metrics.request("generate", 499)
+            raise
+        except Exception as error:
+            self.gate.metrics.request("generate", http_status(error))
             raise user_error(error) from None
+        self.gate.metrics.request("generate", 200)

@@ -11,7 +11,7 @@ import gradio as gr
 from model.errors import ChatError, InvalidMessages, InvalidSetting
 from model.protocol import Finished, GenerationRequest
 from model.settings import FIELDS, SamplingSettings, validate_settings
-from web.errors import user_message
+from web.errors import http_status, user_message
 from web.gate import GpuGate
 from web.limits import MAX_PROMPT_CHARS, Message, check_history, check_text, trim_history
 
@@ -232,12 +232,17 @@ class Chat:
                     for event in events:
                         if isinstance(event, Finished):
                             shown = [*history, _answer(prefix + event.text)]
+                            self.gate.metrics.request("chat", 200)
                             yield shown, format_stats(event), gr.skip(), gr.skip()
                         else:
                             text += event.text
                             shown = [*history, _answer(prefix + text)]
                             yield shown, gr.skip(), gr.skip(), gr.skip()
-        except Exception as error:  # GeneratorExit (Stop, a closed tab) is not caught
+        except GeneratorExit:  # Stop, or a closed tab
+            self.gate.metrics.request("chat", 499)
+            raise
+        except Exception as error:
+            self.gate.metrics.request("chat", http_status(error))
             yield shown, failed_line(user_message(error)), gr.skip(), gr.skip()
 
 

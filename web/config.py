@@ -41,6 +41,7 @@ class AppConfig:
     max_jobs: int = 8  # jobs batched together on each GPU; the cache holds this many contexts
     gpus: tuple[str, ...] | None = None  # one engine process per GPU; None: the first GPU
     admin_token: str | None = None  # lets the page's Load button work on a public server
+    api_keys: tuple[str, ...] = ()  # Bearer keys for the OpenAI routes and /metrics; () = open
     load_at_start: bool = True  # with a GPU, download and load the model while serving
     behind_proxy: bool = False  # on a Space: the client address is in X-Forwarded-For
     on_space: bool = False
@@ -66,6 +67,19 @@ def parse_gpus(parser: argparse.ArgumentParser, text: str | None) -> tuple[str, 
             f"--gpus must be distinct GPU numbers separated by commas, e.g. 0,1 (got {text!r})"
         )
     return gpus
+
+
+def parse_api_keys(parser: argparse.ArgumentParser, text: str | None) -> tuple[str, ...]:
+    """'k1,k2' -> ('k1', 'k2'); each at least 16 characters (they guard the GPU)."""
+    if not text or not text.strip():
+        return ()
+    keys = tuple(key.strip() for key in text.split(",") if key.strip())
+    short = [key for key in keys if len(key) < 16]
+    if short:
+        parser.error(
+            f"--api-key: each key must be at least 16 characters ({len(short)} is shorter)"
+        )
+    return keys
 
 
 def parse_config(
@@ -99,6 +113,9 @@ def parse_config(
         ("--gpus", ("SC2_GPUS",), None, str,
          "GPUs to serve from, one engine process each, e.g. 0,1 (replies go to the least "
          "loaded; follow-up turns to the GPU holding their conversation)"),
+        ("--api-key", ("SC2_API_KEY",), None, str,
+         "key(s) the OpenAI routes (/v1) and /metrics require as 'Authorization: Bearer <key>'; "
+         "several separated by commas"),
         ("--admin-token", ("SC2_ADMIN_TOKEN",), base.admin_token, str,
          "a secret that lets the page's Load button work when the app is public (a Space, or "
          "--host other than 127.0.0.1); without it, loading from the page is off there"),
@@ -147,6 +164,7 @@ def parse_config(
     values = vars(args)
     load_at_start = not values.pop("no_load")
     values["gpus"] = parse_gpus(parser, values["gpus"])
+    values["api_keys"] = parse_api_keys(parser, values.pop("api_key"))
     on_space = bool(env.get("SPACE_ID"))
     return AppConfig(
         **values, load_at_start=load_at_start, behind_proxy=on_space, on_space=on_space

@@ -6,7 +6,19 @@ import logging
 
 import gradio as gr
 
-from model.errors import ChatError
+from model.errors import (
+    ChatError,
+    ContextTooLong,
+    InvalidMessages,
+    InvalidSetting,
+    LoadingOff,
+    NoGPU,
+    NoListener,
+    NotReady,
+    QueueFull,
+    TooManyRequests,
+    UnknownBranch,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -28,3 +40,24 @@ def user_error(error: Exception) -> gr.Error:
     if isinstance(error, gr.Error):
         return error
     return gr.Error(user_message(error), print_exception=False)
+
+
+# HTTP statuses of the domain errors (the OpenAI routes answer with them; /metrics counts them).
+HTTP_STATUS: tuple[tuple[type[BaseException], int], ...] = (
+    (InvalidSetting, 400),
+    (InvalidMessages, 400),
+    (ContextTooLong, 400),
+    (UnknownBranch, 400),
+    (LoadingOff, 403),
+    (TooManyRequests, 429),
+    (NoListener, 499),
+    (QueueFull, 503),
+    (NoGPU, 503),
+    (NotReady, 503),
+    (gr.Error, 400),
+)
+
+
+def http_status(error: BaseException) -> int:
+    """The HTTP status for an error: 4xx for the client's, 503 when the server cannot serve now."""
+    return next((status for kind, status in HTTP_STATUS if isinstance(error, kind)), 500)

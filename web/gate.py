@@ -11,13 +11,14 @@ from collections.abc import Callable, Sequence
 
 from gradio.context import LocalContext
 
-from model.errors import NO_GPU_MESSAGE, NoGPU, NoListener, NotReady
-from model.prompt import fit_to_context
-from model.protocol import EngineClient, EngineStatus, EventStream, GenerationRequest
+from model.errors import NO_GPU_MESSAGE, ContextTooLong, NoGPU, NoListener, NotReady
+from model.prompt import STOP_STRINGS, Segment, fit_to_context
+from model.protocol import EngineClient, EngineStatus, EventStream, Finished, GenerationRequest
 from model.settings import SamplingSettings
 from web.admission import Admission, Ticket
 from web.guards import StreamWatch
 from web.limits import Message, RateLimiter, client_address
+from web.metrics import Metrics
 
 # How long a reply waits for its client to open the stream that reads it.
 CONNECT_GRACE_S = 5.0
@@ -33,10 +34,12 @@ class GpuGate:
         limiter: RateLimiter,
         admission: Admission,
         streams: StreamWatch,
+        metrics: Metrics | None = None,
         behind_proxy: bool = False,
         connect_grace_s: float = CONNECT_GRACE_S,
     ) -> None:
         self.engine = engine
+        self.metrics = metrics or Metrics()
         self.limiter = limiter
         self.admission = admission
         self.streams = streams
@@ -67,8 +70,12 @@ class GpuGate:
         system: str = "",
         prefix: str = "",
         client: str | None = None,
+        stop: Sequence[str] = (),
     ) -> GenerationRequest:
-        """Count the request against its client's limit, fit it to the context and encode it."""
+        """Count the request against its client's limit, fit it to the context and encode it.
+
+        The reply stops at the template's own stop strings and at `stop`.
+        """
         status = self.ready()
         self.limiter.check(client if client is not None else self._gradio_client())
         fitted = fit_to_context(
@@ -80,8 +87,32 @@ class GpuGate:
             response_prefix=prefix,
         )
         return GenerationRequest(
-            tuple(fitted.ids), settings, tuple(fitted.segments), fitted.dropped_turns
+            tuple(fitted.ids),
+            settings,
+            tuple(fitted.segments),
+            fitted.dropped_turns,
+            stop=(*STOP_STRINGS, *stop),
         )
+
+    def fit_raw(
+        self,
+        segments: Sequence[Segment],
+        settings: SamplingSettings,
+        *,
+        client: str | None = None,
+        stop: Sequence[str] = (),
+    ) -> GenerationRequest:
+        """The same for a prompt that is the model's raw text (no template, no turns to drop)."""
+        status = self.ready()
+        self.limiter.check(client)
+        ids = self.engine.encode(segments)
+        if len(ids) + settings.max_new_tokens > status.max_seq_len:
+            raise ContextTooLong(
+                f"The prompt is {len(ids):,} tokens and max tokens is {settings.max_new_tokens:,}, "
+                f"but the context is {status.max_seq_len:,} tokens; shorten the prompt or lower "
+                "max tokens."
+            )
+        return GenerationRequest(tuple(ids), settings, tuple(segments), stop=tuple(stop))
 
     def enter(
         self, client: str | None = None, listening: Callable[[], bool] | None = None
@@ -104,7 +135,15 @@ class GpuGate:
         return ticket
 
     def stream(self, request: GenerationRequest) -> EventStream:
-        return self.engine.stream(request)
+        """The engine's stream of the request; closing it cancels the job. Counts its tokens."""
+        events = self.engine.stream(request)
+        try:
+            for event in events:
+                if isinstance(event, Finished):
+                    self.metrics.finished(event)
+                yield event
+        finally:
+            events.close()
 
     def _gradio_client(self) -> str | None:
         return client_address(LocalContext.request.get(None), self.behind_proxy)

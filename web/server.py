@@ -19,6 +19,8 @@ from web.gate import GpuGate
 from web.guards import Guards, LoginThrottle, StreamWatch
 from web.health import health_route
 from web.limits import RateLimiter
+from web.metrics import Metrics, metrics_route
+from web.openai_api import OpenAIRoutes
 from web.panel import ModelPanel
 from web.sessions import SessionSweeper
 from web.ui import CSS, JS, build_demo
@@ -43,6 +45,8 @@ class WebApp:
     streams: StreamWatch
     logins: LoginThrottle
     panel: ModelPanel
+    metrics: Metrics
+    openai: OpenAIRoutes
     demo: gr.Blocks
 
     def fn(self, name: str):
@@ -74,7 +78,11 @@ class WebApp:
             "js": JS,
             "app_kwargs": {
                 # Routes and middleware given here come before Gradio's own.
-                "routes": [health_route(self.engine)],
+                "routes": [
+                    health_route(self.engine),
+                    *self.openai.routes(),
+                    metrics_route(self.metrics, self.openai.authorized),
+                ],
                 "middleware": [guards],
                 "openapi_url": None,
                 "docs_url": None,
@@ -97,11 +105,25 @@ def build_app(
     limiter = RateLimiter(config.rate_limit)
     streams = StreamWatch()
     logins = LoginThrottle()
+    metrics = Metrics()
+    metrics.gauge("queue_waiting", "Replies waiting for the GPU.", lambda: admission.waiting)
+    metrics.gauge("replies_running", "Replies being written.", lambda: admission.running)
+    metrics.gauge("gpu_places", "Replies that may run at once.", lambda: admission.slots)
+    metrics.gauge("kv_cache_pages_used", "K/V cache pages in use.", lambda: engine.cache_pages()[0])
+    metrics.gauge("kv_cache_pages", "K/V cache pages in all.", lambda: engine.cache_pages()[1])
     gate = GpuGate(
         engine,
         limiter=limiter,
         admission=admission,
         streams=streams,
+        metrics=metrics,
+        behind_proxy=config.behind_proxy,
+    )
+    openai = OpenAIRoutes(
+        gate,
+        metrics,
+        api_keys=config.api_keys,
+        login_required=config.auth is not None,
         behind_proxy=config.behind_proxy,
     )
     panel = ModelPanel(engine, loader, config, logins)
@@ -118,4 +140,6 @@ def build_app(
     os.environ.setdefault("GRADIO_ANALYTICS_MAX_EVENTS", str(ANALYTICS_EVENTS))
     demo.queue(max_size=config.max_jobs + config.queue_size, default_concurrency_limit=1)
     SessionSweeper(demo, streams.is_open).start()
-    return WebApp(config, engine, loader, admission, limiter, streams, logins, panel, demo)
+    return WebApp(
+        config, engine, loader, admission, limiter, streams, logins, panel, metrics, openai, demo
+    )

@@ -1,0 +1,589 @@
+"""OpenAI-compatible routes for editors and scripts: /v1/models, /v1/chat/completions,
+/v1/completions (with `suffix`: StarCoder2's fill-in-the-middle), streamed as server-sent events.
+
+They share the chat's engine, queue (web.admission), rate limit and input limits. Errors come in
+OpenAI's shape, {"error": {"message", "type", "param", "code"}}, and name the field, the value
+and the range. Unknown fields are ignored, as OpenAI's own API does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import hmac
+import json
+import secrets
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from model.errors import ChatError, InvalidSetting, TooManyRequests
+from model.prompt import Segment, fim_prompt
+from model.protocol import Finished, GenerationRequest, TextDelta
+from model.settings import FIELDS, SamplingSettings, validate_settings
+from web.errors import http_status, user_message
+from web.gate import GpuGate
+from web.limits import Message, check_text, client_address
+from web.metrics import Metrics
+
+MODEL_ID = "starcoder2-15b-instruct-v0.1"
+MAX_BODY_BYTES = 16 * 1024 * 1024
+MAX_STOPS = 4  # as OpenAI's API
+MAX_STOP_CHARS = 256
+MAX_NEW_TOKENS = int(next(spec for spec in FIELDS if spec.name == "max_new_tokens").maximum)
+# OpenAI's names for our settings, where they differ.
+API_NAMES = {"max_new_tokens": "max_tokens", "repetition_penalty": "repetition_penalty"}
+FINISH_REASONS = {"max_new_tokens": "length"}  # everything else ended at a stop: "stop"
+ERROR_TYPES = {401: "invalid_request_error", 429: "rate_limit_exceeded", 503: "server_error"}
+_DONE = object()
+
+
+class ApiError(Exception):
+    """A refusal in OpenAI's error shape."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+        self.headers = headers or {}
+
+    @classmethod
+    def of(cls, error: Exception, param: str | None = None) -> ApiError:
+        """A domain error (or anything else) as an ApiError with its status."""
+        if isinstance(error, ApiError):
+            return error
+        status = http_status(error)
+        headers = {}
+        if isinstance(error, TooManyRequests):
+            headers["Retry-After"] = str(error.retry_after_s)
+        elif status == 503:
+            headers["Retry-After"] = "10"
+        code = {429: "rate_limit_exceeded", 503: "unavailable"}.get(status)
+        return cls(status, user_message(error), param=param, code=code, headers=headers)
+
+    def body(self) -> dict:
+        kind = ERROR_TYPES.get(self.status, "server_error" if self.status >= 500 else "")
+        return {
+            "error": {
+                "message": self.message,
+                "type": kind or "invalid_request_error",
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+
+# ---- reading the request ------------------------------------------------------------------------
+
+_KINDS = {
+    str: "a string",
+    bool: "a boolean",
+    int: "an integer",
+    float: "a number",
+    dict: "an object",
+}
+
+
+def _field(body: dict, name: str, kinds: tuple[type, ...], default: Any = None) -> Any:
+    """body[name] if it has one of the kinds (None counts as absent), else a 400 naming it."""
+    value = body.get(name)
+    if value is None:
+        return default
+    if isinstance(value, bool):
+        fits = bool in kinds
+    elif isinstance(value, int):
+        fits = int in kinds or float in kinds
+    else:
+        fits = isinstance(value, kinds)
+    if fits:
+        return value
+    wanted = " or ".join(_KINDS.get(kind, kind.__name__) for kind in kinds)
+    raise ApiError(
+        400,
+        f"Invalid type for '{name}': expected {wanted}, but got {type(value).__name__} "
+        f"({json.dumps(value)[:80]}).",
+        param=name,
+        code="invalid_type",
+    )
+
+
+async def read_body(request: Request) -> dict:
+    """The JSON object of the request body, or a 400 saying what is wrong with it."""
+    raw = await request.body()
+    if len(raw) > MAX_BODY_BYTES:
+        raise ApiError(413, f"The request body is {len(raw):,} bytes; the limit is 16 MB.")
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        raise ApiError(
+            400, "We could not parse the JSON body of your request; send a JSON object."
+        ) from None
+    if not isinstance(body, dict):
+        raise ApiError(400, f"The request body must be a JSON object (got {type(body).__name__}).")
+    return body
+
+
+def read_settings(body: dict) -> SamplingSettings:
+    """Sampling settings from OpenAI's names (and top_k, min_p, repetition_penalty as extras)."""
+    raw: dict[str, object] = {}
+    for spec in FIELDS:
+        name = API_NAMES.get(spec.name, spec.name)
+        value = body.get(name)
+        if spec.name == "max_new_tokens" and value is None:
+            value = body.get("max_completion_tokens")  # OpenAI's newer name
+        if value is not None:
+            raw[spec.name] = value
+    seed = body.get("seed")
+    if seed is not None:
+        raw["seed"] = seed
+    try:
+        return validate_settings(raw)
+    except InvalidSetting as error:
+        message = str(error)
+        name = message.split(" ", 1)[0]
+        api_name = API_NAMES.get(name, name)
+        raise ApiError(
+            400, message.replace(name, api_name, 1) + ".", param=api_name, code="invalid_value"
+        ) from None
+
+
+def read_stops(body: dict) -> tuple[str, ...]:
+    """`stop`: a string or a list of up to four, each 1 to 256 characters."""
+    stop = body.get("stop")
+    if stop is None:
+        return ()
+    stops = [stop] if isinstance(stop, str) else stop
+    if not isinstance(stops, list) or not all(isinstance(item, str) for item in stops):
+        raise ApiError(
+            400,
+            f"Invalid type for 'stop': expected a string or a list of strings, but got "
+            f"{json.dumps(stop)[:80]}.",
+            param="stop",
+            code="invalid_type",
+        )
+    if len(stops) > MAX_STOPS:
+        raise ApiError(
+            400, f"stop takes at most {MAX_STOPS} strings (got {len(stops)}).", param="stop"
+        )
+    for item in stops:
+        if not 1 <= len(item) <= MAX_STOP_CHARS:
+            raise ApiError(
+                400,
+                f"Each stop string must have 1 to {MAX_STOP_CHARS} characters (got {len(item)}).",
+                param="stop",
+            )
+        _checked("stop", item)
+    return tuple(stops)
+
+
+def read_common(body: dict) -> tuple[bool, bool]:
+    """(stream, include_usage), after refusing what this server does not do."""
+    _field(body, "model", (str,))
+    _field(body, "user", (str,))
+    n = _field(body, "n", (int,), 1)
+    if n != 1:
+        raise ApiError(
+            400, f"n must be 1: this server writes one choice per request (got {n}).", param="n"
+        )
+    for name in ("logprobs", "echo"):
+        if _field(body, name, (bool, int), False):
+            raise ApiError(400, f"{name} is not supported by this server.", param=name)
+    if _field(body, "best_of", (int,), 1) != 1:
+        raise ApiError(400, "best_of must be 1 on this server.", param="best_of")
+    stream = _field(body, "stream", (bool,), False)
+    options = _field(body, "stream_options", (dict,), {})
+    include_usage = bool(_field(options, "include_usage", (bool,), False))
+    return stream, include_usage
+
+
+def _checked(param: str, text: str) -> str:
+    try:
+        return check_text(f"'{param}'", text)
+    except ChatError as error:
+        raise ApiError(400, str(error), param=param, code="invalid_value") from None
+
+
+def _content(index: int, message: dict) -> str:
+    """A message's text: a string, or a list of text parts."""
+    content = message.get("content")
+    param = f"messages[{index}].content"
+    if isinstance(content, list):
+        parts = []
+        for part in content:
+            if not isinstance(part, dict) or part.get("type") != "text":
+                raise ApiError(
+                    400,
+                    f"{param} may hold only text parts ({{'type': 'text', 'text': …}}); this "
+                    "model reads no images or files.",
+                    param=param,
+                )
+            parts.append(_field(part, "text", (str,), ""))
+        content = "".join(parts)
+    if not isinstance(content, str):
+        raise ApiError(
+            400,
+            f"{param} must be a string or a list of text parts.",
+            param=param,
+            code="invalid_type",
+        )
+    return _checked(param, content)
+
+
+def read_messages(body: dict) -> tuple[list[Message], str, str]:
+    """(turns, system text, response prefix): system messages fold into the first instruction
+    as the chat does; a last assistant message is the start of the answer."""
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise ApiError(400, "messages must be a non-empty list of messages.", param="messages")
+    system, turns = [], []
+    for index, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise ApiError(400, f"messages[{index}] must be an object.", param=f"messages[{index}]")
+        role = message.get("role")
+        if role in ("system", "developer"):
+            system.append(_content(index, message))
+        elif role in ("user", "assistant"):
+            turns.append({"role": role, "content": _content(index, message)})
+        else:
+            raise ApiError(
+                400,
+                f"messages[{index}].role is {role!r}; this server takes system, user and "
+                "assistant messages (no tools).",
+                param=f"messages[{index}].role",
+            )
+    prefix = ""
+    if turns and turns[-1]["role"] == "assistant":
+        prefix = turns.pop()["content"]
+    return turns, "\n\n".join(system), prefix
+
+
+# ---- the routes ---------------------------------------------------------------------------------
+
+
+class OpenAIRoutes:
+    """The /v1 routes around one GpuGate."""
+
+    def __init__(
+        self,
+        gate: GpuGate,
+        metrics: Metrics,
+        *,
+        api_keys: Sequence[str] = (),
+        login_required: bool = False,
+        behind_proxy: bool = False,
+    ) -> None:
+        self.gate = gate
+        self.metrics = metrics
+        self.api_keys = [key.encode() for key in api_keys]
+        self.login_required = login_required
+        self.behind_proxy = behind_proxy
+
+    def routes(self) -> list[Route]:
+        return [
+            Route("/v1/models", self.models, methods=["GET"]),
+            Route("/v1/chat/completions", self.chat, methods=["POST"]),
+            Route("/v1/completions", self.completions, methods=["POST"]),
+        ]
+
+    def authorized(self, request: Request) -> bool:
+        """True if the request may use the API (a listed key, or no keys and no login)."""
+        if not self.api_keys:
+            return not self.login_required
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        given = token.strip().encode()
+        return scheme.lower() == "bearer" and any(
+            hmac.compare_digest(given, key) for key in self.api_keys
+        )
+
+    def _authorize(self, request: Request) -> None:
+        if self.authorized(request):
+            return
+        if not self.api_keys:
+            raise ApiError(
+                401,
+                "This server requires a login; its operator can allow the API with an API key "
+                "(--api-key or SC2_API_KEY).",
+                code="invalid_api_key",
+            )
+        raise ApiError(
+            401,
+            "Missing or incorrect API key: send it as 'Authorization: Bearer <key>'.",
+            code="invalid_api_key",
+        )
+
+    async def models(self, request: Request) -> Response:
+        try:
+            self._authorize(request)
+        except ApiError as error:
+            return error.response()
+        model = {"id": MODEL_ID, "object": "model", "created": 0, "owned_by": "bigcode"}
+        return JSONResponse({"object": "list", "data": [model]})
+
+    async def chat(self, request: Request) -> Response:
+        return await self._serve(request, "chat_completions", self._chat_request)
+
+    async def completions(self, request: Request) -> Response:
+        return await self._serve(request, "completions", self._completion_request)
+
+    def _chat_request(self, body: dict, client: str | None) -> GenerationRequest:
+        turns, system, prefix = read_messages(body)
+        settings, stops = read_settings(body), read_stops(body)
+
+        def fit(chosen: SamplingSettings) -> GenerationRequest:
+            return self.gate.fit(
+                turns, chosen, system=system, prefix=prefix, client=client, stop=stops
+            )
+
+        return self._fitted(body, settings, fit, param="messages")
+
+    def _completion_request(self, body: dict, client: str | None) -> GenerationRequest:
+        prompt = body.get("prompt")
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+            prompt = prompt[0]
+        if not isinstance(prompt, str):
+            raise ApiError(
+                400,
+                "prompt must be a string (or a list of one string).",
+                param="prompt",
+                code="invalid_type",
+            )
+        prompt = _checked("prompt", prompt)
+        suffix = _field(body, "suffix", (str,))
+        settings, stops = read_settings(body), read_stops(body)
+        # The prompt is the model's own text: its special tokens count as such (unlike the chat).
+        if suffix is None:
+            segments = [Segment(prompt, trusted=True)]
+        else:
+            suffix = _checked("suffix", suffix)
+            segments = [Segment(fim_prompt(prompt, suffix), trusted=True)]
+
+        def fit(chosen: SamplingSettings) -> GenerationRequest:
+            return self.gate.fit_raw(segments, chosen, client=client, stop=stops)
+
+        return self._fitted(body, settings, fit, param="prompt")
+
+    def _fitted(
+        self,
+        body: dict,
+        settings: SamplingSettings,
+        fit: Callable[[SamplingSettings], GenerationRequest],
+        param: str,
+    ) -> GenerationRequest:
+        """Fit the prompt; without max_tokens, the reply may fill the rest of the context."""
+        given = body.get("max_tokens") is not None or body.get("max_completion_tokens") is not None
+        try:
+            if given:
+                return fit(settings)
+            request = fit(dataclasses.replace(settings, max_new_tokens=1))
+            room = self.gate.context_tokens - request.prompt_tokens
+            longest = dataclasses.replace(settings, max_new_tokens=min(MAX_NEW_TOKENS, room))
+            return dataclasses.replace(request, settings=longest)
+        except ChatError as error:
+            raise ApiError.of(error, param=param if http_status(error) == 400 else None) from None
+
+    async def _serve(
+        self,
+        request: Request,
+        endpoint: str,
+        build: Callable[[dict, str | None], GenerationRequest],
+    ) -> Response:
+        """Check, queue and run one request; stream it or answer it whole."""
+        try:
+            self._authorize(request)
+            body = await read_body(request)
+            stream, include_usage = read_common(body)
+            client = client_address(request, self.behind_proxy)
+            generation = await asyncio.to_thread(build, body, client)
+            job = Job(self.gate, generation, client)
+            await job.start()  # a full queue answers 503 here, before any stream starts
+        except Exception as error:
+            failure = ApiError.of(error)
+            self.metrics.request(endpoint, failure.status)
+            return failure.response()
+        reply = Reply(endpoint, generation, job, include_usage)
+        if stream:
+            return StreamingResponse(
+                self._streamed(reply, request),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            )
+        return await self._whole(reply, request)
+
+    async def _streamed(self, reply: Reply, request: Request) -> AsyncIterator[str]:
+        status: int = 200
+        try:
+            async for event in reply.job.events(request):
+                for chunk in reply.chunks(event):
+                    yield f"data: {json.dumps(chunk)}\n\n"
+            yield "data: [DONE]\n\n"
+        except asyncio.CancelledError:
+            status = 499
+            raise
+        except Exception as error:  # after the first byte: the error goes down the stream
+            failure = ApiError.of(error)
+            status = failure.status
+            yield f"data: {json.dumps(failure.body())}\n\n"
+        finally:
+            reply.job.cancel()
+            self.metrics.request(reply.endpoint, status)
+
+    async def _whole(self, reply: Reply, request: Request) -> Response:
+        text, finished = [], None
+        try:
+            async for event in reply.job.events(request):
+                if isinstance(event, Finished):
+                    finished = event
+                else:
+                    text.append(event.text)
+        except Exception as error:
+            failure = ApiError.of(error)
+            self.metrics.request(reply.endpoint, failure.status)
+            return failure.response()
+        finally:
+            reply.job.cancel()
+        self.metrics.request(reply.endpoint, 200)
+        assert finished is not None
+        return JSONResponse(reply.whole(finished))
+
+
+class Job:
+    """One request run in a thread (queue wait, then the engine's stream) feeding an asyncio queue.
+
+    Closing it (the client went away) stops the thread within one token, or within a second
+    while it waits for the GPU; the engine's job is cancelled with it.
+    """
+
+    def __init__(self, gate: GpuGate, generation: GenerationRequest, client: str | None) -> None:
+        self.gate, self.generation, self.client = gate, generation, client
+        self.cancelled = threading.Event()
+        self._queue: asyncio.Queue = asyncio.Queue()
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def start(self) -> None:
+        """Take a place in the queue now (QueueFull raises here), then run in a thread."""
+        self._loop = asyncio.get_running_loop()
+        ticket = self.gate.enter(self.client, lambda: not self.cancelled.is_set())
+        threading.Thread(target=self._run, args=(ticket,), name="openai-job", daemon=True).start()
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+    def _put(self, item: object) -> None:
+        assert self._loop is not None
+        with contextlib.suppress(RuntimeError):  # the loop is closing: nobody reads any more
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+
+    def _run(self, ticket) -> None:
+        try:
+            with ticket:
+                for _ahead in ticket.wait():
+                    pass
+                with contextlib.closing(self.gate.stream(self.generation)) as events:
+                    for event in events:
+                        if self.cancelled.is_set():
+                            return
+                        self._put(event)
+        except Exception as error:
+            self._put(error)
+        finally:
+            self._put(_DONE)
+
+    async def events(self, request: Request) -> AsyncIterator[Any]:
+        """The engine's events; checks every half second that the client is still there."""
+        while True:
+            try:
+                item = await asyncio.wait_for(self._queue.get(), timeout=0.5)
+            except TimeoutError:
+                if await request.is_disconnected():
+                    self.cancel()
+                    return
+                continue
+            if item is _DONE:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+
+@dataclasses.dataclass
+class Reply:
+    """Turns a request's events into OpenAI's chunks and answers."""
+
+    endpoint: str
+    generation: GenerationRequest
+    job: Job
+    include_usage: bool
+    id: str = dataclasses.field(default_factory=lambda: secrets.token_hex(12))
+    created: int = dataclasses.field(default_factory=lambda: int(time.time()))
+    started: bool = False
+
+    @property
+    def chat(self) -> bool:
+        return self.endpoint == "chat_completions"
+
+    def _envelope(self, choices: list, chunk: bool) -> dict:
+        if self.chat:
+            kind = "chat.completion.chunk" if chunk else "chat.completion"
+            prefix = "chatcmpl-"
+        else:
+            kind, prefix = "text_completion", "cmpl-"
+        return {
+            "id": prefix + self.id,
+            "object": kind,
+            "created": self.created,
+            "model": MODEL_ID,
+            "choices": choices,
+        }
+
+    def _choice(self, text: str, finish: str | None, *, whole: bool = False) -> dict:
+        if not self.chat:
+            return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+        if whole:
+            message = {"role": "assistant", "content": text}
+            return {"index": 0, "message": message, "finish_reason": finish}
+        delta: dict = {"content": text} if text else {}
+        if not self.started:
+            delta = {"role": "assistant", **delta}
+            self.started = True
+        return {"index": 0, "delta": delta, "finish_reason": finish}
+
+    @staticmethod
+    def usage(finished: Finished) -> dict:
+        return {
+            "prompt_tokens": finished.prompt_tokens,
+            "completion_tokens": finished.new_tokens,
+            "total_tokens": finished.prompt_tokens + finished.new_tokens,
+            "prompt_tokens_details": {"cached_tokens": finished.cached_tokens},
+        }
+
+    def chunks(self, event: object) -> list[dict]:
+        if isinstance(event, TextDelta):
+            return [self._envelope([self._choice(event.text, None)], chunk=True)]
+        assert isinstance(event, Finished)
+        finish = FINISH_REASONS.get(event.stop_reason, "stop")
+        chunks = [self._envelope([self._choice("", finish)], chunk=True)]
+        if self.include_usage:
+            chunks.append({**self._envelope([], chunk=True), "usage": self.usage(event)})
+        return chunks
+
+    def whole(self, finished: Finished) -> dict:
+        finish = FINISH_REASONS.get(finished.stop_reason, "stop")
+        body = self._envelope([self._choice(finished.text, finish, whole=True)], chunk=False)
+        return {**body, "usage": self.usage(finished)}
