@@ -4,7 +4,8 @@ Usage (GPU): python bench/app_bench.py --model DIR --out bench/results/app-4_25.
 Three variants in one run, each with the same clients and prompt:
 - "engine": the engine alone, in this process (no web server);
 - "app, engine in the web process": the previous path, the engine's thread beside Gradio's;
-- "app, engine process": the engine in its own process (model.client), as the app runs now.
+- "app, engine process": the engine in its own process (model.client), as the app runs now;
+- "OpenAI API, engine process": the same, streaming /v1/chat/completions.
 Clients run in their own process, as real clients do, and speak HTTP + server-sent events to
 /gradio_api/call/generate, so the numbers are the server's, not a client library's.
 """
@@ -29,16 +30,33 @@ NEW_TOKENS = 128
 CLIENTS = (1, 4, 8)
 
 
-def clients_main(url: str, clients: int) -> None:
-    """Client process: `clients` concurrent streams over Gradio's HTTP API; prints their timings."""
+def clients_main(url: str, clients: int, route: str = "generate") -> None:
+    """Client process: `clients` concurrent streams over HTTP; prints their timings."""
     import httpx
 
     from model.settings import FIELDS
 
     values = {spec.name: spec.default for spec in FIELDS} | {"max_new_tokens": NEW_TOKENS}
     data = [TEXT, *(values[spec.name] for spec in FIELDS), None]
+    chat = {
+        "messages": [{"role": "user", "content": TEXT}],
+        "max_tokens": NEW_TOKENS,
+        "temperature": 0,
+        "stream": True,
+    }
+
+    def openai_one(_):
+        with httpx.Client(base_url=url, timeout=120) as http:
+            started, first = time.perf_counter(), None
+            with http.stream("POST", "/v1/chat/completions", json=chat) as stream:
+                for line in stream.iter_lines():
+                    if first is None and '"content"' in line:
+                        first = time.perf_counter()
+            return {"ttft_s": first - started, "stream_s": time.perf_counter() - first}
 
     def one(_):
+        if route == "openai":
+            return openai_one(_)
         with httpx.Client(base_url=url, timeout=120) as http:
             started = time.perf_counter()
             event = http.post("/gradio_api/call/generate", json={"data": data}).json()["event_id"]
@@ -133,7 +151,7 @@ def engine_alone(engine, clients: int) -> dict:
     return summary([a["ttft_s"] for a in alone], rates, sum(a["tokens"] for a in alone), wall)
 
 
-def through_the_app(client, clients: int) -> dict:
+def through_the_app(client, clients: int, route: str = "generate") -> dict:
     """`clients` HTTP clients in another process against the app serving `client`."""
     from web.config import AppConfig
     from web.server import build_app
@@ -145,7 +163,8 @@ def through_the_app(client, clients: int) -> dict:
     try:
         started = time.perf_counter()
         done = subprocess.run(
-            [sys.executable, __file__, "--client", url, "--clients", str(clients)],
+            [sys.executable, __file__, "--client", url, "--clients", str(clients),
+             "--route", route],
             capture_output=True, text=True, check=True,
         )  # fmt: skip
         wall = time.perf_counter() - started
@@ -164,9 +183,10 @@ def main() -> None:
     parser.add_argument("--out", type=Path)
     parser.add_argument("--client", help=argparse.SUPPRESS)
     parser.add_argument("--clients", type=int, default=1, help=argparse.SUPPRESS)
+    parser.add_argument("--route", default="generate", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.client:
-        clients_main(args.client, args.clients)
+        clients_main(args.client, args.clients, args.route)
         return
 
     from model.client import EngineProcess
@@ -189,11 +209,18 @@ def main() -> None:
     try:
         process.load(str(args.model), max_seq_len=4096)
         rows["app, engine process"] = {str(n): through_the_app(process, n) for n in CLIENTS}
+        rows["OpenAI API, engine process"] = {
+            str(n): through_the_app(process, n, "openai") for n in CLIENTS
+        }
     finally:
         process.close()
     for n in map(str, CLIENTS):
         alone = rows["engine"][n]
-        for variant in ("app, engine in the web process", "app, engine process"):
+        for variant in (
+            "app, engine in the web process",
+            "app, engine process",
+            "OpenAI API, engine process",
+        ):
             row = rows[variant][n]
             row["tok_s_vs_engine"] = row["tok_s_per_client"] / alone["tok_s_per_client"]
             row["ttft_overhead_p50_s"] = row["ttft_p50_s"] - alone["ttft_p50_s"]

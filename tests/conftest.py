@@ -16,6 +16,12 @@ def windowed_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def decisive_dir(tmp_path_factory):
+    """FP16 (no EXL2 rounding) with a 10x wider lm_head: greedy answers repeat exactly."""
+    return build_tiny_starcoder2(tmp_path_factory.mktemp("tiny") / "decisive", head_std=1.5)
+
+
+@pytest.fixture(scope="session")
 def exl2_dir(fp16_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("exl2")
     return quantize_exl2(fp16_dir, root / "model", root / "work", bits=6.0)

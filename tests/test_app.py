@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import io
 import re
 import socket
 import subprocess
@@ -37,24 +35,6 @@ from web.server import WebApp, build_app
 ROOT = Path(__file__).resolve().parent.parent
 WAIT_S = 15  # upper bound for anything that should happen "soon"; tests never sleep to sync
 DEFAULT_VALUES = [spec.default for spec in FIELDS]
-PLACEHOLDER_URL = "http://127.0.0.1:7860/"
-
-# The README's API section copies this example; a test runs it against a live app.
-API_EXAMPLE = """\
-from gradio_client import Client
-
-client = Client("http://127.0.0.1:7860/")
-job = client.submit(
-    "Write a Python function that reverses a string.",  # prompt
-    temperature=0.2,
-    top_p=0.95,
-    max_new_tokens=256,
-    seed=1234,
-    api_name="/generate",
-)
-for text in job:  # each value is the whole answer so far
-    print(text)
-"""
 
 
 def run_chat(web: WebApp, history, *, system="", prefix="", values=None, seed=None):
@@ -81,15 +61,6 @@ def user(text: str) -> dict[str, str]:
 
 def assistant(text: str) -> dict[str, str]:
     return {"role": "assistant", "content": text}
-
-
-def run_api_example(code: str, url: str) -> list[str]:
-    """Run an API example against url and return the lines it printed."""
-    assert PLACEHOLDER_URL in code
-    printed = io.StringIO()
-    with contextlib.redirect_stdout(printed):
-        exec(compile(code.replace(PLACEHOLDER_URL, url), "api_example", "exec"), {})
-    return printed.getvalue().splitlines()
 
 
 # ---- /generate over HTTP ------------------------------------------------------------------------
@@ -218,29 +189,6 @@ def test_without_a_gpu_the_api_answers_with_the_cuda_message():
     assert str(raised.value) == NO_GPU_MESSAGE
     assert "pick GPU hardware in Settings" in NO_GPU_MESSAGE
     assert engine.calls == []
-
-
-def test_api_example_streams_an_answer():
-    engine = FakeEngine(["def reverse(s):", "\n    return s[::-1]"])
-    with serve(engine) as (url, _):
-        printed = run_api_example(API_EXAMPLE, url)
-    assert printed[-1] == "    return s[::-1]"
-    assert "def reverse(s):" in printed
-    assert engine.calls[0].settings.seed == 1234
-
-
-def test_readme_api_example_runs():
-    readme = ROOT / "README.md"
-    if not readme.is_file():
-        pytest.skip("README.md is not written yet; test_api_example_streams_an_answer covers it")
-    section = readme.read_text(encoding="utf-8").split("## API", 1)
-    assert len(section) == 2, "README has no '## API' section"
-    block = re.search(r"```python\n(.*?)```", section[1], re.S)
-    assert block, "README's API section has no python example"
-    engine = FakeEngine(["print('hi')"])
-    with serve(engine) as (url, _):
-        printed = run_api_example(block.group(1), url)
-    assert printed and printed[-1] == "print('hi')"
 
 
 # ---- the chat handler ---------------------------------------------------------------------------

@@ -76,3 +76,23 @@ def test_chat_answers_and_a_follow_up_turn_reuses_the_cached_prompt_pages(exl2_d
     second_stats = [u[1] for u in second if isinstance(u[1], str) and "tok/s" in u[1]]
     assert first_stats and "cached" not in first_stats[-1]
     assert second_stats and "of them cached" in second_stats[-1]  # the first turn's full pages
+
+
+def test_the_openai_chat_route_gives_the_chats_own_greedy_answer(decisive_dir):
+    import openai
+
+    engine = EngineProcess()
+    engine.load(str(decisive_dir), max_seq_len=2048)
+    question = [{"role": "user", "content": "Write a function that sorts a list."}]
+    values = [48 if spec.name == "max_new_tokens" else spec.default for spec in FIELDS]
+    try:
+        with serve(engine) as (url, web):
+            chat = list(web.fn("respond")(question, "", "", *values, None))[-1][0][-1]["content"]
+            api = openai.OpenAI(base_url=f"{url}v1", api_key="none", max_retries=0)
+            answer = api.chat.completions.create(
+                model="starcoder2", messages=question, max_tokens=48, temperature=0
+            )
+    finally:
+        engine.close()
+    assert answer.choices[0].message.content == chat and len(chat) > 0
+    assert answer.usage.completion_tokens > 1

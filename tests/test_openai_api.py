@@ -106,14 +106,19 @@ def test_stop_strings_end_the_reply_and_max_tokens_gives_length():
     assert single.choices[0].text == "one" and engine.calls[-1].stop == (" two",)
 
 
-def test_without_max_tokens_the_reply_may_fill_the_rest_of_the_context():
+def test_max_tokens_is_an_upper_bound_within_the_room_the_prompt_leaves():
     engine = FakeEngine(["x"], max_seq_len=4096)
     with serve(engine) as (url, _):
-        client_for(url).chat.completions.create(model=MODEL_ID, messages=[user("Hi")])
-        client_for(url).chat.completions.create(model=MODEL_ID, messages=[user("Hi")], max_tokens=7)
+        api = client_for(url)
+        api.chat.completions.create(model=MODEL_ID, messages=[user("Hi")])
+        api.chat.completions.create(model=MODEL_ID, messages=[user("Hi")], max_tokens=7)
+        api.chat.completions.create(model=MODEL_ID, messages=[user("Hi")], max_tokens=4096)
+        api.completions.create(model=MODEL_ID, prompt="def f():")
     free = 4096 - len(engine.calls[0].ids)
-    assert engine.calls[0].settings.max_new_tokens == free
+    assert engine.calls[0].settings.max_new_tokens == free  # chat: the rest of the context
     assert engine.calls[1].settings.max_new_tokens == 7
+    assert engine.calls[2].settings.max_new_tokens == free  # Continue's default on a 4k context
+    assert engine.calls[3].settings.max_new_tokens == 16  # completions: OpenAI's default
 
 
 def test_sampling_fields_reach_the_engine_and_unknown_fields_are_ignored():
@@ -198,7 +203,7 @@ BAD_REQUESTS = [
     (hi(top_p=1.5), "top_p", "top_p must be between 0.01 and 1 (got 1.5)"),
     (hi(n=2), "n", "n must be 1"),
     (hi(stop=[1, 2]), "stop", "expected a string or a list of strings"),
-    (hi(stop=["a", "b", "c", "d", "e"]), "stop", "at most 4 strings (got 5)"),
+    (hi(stop=[f"s{n}" for n in range(17)]), "stop", "at most 16 strings (got 17)"),
     (hi(stream="yes"), "stream", "expected a boolean"),
     ({"messages": []}, "messages", "messages must be a non-empty list"),
     ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].role", "role is 'tool'"),

@@ -105,7 +105,12 @@ def write_tokenizer(folder: Path) -> int:
 
 
 def write_weights(
-    folder: Path, config: dict, tokens: int, seed: int = 0, mute_eos: bool = False
+    folder: Path,
+    config: dict,
+    tokens: int,
+    seed: int = 0,
+    mute_eos: bool = False,
+    head_std: float = 0.15,
 ) -> None:
     """Random fp16 weights under StarCoder2's tensor names, with a separate (untied) lm_head."""
     import torch
@@ -139,7 +144,7 @@ def write_weights(
         tensors[f"{p}.mlp.c_proj.weight"] = rand(hidden, ffn, std=0.03)
         tensors[f"{p}.mlp.c_proj.bias"] = rand(hidden, std=0.02)
     tensors |= norm("model.norm")
-    tensors["lm_head.weight"] = rand(vocab, hidden, std=0.15)
+    tensors["lm_head.weight"] = rand(vocab, hidden, std=head_std)
     # Ids past the tiny tokenizer's vocabulary get zero logits: nobody picks a token with no text.
     tensors["lm_head.weight"][tokens:] = 0
     if mute_eos:  # benchmarks: keep random text from ending early
@@ -148,9 +153,17 @@ def write_weights(
 
 
 def build_tiny_starcoder2(
-    folder: Path, *, sliding_window: int = 4096, seed: int = 0, mute_eos: bool = False
+    folder: Path,
+    *,
+    sliding_window: int = 4096,
+    seed: int = 0,
+    mute_eos: bool = False,
+    head_std: float = 0.15,
 ) -> Path:
-    """Write a complete FP16 model folder (config, tokenizer, weights) and return it."""
+    """Write a complete FP16 model folder (config, tokenizer, weights) and return it.
+
+    A larger `head_std` spreads the logits, so greedy choices are decisive (no near-ties).
+    """
     folder.mkdir(parents=True, exist_ok=True)
     config = real_config(sliding_window=sliding_window)
     (folder / "config.json").write_text(json.dumps(config, indent=2))
@@ -158,7 +171,7 @@ def build_tiny_starcoder2(
         json.dumps({"bos_token_id": 0, "eos_token_id": 0})
     )
     tokens = write_tokenizer(folder)
-    write_weights(folder, config, tokens, seed=seed, mute_eos=mute_eos)
+    write_weights(folder, config, tokens, seed=seed, mute_eos=mute_eos, head_std=head_std)
     return folder
 
 

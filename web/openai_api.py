@@ -34,11 +34,12 @@ from web.metrics import Metrics
 
 MODEL_ID = "starcoder2-15b-instruct-v0.1"
 MAX_BODY_BYTES = 16 * 1024 * 1024
-MAX_STOPS = 4  # as OpenAI's API
+MAX_STOPS = 16  # OpenAI allows 4; Continue's autocomplete sends up to 12
 MAX_STOP_CHARS = 256
 MAX_NEW_TOKENS = int(next(spec for spec in FIELDS if spec.name == "max_new_tokens").maximum)
 # OpenAI's names for our settings, where they differ.
-API_NAMES = {"max_new_tokens": "max_tokens", "repetition_penalty": "repetition_penalty"}
+API_NAMES = {"max_new_tokens": "max_tokens"}
+COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions (chat: the rest of the context)
 FINISH_REASONS = {"max_new_tokens": "length"}  # everything else ended at a stop: "stop"
 ERROR_TYPES = {401: "invalid_request_error", 429: "rate_limit_exceeded", 503: "server_error"}
 _DONE = object()
@@ -377,7 +378,7 @@ class OpenAIRoutes:
         def fit(chosen: SamplingSettings) -> GenerationRequest:
             return self.gate.fit_raw(segments, chosen, client=client, stop=stops)
 
-        return self._fitted(body, settings, fit, param="prompt")
+        return self._fitted(body, settings, fit, param="prompt", default_max=COMPLETION_MAX_TOKENS)
 
     def _fitted(
         self,
@@ -385,18 +386,22 @@ class OpenAIRoutes:
         settings: SamplingSettings,
         fit: Callable[[SamplingSettings], GenerationRequest],
         param: str,
+        default_max: int | None = None,
     ) -> GenerationRequest:
-        """Fit the prompt; without max_tokens, the reply may fill the rest of the context."""
+        """Fit the prompt, keeping room for at least min(max_tokens, half the context); the
+        reply may then take max_tokens (default_max if absent; None: all the room), at most
+        the room the prompt leaves (finish_reason "length" when it runs out)."""
         given = body.get("max_tokens") is not None or body.get("max_completion_tokens") is not None
+        context = self.gate.context_tokens
+        wanted = settings.max_new_tokens if given else (default_max or MAX_NEW_TOKENS)
+        reserve = max(1, min(wanted, context // 2))
         try:
-            if given:
-                return fit(settings)
-            request = fit(dataclasses.replace(settings, max_new_tokens=1))
-            room = self.gate.context_tokens - request.prompt_tokens
-            longest = dataclasses.replace(settings, max_new_tokens=min(MAX_NEW_TOKENS, room))
-            return dataclasses.replace(request, settings=longest)
+            request = fit(dataclasses.replace(settings, max_new_tokens=reserve))
         except ChatError as error:
             raise ApiError.of(error, param=param if http_status(error) == 400 else None) from None
+        room = context - request.prompt_tokens
+        chosen = dataclasses.replace(settings, max_new_tokens=max(1, min(wanted, room)))
+        return dataclasses.replace(request, settings=chosen)
 
     async def _serve(
         self,

@@ -1,0 +1,90 @@
+"""Every example in the README's API section runs against the app (the fake engine, on CPU)."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import re
+import shlex
+import subprocess
+from pathlib import Path
+
+import httpx
+import yaml
+
+from tests.fake_engine import FakeEngine
+from tests.serving import serve
+from tests.test_openai_clients import CONTINUE_AUTOCOMPLETE, CONTINUE_CHAT
+
+ROOT = Path(__file__).resolve().parent.parent
+LOCAL = "http://127.0.0.1:7860/"
+
+
+def api_section() -> str:
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    return text.split("\n## API\n", 1)[1].split("\n## ", 1)[0]
+
+
+def block(language: str, containing: str) -> str:
+    """The README's API example in `language` whose text contains `containing`."""
+    blocks = re.findall(rf"```{language}\n(.*?)```", api_section(), re.S)
+    found = [code for code in blocks if containing in code]
+    assert len(found) == 1, (
+        f"one {language} example with {containing!r} expected, found {len(found)}"
+    )
+    assert LOCAL.rstrip("/") in found[0]
+    return found[0]
+
+
+def run_python(code: str, url: str) -> list[str]:
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        exec(compile(code.replace(LOCAL, url).replace(LOCAL[:-1], url[:-1]), "readme", "exec"), {})
+    return printed.getvalue().splitlines()
+
+
+def test_the_curl_example_streams_server_sent_events():
+    engine = FakeEngine(["def reverse(s):", "\n    return s[::-1]"])
+    command = block("bash", "curl").replace("\\\n", " ")
+    with serve(engine) as (url, _):
+        arguments = shlex.split(command.replace(LOCAL[:-1], url[:-1]))
+        result = subprocess.run(arguments, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.rstrip().endswith("data: [DONE]")
+    assert "return s[::-1]" in result.stdout
+    assert engine.calls[0].settings.max_new_tokens == 256
+
+
+def test_the_openai_client_example_prints_the_streamed_answer():
+    engine = FakeEngine(["def reverse(s):", "\n    return s[::-1]"])
+    with serve(engine) as (url, _):
+        printed = run_python(block("python", "from openai import OpenAI"), url)
+    assert printed == ["def reverse(s):", "    return s[::-1]"]
+
+
+def test_the_gradio_client_example_streams_an_answer():
+    engine = FakeEngine(["def reverse(s):", "\n    return s[::-1]"])
+    with serve(engine) as (url, _):
+        printed = run_python(block("python", "from gradio_client import Client"), url)
+    assert printed[-1] == "    return s[::-1]" and "def reverse(s):" in printed
+    assert engine.calls[0].settings.seed == 1234
+
+
+def test_the_continue_config_reaches_chat_and_autocomplete():
+    config = yaml.safe_load(block("yaml", "provider: openai"))
+    roles = {role: model for model in config["models"] for role in model["roles"]}
+    assert {"chat", "autocomplete"} <= set(roles)
+    engine = FakeEngine(["ok"])
+    with serve(engine) as (url, _):
+        for role, path, body in (
+            ("chat", "/chat/completions", CONTINUE_CHAT),
+            ("autocomplete", "/completions", CONTINUE_AUTOCOMPLETE),
+        ):
+            model = roles[role]
+            assert model["provider"] == "openai"
+            base = model["apiBase"].replace(LOCAL[:-1], url[:-1])
+            headers = {"Authorization": f"Bearer {model['apiKey']}"}
+            response = httpx.post(
+                base + path, json={**body, "model": model["model"]}, headers=headers, timeout=15
+            )
+            assert response.status_code == 200 and response.text.endswith("data: [DONE]\n\n")
