@@ -57,6 +57,16 @@ def compiling_text(done: int, total: int, elapsed_s: float, estimate_s: float) -
     )
 
 
+def available_vram_gb(engine: EngineClient) -> float | None:
+    """Free VRAM plus what the loaded model holds, since a reload frees that first."""
+    gpu = engine.gpu_info()
+    if gpu is None:
+        return None
+    status = engine.status
+    held = status.vram_used_gb if status.state == "ready" else 0.0
+    return min(gpu.total_gb, gpu.free_gb + held)
+
+
 class ModelLoader:
     """Download then load one model at a time; shared by the Load button and start-up."""
 
@@ -107,13 +117,10 @@ class ModelLoader:
             if report is not None:
                 report(self.progress)
 
-        gpu = self.engine.gpu_info()
-        if gpu is None:
+        free_gb = available_vram_gb(self.engine)
+        if free_gb is None:
             raise NoGPU(NO_GPU_MESSAGE)
         context_tokens = validate_context(context_tokens)
-        status = self.engine.status
-        held = status.vram_used_gb if status.state == "ready" else 0.0
-        free_gb = min(gpu.total_gb, gpu.free_gb + held)  # a reload frees what the model holds
 
         def downloaded(progress: DownloadProgress) -> None:
             total = progress.bytes_total or 1

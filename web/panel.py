@@ -10,7 +10,7 @@ from gradio.context import LocalContext
 
 from model.branches import AUTO, BRANCHES, estimate_vram_gb, pick_branch
 from model.errors import LoadingOff
-from model.loader import LoadProgressState, ModelLoader
+from model.loader import LoadProgressState, ModelLoader, available_vram_gb
 from model.protocol import EngineClient, EngineStatus, GpuInfo
 from web.config import AppConfig
 from web.errors import user_message
@@ -59,16 +59,6 @@ def progress_markdown(progress: LoadProgressState) -> str:
             "</div></div>"
         )
     return f"**Model:** loading · {progress.text}{bar}"
-
-
-def available_vram_gb(engine: EngineClient) -> float | None:
-    """Free VRAM plus what the loaded model holds, since a reload frees that first."""
-    gpu = engine.gpu_info()
-    if gpu is None:
-        return None
-    status = engine.status
-    held = status.vram_used_gb if status.state == "ready" else 0.0
-    return min(gpu.total_gb, gpu.free_gb + held)
 
 
 def branch_choices(

@@ -1,0 +1,251 @@
+"""OpenAI API requests read and checked at the edge: errors in OpenAI's shape name the field,
+the value and the range. Unknown fields are ignored, as OpenAI's own API does."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+
+from model.errors import ChatError, InvalidSetting, TooManyRequests
+from model.settings import FIELDS, SamplingSettings, validate_settings
+from web.errors import http_status, user_message
+from web.limits import Message, check_text
+
+MAX_BODY_BYTES = 16 * 1024 * 1024
+MAX_STOPS = 16  # OpenAI allows 4; Continue's autocomplete sends up to 12
+MAX_STOP_CHARS = 256
+# OpenAI's names for our settings, where they differ.
+API_NAMES = {"max_new_tokens": "max_tokens"}
+ERROR_TYPES = {401: "invalid_request_error", 429: "rate_limit_exceeded", 503: "server_error"}
+
+
+class ApiError(Exception):
+    """A refusal in OpenAI's error shape."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+        self.headers = headers or {}
+
+    @classmethod
+    def of(cls, error: Exception, param: str | None = None) -> ApiError:
+        """A domain error (or anything else) as an ApiError with its status."""
+        if isinstance(error, ApiError):
+            return error
+        status = http_status(error)
+        headers = {}
+        if isinstance(error, TooManyRequests):
+            headers["Retry-After"] = str(error.retry_after_s)
+        elif status == 503:
+            headers["Retry-After"] = "10"
+        code = {429: "rate_limit_exceeded", 503: "unavailable"}.get(status)
+        return cls(status, user_message(error), param=param, code=code, headers=headers)
+
+    def body(self) -> dict:
+        kind = ERROR_TYPES.get(self.status, "server_error" if self.status >= 500 else "")
+        return {
+            "error": {
+                "message": self.message,
+                "type": kind or "invalid_request_error",
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+
+# ---- reading the request ------------------------------------------------------------------------
+
+_KINDS = {
+    str: "a string",
+    bool: "a boolean",
+    int: "an integer",
+    float: "a number",
+    dict: "an object",
+}
+
+
+def field(body: dict, name: str, kinds: tuple[type, ...], default: Any = None) -> Any:
+    """body[name] if it has one of the kinds (None counts as absent), else a 400 naming it."""
+    value = body.get(name)
+    if value is None:
+        return default
+    if isinstance(value, bool):
+        fits = bool in kinds
+    elif isinstance(value, int):
+        fits = int in kinds or float in kinds
+    else:
+        fits = isinstance(value, kinds)
+    if fits:
+        return value
+    wanted = " or ".join(_KINDS.get(kind, kind.__name__) for kind in kinds)
+    raise ApiError(
+        400,
+        f"Invalid type for '{name}': expected {wanted}, but got {type(value).__name__} "
+        f"({json.dumps(value)[:80]}).",
+        param=name,
+        code="invalid_type",
+    )
+
+
+async def read_body(request: Request) -> dict:
+    """The JSON object of the request body, or a 400 saying what is wrong with it."""
+    raw = await request.body()
+    if len(raw) > MAX_BODY_BYTES:
+        raise ApiError(413, f"The request body is {len(raw):,} bytes; the limit is 16 MB.")
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        raise ApiError(
+            400, "We could not parse the JSON body of your request; send a JSON object."
+        ) from None
+    if not isinstance(body, dict):
+        raise ApiError(400, f"The request body must be a JSON object (got {type(body).__name__}).")
+    return body
+
+
+def read_settings(body: dict) -> SamplingSettings:
+    """Sampling settings from OpenAI's names (and top_k, min_p, repetition_penalty as extras)."""
+    raw: dict[str, object] = {}
+    for spec in FIELDS:
+        name = API_NAMES.get(spec.name, spec.name)
+        value = body.get(name)
+        if spec.name == "max_new_tokens" and value is None:
+            value = body.get("max_completion_tokens")  # OpenAI's newer name
+        if value is not None:
+            raw[spec.name] = value
+    seed = body.get("seed")
+    if seed is not None:
+        raw["seed"] = seed
+    try:
+        return validate_settings(raw)
+    except InvalidSetting as error:
+        message = str(error)
+        name = message.split(" ", 1)[0]
+        api_name = API_NAMES.get(name, name)
+        raise ApiError(
+            400, message.replace(name, api_name, 1) + ".", param=api_name, code="invalid_value"
+        ) from None
+
+
+def read_stops(body: dict) -> tuple[str, ...]:
+    """`stop`: a string or a list of up to four, each 1 to 256 characters."""
+    stop = body.get("stop")
+    if stop is None:
+        return ()
+    stops = [stop] if isinstance(stop, str) else stop
+    if not isinstance(stops, list) or not all(isinstance(item, str) for item in stops):
+        raise ApiError(
+            400,
+            f"Invalid type for 'stop': expected a string or a list of strings, but got "
+            f"{json.dumps(stop)[:80]}.",
+            param="stop",
+            code="invalid_type",
+        )
+    if len(stops) > MAX_STOPS:
+        raise ApiError(
+            400, f"stop takes at most {MAX_STOPS} strings (got {len(stops)}).", param="stop"
+        )
+    for item in stops:
+        if not 1 <= len(item) <= MAX_STOP_CHARS:
+            raise ApiError(
+                400,
+                f"Each stop string must have 1 to {MAX_STOP_CHARS} characters (got {len(item)}).",
+                param="stop",
+            )
+        checked("stop", item)
+    return tuple(stops)
+
+
+def read_common(body: dict) -> tuple[bool, bool]:
+    """(stream, include_usage), after refusing what this server does not do."""
+    field(body, "model", (str,))
+    field(body, "user", (str,))
+    n = field(body, "n", (int,), 1)
+    if n != 1:
+        raise ApiError(
+            400, f"n must be 1: this server writes one choice per request (got {n}).", param="n"
+        )
+    for name in ("logprobs", "echo"):
+        if field(body, name, (bool, int), False):
+            raise ApiError(400, f"{name} is not supported by this server.", param=name)
+    if field(body, "best_of", (int,), 1) != 1:
+        raise ApiError(400, "best_of must be 1 on this server.", param="best_of")
+    stream = field(body, "stream", (bool,), False)
+    options = field(body, "stream_options", (dict,), {})
+    include_usage = bool(field(options, "include_usage", (bool,), False))
+    return stream, include_usage
+
+
+def checked(param: str, text: str) -> str:
+    try:
+        return check_text(f"'{param}'", text)
+    except ChatError as error:
+        raise ApiError(400, str(error), param=param, code="invalid_value") from None
+
+
+def _content(index: int, message: dict) -> str:
+    """A message's text: a string, or a list of text parts."""
+    content = message.get("content")
+    param = f"messages[{index}].content"
+    if isinstance(content, list):
+        parts = []
+        for part in content:
+            if not isinstance(part, dict) or part.get("type") != "text":
+                raise ApiError(
+                    400,
+                    f"{param} may hold only text parts ({{'type': 'text', 'text': …}}); this "
+                    "model reads no images or files.",
+                    param=param,
+                )
+            parts.append(field(part, "text", (str,), ""))
+        content = "".join(parts)
+    if not isinstance(content, str):
+        raise ApiError(
+            400,
+            f"{param} must be a string or a list of text parts.",
+            param=param,
+            code="invalid_type",
+        )
+    return checked(param, content)
+
+
+def read_messages(body: dict) -> tuple[list[Message], str, str]:
+    """(turns, system text, response prefix): system messages fold into the first instruction
+    as the chat does; a last assistant message is the start of the answer."""
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise ApiError(400, "messages must be a non-empty list of messages.", param="messages")
+    system, turns = [], []
+    for index, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise ApiError(400, f"messages[{index}] must be an object.", param=f"messages[{index}]")
+        role = message.get("role")
+        if role in ("system", "developer"):
+            system.append(_content(index, message))
+        elif role in ("user", "assistant"):
+            turns.append({"role": role, "content": _content(index, message)})
+        else:
+            raise ApiError(
+                400,
+                f"messages[{index}].role is {role!r}; this server takes system, user and "
+                "assistant messages (no tools).",
+                param=f"messages[{index}].role",
+            )
+    prefix = ""
+    if turns and turns[-1]["role"] == "assistant":
+        prefix = turns.pop()["content"]
+    return turns, "\n\n".join(system), prefix
