@@ -37,6 +37,7 @@ REAL_ENGINE = "model.engine:Engine"
 START_TIMEOUT_S = 300.0  # importing torch and probing the GPU; a cold disk can be slow
 GPU_INFO_TTL_S = 1.0  # free memory is asked for at most once a second
 CALL_TIMEOUT_S = 5.0
+CHECK_EVERY_S = 0.5  # how often a reply waiting for its next token checks the process is alive
 RESTART_DELAYS_S = (0.0, 1.0, 5.0, 30.0)  # after one, two, three and more deaths in a row
 
 
@@ -68,6 +69,8 @@ class EngineProcess(EngineClient):
         self.restarts = 0
         self._context = multiprocessing.get_context("spawn")  # no CUDA state is ever forked
         self._send_lock = threading.Lock()
+        # One thread at a time may wait for the process: two waiting at once can both miss its exit.
+        self._reap_lock = threading.Lock()
         self._ids = itertools.count(1)
         self._streams: dict[int, queue.SimpleQueue] = {}
         self._calls: dict[int, _Call] = {}
@@ -119,9 +122,11 @@ class EngineProcess(EngineClient):
                 self._dispatch(conn.recv())
         except (EOFError, OSError):
             pass
-        process.join(5)
+        with self._reap_lock:
+            process.join(5)
+            exitcode = process.exitcode
         if not self._closing:
-            self._died(process.exitcode)
+            self._died(exitcode)
 
     def _dispatch(self, message: tuple) -> None:
         kind = message[0]
@@ -171,6 +176,8 @@ class EngineProcess(EngineClient):
         delay = RESTART_DELAYS_S[min(self._deaths_in_a_row, len(RESTART_DELAYS_S) - 1)]
         self._deaths_in_a_row += 1
         time.sleep(delay)  # a process that dies at once must not spin
+        if self._closing:
+            return
         try:
             self._start()
             self.restarts += 1
@@ -257,13 +264,21 @@ class EngineProcess(EngineClient):
         except (OSError, EOFError):
             self._streams.pop(request_id, None)
             raise GenerationFailed("The engine process is restarting; try again.") from None
-        return self._events(request_id, events)
+        return self._events(request_id, events, self._process)
 
-    def _events(self, request_id: int, events: queue.SimpleQueue) -> EventStream:
+    def _events(self, request_id: int, events: queue.SimpleQueue, process) -> EventStream:
         finished = False
         try:
             while True:
-                event = events.get()
+                try:
+                    event = events.get(timeout=CHECK_EVERY_S)
+                except queue.Empty:
+                    if process.is_alive():
+                        continue
+                    # Sent as the process died, after its readers were told: fail, do not hang.
+                    event = worker.Failure(
+                        "GenerationFailed", "The engine process stopped; send the message again."
+                    )
                 if isinstance(event, worker.Failure):
                     finished = True
                     raise event.exception()
@@ -295,7 +310,8 @@ class EngineProcess(EngineClient):
             self._send("stop")
         except (OSError, EOFError):
             pass
-        self._process.join(30)
-        if self._process.is_alive():
-            self._process.kill()
-            self._process.join(5)
+        with self._reap_lock:
+            self._process.join(30)
+            if self._process.is_alive():
+                self._process.kill()
+                self._process.join(5)

@@ -6,6 +6,7 @@ real engine through it).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -88,7 +89,7 @@ def test_killing_the_engine_process_ends_every_reply_within_a_second_and_it_come
     model_dir,
 ):
     engine = EngineProcess(backend=SCRIPTED, options={"chunks": ["tok "] * 500, "step_s": 0.02})
-    with serve(engine) as (url, web):
+    with contextlib.closing(engine), serve(engine) as (url, web):
         engine.load(str(model_dir), max_seq_len=2048)
         web.admission.set_slots(engine.status.max_concurrency)
         jobs = [Client(url, verbose=False).submit(f"{n}", api_name="/generate") for n in range(8)]

@@ -36,7 +36,7 @@ class GpuGate:
         streams: StreamWatch,
         metrics: Metrics | None = None,
         behind_proxy: bool = False,
-        connect_grace_s: float = CONNECT_GRACE_S,
+        connect_grace_s: float | None = None,
     ) -> None:
         self.engine = engine
         self.metrics = metrics or Metrics()
@@ -44,7 +44,7 @@ class GpuGate:
         self.admission = admission
         self.streams = streams
         self.behind_proxy = behind_proxy
-        self.connect_grace_s = connect_grace_s
+        self.connect_grace_s = CONNECT_GRACE_S if connect_grace_s is None else connect_grace_s
 
     @property
     def context_tokens(self) -> int:
