@@ -17,6 +17,7 @@ import json
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -177,6 +178,30 @@ def through_the_app(client, clients: int, route: str = "generate") -> dict:
     return summary([t["ttft_s"] for t in timings], rates, total, wall)
 
 
+def scripted_rows() -> dict:
+    """The web process's overhead on CPU: the same scripted pace in-process and across the pipe."""
+    from model.client import EngineProcess
+    from tests.fake_engine import FakeEngine
+    from tests.tiny_starcoder2 import write_tokenizer
+
+    step_s, tokens = 0.01, NEW_TOKENS
+    rows: dict = {"gpu": None, "engine": f"scripted, {1 / step_s:.0f} tokens/s per reply"}
+    local = FakeEngine(["tok "] * tokens, chunk_delay_s=step_s, max_concurrency=16)
+    rows["app, engine in the web process"] = {str(n): through_the_app(local, n) for n in CLIENTS}
+    folder = Path(tempfile.mkdtemp(prefix="scripted-"))
+    write_tokenizer(folder)  # the edge tokenizes with it, as with a real model
+    process = EngineProcess(
+        backend="tests.fake_backend:ScriptedBackend",
+        options={"chunks": ["tok "] * tokens, "step_s": step_s, "max_jobs": 16},
+    )
+    try:
+        process.load(str(folder), max_seq_len=4096)
+        rows["app, engine process"] = {str(n): through_the_app(process, n) for n in CLIENTS}
+    finally:
+        process.close()
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path)
@@ -184,9 +209,21 @@ def main() -> None:
     parser.add_argument("--client", help=argparse.SUPPRESS)
     parser.add_argument("--clients", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--route", default="generate", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--scripted",
+        action="store_true",
+        help="no GPU: scripted engines at 100 tokens/s, in the web process and in an engine "
+        "process, to measure what the process boundary itself costs",
+    )
     args = parser.parse_args()
     if args.client:
         clients_main(args.client, args.clients, args.route)
+        return
+    if args.scripted:
+        rows = scripted_rows()
+        print(json.dumps(rows, indent=1))
+        if args.out:
+            args.out.write_text(json.dumps(rows, indent=1))
         return
 
     from model.client import EngineProcess
