@@ -200,6 +200,7 @@ class Chat:
         they are not raised, so the page unlocks the chat the same way as after an answer.
         """
         shown: list[Message] = chat if isinstance(chat, list) else []
+        answered = False
         try:
             history = plain_history(chat)
             if not history or history[-1]["role"] != "user":
@@ -233,13 +234,15 @@ class Chat:
                         if isinstance(event, Finished):
                             shown = [*history, _answer(prefix + event.text)]
                             self.gate.metrics.request("chat", 200)
+                            answered = True
                             yield shown, format_stats(event), gr.skip(), gr.skip()
                         else:
                             text += event.text
                             shown = [*history, _answer(prefix + text)]
                             yield shown, gr.skip(), gr.skip(), gr.skip()
         except GeneratorExit:  # Stop, or a closed tab
-            self.gate.metrics.request("chat", 499)
+            if not answered:
+                self.gate.metrics.request("chat", 499)
             raise
         except Exception as error:
             self.gate.metrics.request("chat", http_status(error))
