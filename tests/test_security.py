@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
 import threading
 import tracemalloc
 import uuid
@@ -262,6 +263,12 @@ def test_unknown_events_get_a_404_and_leave_no_traceback_in_the_log(caplog, capf
 # ---- 10. memory -------------------------------------------------------------------------------
 
 
+def rss_mb() -> float:
+    """This process's resident memory (server and test clients together)."""
+    with open("/proc/self/statm") as statm:
+        return round(int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e6, 1)
+
+
 def test_memory_stays_flat_across_rounds_of_streams(monkeypatch):
     monkeypatch.setattr("web.sessions.SWEEP_EVERY_S", 0.2)
     engine = FakeEngine(["a", "b", "c"])
@@ -278,14 +285,15 @@ def test_memory_stays_flat_across_rounds_of_streams(monkeypatch):
         tracemalloc.start()
         round_of(capacity + 50)  # fills Gradio's session table to its bound
         gc.collect()
-        sizes = []
+        sizes, rss = [], []
         for _ in range(5):
             round_of(100)
             gc.collect()
             sizes.append(tracemalloc.get_traced_memory()[0])
+            rss.append(rss_mb())
         tracemalloc.stop()
     growth = sizes[-1] - sizes[0]
-    print(f"traced memory after each round of 100 streams: {sizes}")
+    print(f"after each round of 100 streams: traced {sizes} bytes; RSS {rss} MB")
     # Before: 85 KB of page state per session, and Gradio's message tables, kept for good.
     assert growth < 250_000, f"{growth:,} bytes more after 400 more streams ({sizes})"
 
