@@ -7,7 +7,7 @@ Messages from the web side:
     ("stop",)
 Messages to the web side:
     ("hello", gpu_info, status, health)
-    ("events", [(request_id, event), …], health)  every event of one generator step, in one message
+    ("events", [(request_id, event), …], health)  a reply's next event
     ("progress", call_id, load_step)
     ("reply", call_id, value)                     a call's result, or a Failure
     ("status", status, health)
@@ -61,51 +61,33 @@ def load_backend(spec: str) -> Callable[..., Any]:
 
 
 class Outbox:
-    """Everything the engine process sends, in order; a step's events go out as one message."""
+    """Everything the engine process sends, in order, sent by the thread that has it.
+
+    No sender thread: a thread woken for every token would take the interpreter lock from the
+    generator's own loop, which is Python too (a send is a few microseconds of pickling).
+    """
 
     def __init__(self, conn: Connection, health: Callable[[], str]) -> None:
         self._conn = conn
         self._health = health
-        self._pending: list[list] = []
         self._lock = threading.Lock()
-        self._ready = threading.Condition(self._lock)
         self._closed = False
-        threading.Thread(target=self._send, name="engine-outbox", daemon=True).start()
 
     def put(self, *message: object) -> None:
         with self._lock:
-            self._pending.append(list(message))
-            self._ready.notify()
+            if self._closed:
+                return
+            try:
+                self._conn.send(message)
+            except (OSError, EOFError):  # the web side is gone; the main loop ends on its own
+                self._closed = True
 
     def event(self, request_id: int, event: object) -> None:
-        with self._lock:
-            if self._pending and self._pending[-1][0] == "events":
-                self._pending[-1][1].append((request_id, event))
-            else:
-                self._pending.append(["events", [(request_id, event)]])
-            self._ready.notify()
+        self.put("events", [(request_id, event)], self._health())
 
     def close(self) -> None:
         with self._lock:
             self._closed = True
-            self._ready.notify()
-
-    def _send(self) -> None:
-        while True:
-            with self._lock:
-                while not self._pending and not self._closed:
-                    self._ready.wait()
-                batch, self._pending = self._pending, []
-                closed = self._closed
-            for message in batch:
-                if message[0] == "events":
-                    message.append(self._health())
-                try:
-                    self._conn.send(tuple(message))
-                except (OSError, EOFError):  # the web side is gone
-                    return
-            if closed:
-                return
 
 
 def main(conn: Connection, backend: str, device: str | None, options: dict) -> None:

@@ -280,7 +280,11 @@ def test_load_reports_progress_per_module_and_refuses_what_does_not_fit(exl2_dir
 
     engine = Engine()
     progress = []
-    engine.load(str(exl2_dir), max_seq_len=1024, on_progress=lambda d, t: progress.append((d, t)))
+    engine.load(
+        str(exl2_dir),
+        max_seq_len=1024,
+        on_progress=lambda step: progress.append((step.done, step.total)),
+    )
     engine.unload()
     total = progress[-1][1]
     assert progress[-1] == (total, total) and total >= 4 * 2 + 3  # attn+mlp per layer, embed, head

@@ -285,7 +285,9 @@ def test_killing_the_engine_process_mid_stream_fails_all_eight_fast_and_frees_it
         assert isinstance(events[-1], Finished)
         again_free = torch.cuda.mem_get_info(0)[0]
         used_first, used_again = free_before - loaded_free, free_before - again_free
-        assert abs(used_again - used_first) <= 0.02 * used_first  # the dead process's VRAM is back
+        # The dead process's VRAM is back: the new one holds what the first did, not twice that.
+        # (CUDA hands memory out in 32 MiB+ granules, a few percent of the tiny model's 1.2 GB.)
+        assert abs(used_again - used_first) <= max(0.02 * used_first, 64 * 2**20)
     finally:
         engine.close()
     assert until(lambda: torch.cuda.mem_get_info(0)[0] >= free_before * 0.98, WAIT_S)
