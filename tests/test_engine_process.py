@@ -31,7 +31,7 @@ from tests.fake_engine import FakeEngine
 from tests.serving import serve
 from tests.test_reliability import until
 from tests.tiny_starcoder2 import write_tokenizer
-from web.config import parse_config
+from web.config import AppConfig, parse_config
 
 ROOT = Path(__file__).resolve().parent.parent
 WAIT_S = 15
@@ -204,6 +204,11 @@ def test_when_one_engine_process_dies_the_other_keeps_serving(model_dir):
             stream.close()
     finally:
         pool.close()
+
+
+def test_the_server_holds_replies_for_every_gpus_engine():
+    assert AppConfig(max_jobs=8, queue_size=32).places == 40
+    assert AppConfig(max_jobs=8, queue_size=32, gpus=("0", "1")).places == 48
 
 
 def test_gpus_are_parsed_and_counted_among_the_visible_ones(capsys):

@@ -47,6 +47,11 @@ class AppConfig:
     on_space: bool = False
 
     @property
+    def places(self) -> int:
+        """Replies the server holds at once: running on every GPU's engine, plus waiting."""
+        return self.max_jobs * len(self.gpus or (None,)) + self.queue_size
+
+    @property
     def public(self) -> bool:
         """Reachable by others: on a Space, or listening beyond this machine."""
         return self.on_space or self.host not in LOOPBACK_HOSTS

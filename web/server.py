@@ -57,7 +57,7 @@ class WebApp:
         """Keyword arguments for demo.launch(), the same for main() and the tests."""
         config = self.config
         auth = tuple(config.auth.split(":", 1)) if config.auth else None
-        places = config.max_jobs + config.queue_size
+        places = config.places
         guards = Middleware(
             Guards,
             event_ids=lambda: self.demo.fns.keys(),
@@ -138,7 +138,7 @@ def build_app(
     # takes a burst as large as all the places at once. Its per-event statistics (recomputed with
     # pandas after every event) are kept short.
     os.environ.setdefault("GRADIO_ANALYTICS_MAX_EVENTS", str(ANALYTICS_EVENTS))
-    demo.queue(max_size=config.max_jobs + config.queue_size, default_concurrency_limit=1)
+    demo.queue(max_size=config.places, default_concurrency_limit=1)
     SessionSweeper(demo, streams.is_open).start()
     return WebApp(
         config, engine, loader, admission, limiter, streams, logins, panel, metrics, openai, demo
