@@ -248,7 +248,7 @@ def test_with_a_login_set_the_api_description_is_not_public():
 def test_unknown_events_get_a_404_and_leave_no_traceback_in_the_log(caplog, capfd):
     caplog.set_level(logging.INFO)
     with serve(FakeEngine()) as (url, _):
-        for fn_index in (999, -1, "x", 10**30):
+        for fn_index in (999, -1, "x", 10**30, [1], {"a": 1}, True):
             body = {"data": ["Hi"], "fn_index": fn_index, "session_hash": "s"}
             answered = httpx.post(f"{url}gradio_api/queue/join", json=body)
             assert answered.status_code == 404, fn_index

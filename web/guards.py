@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import math
 import re
 import threading
@@ -22,7 +21,6 @@ from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 from urllib.parse import parse_qs
 
-logger = logging.getLogger(__name__)
 
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict]]
@@ -252,7 +250,8 @@ class Guards:
             fn_index = json.loads(body).get("fn_index")
         except (ValueError, AttributeError):
             fn_index = None  # not JSON, or not an object: Gradio answers it with a 4xx itself
-        if fn_index is not None and fn_index not in set(self.event_ids()):
+        known = isinstance(fn_index, int) and not isinstance(fn_index, bool)
+        if fn_index is not None and not (known and fn_index in set(self.event_ids())):
             await _answer(send, 404, {"detail": f"There is no event {fn_index!r} in this app."})
             return
         replayed = [False]
