@@ -507,7 +507,9 @@ def test_a_reload_while_others_stream_is_serialised_and_in_flight_jobs_get_a_cle
 # ---- 5. overload --------------------------------------------------------------------------------
 
 
-def stream_raw(url: str, prompt: str = "Hi", client: str = "10.0.0.1") -> str:
+def stream_raw(
+    url: str, prompt: str = "Hi", client: str = "10.0.0.1", timeout_s: float = WAIT_S
+) -> str:
     """POST /generate over Gradio's REST API and read its whole stream, as any HTTP client may.
 
     `client` is sent as X-Forwarded-For, which the app (started behind_proxy) takes as the sender.
@@ -521,7 +523,9 @@ def stream_raw(url: str, prompt: str = "Hi", client: str = "10.0.0.1") -> str:
     )
     assert posted.status_code == 200, posted.text
     event_id = posted.json()["event_id"]
-    stream = httpx.get(f"{url}gradio_api/call/generate/{event_id}", headers=headers, timeout=WAIT_S)
+    stream = httpx.get(
+        f"{url}gradio_api/call/generate/{event_id}", headers=headers, timeout=timeout_s
+    )
     return stream.text
 
 
@@ -534,8 +538,9 @@ def test_a_full_queue_turns_extra_requests_away_fast_without_growing_memory():
         ThreadPoolExecutor(8) as pool,
     ):
         try:
+            # They wait, silent but for Gradio's heartbeat every 15 s, for the whole flood.
             held = [
-                pool.submit(stream_raw, url, f"held {n}", f"10.0.1.{n}")
+                pool.submit(stream_raw, url, f"held {n}", f"10.0.1.{n}", 120)
                 for n in range(1 + queue_size)
             ]
             assert engine.call_made.wait(WAIT_S)  # one runs
