@@ -185,6 +185,8 @@ def fix_unpaged_attention() -> None:
 #   makes a new shape each step).
 
 BACKENDS = ("flash, paged", "flash, gathered", "sdpa")
+# One-token steps: our Triton kernel (model/decode_attention.py) when it passes the same check.
+DECODE_KERNEL = "Triton split-KV"
 
 
 @dataclass
@@ -207,6 +209,11 @@ _last_plan: list[_Plan | None] = [None]
 _chosen: dict[tuple, str] = {}
 
 
+def forget_plan() -> None:
+    """Make the next forward compute its indices afresh (a CUDA graph's capture must)."""
+    _last_plan[0] = None
+
+
 def _plan(seqlens, table, q_len, page_size, window, appending, backend) -> _Plan:
     """Reuse the last plan while exllamav2 passes the same tensors (all layers of one forward)."""
     shape = (q_len, page_size, window, appending, backend)
@@ -223,9 +230,13 @@ def _plan(seqlens, table, q_len, page_size, window, appending, backend) -> _Plan
             -1
         )
     plan = _Plan(seqlens, table, shape, pages, slots, totals.to(torch.int32))
-    if backend != "sdpa":
+    if backend == DECODE_KERNEL:
+        pass  # reads the table and totals as they are
+    elif backend != "sdpa":
         plan.cu_q = torch.arange(0, (batch + 1) * q_len, q_len, device=device, dtype=torch.int32)
-    if backend == "flash, paged":  # keys are read through the table: offsets are cumulative
+    if backend == DECODE_KERNEL:
+        pass
+    elif backend == "flash, paged":  # keys are read through the table: offsets are cumulative
         plan.cu_k = F.pad(totals.cumsum(0, dtype=torch.int32), (1, 0))
     elif backend == "flash, gathered":  # each sequence's gathered keys take max_pages pages
         step = pages.shape[1] * page_size
@@ -269,6 +280,12 @@ def _attend(backend, q, k_cache, v_cache, plan, scale, window) -> torch.Tensor:
     batch, q_len, heads, dim = q.shape
     page_size = k_cache.shape[1]
     max_k = plan.pages.shape[1] * page_size
+    if backend == DECODE_KERNEL:
+        from model.decode_attention import decode_attention
+
+        query = q.reshape(batch, heads, dim)
+        out = decode_attention(query, k_cache, v_cache, plan.table, plan.totals, scale, window)
+        return out.view(batch, 1, heads, dim)
     if backend == "flash, paged":
         out = _flash(q, k_cache, v_cache, plan, max_k, scale, window, block_table=plan.table)
         return out.view(batch, q_len, heads, dim)
@@ -313,13 +330,16 @@ def paged_attention(
     cache_seqlens (B,) tokens already cached; block_table (B, max_pages) int32. The new k/v are
     written at cache_seqlens, then each query attends causally (aligned to the end) over its
     sequence, within `window_size[0] + 1` keys, itself included. No host sync on the flash
-    backends. `backend` forces one of BACKENDS (tests); by default the checked fastest serves.
+    backends, nor on any backend for one-token steps. `backend` forces DECODE_KERNEL (one-token
+    steps) or one of BACKENDS (tests); by default the checked fastest serves.
     """
     dim = q.shape[3]
     page_size = k_cache.shape[1]
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(dim)
     window = window_size[0] + 1 if window_size and window_size[0] >= 0 else 0
-    backend = backend or attention_backend(q.device, q.dtype, q.shape[2], k_cache.shape[2], dim)
+    if backend is None:
+        choose = decode_backend if q.shape[1] == 1 else attention_backend
+        backend = choose(q.device, q.dtype, q.shape[2], k_cache.shape[2], dim)
     plan = _plan(cache_seqlens, block_table, q.shape[1], page_size, window, k is not None, backend)
     if k is not None and v is not None and plan.slots is not None:  # slots: planned for appends
         rows = k_cache.shape[2:]
@@ -336,6 +356,15 @@ def attention_backend(device, dtype=torch.half, heads=8, kv_heads=2, dim=128) ->
     return _chosen[key]
 
 
+def decode_backend(device, dtype=torch.half, heads=8, kv_heads=2, dim=128) -> str:
+    """DECODE_KERNEL when it matches "sdpa" on random pages on this GPU, else attention_backend."""
+    key = (torch.device(device), dtype, heads, kv_heads, dim, "decode")
+    if key not in _chosen:
+        passes = torch.device(device).type == "cuda" and _passes_check(DECODE_KERNEL, *key[:5])
+        _chosen[key] = DECODE_KERNEL if passes else attention_backend(*key[:5])
+    return _chosen[key]
+
+
 def _passes_check(backend, device, dtype, heads, kv_heads, dim) -> bool:
     """Several sequences, random page tables, one and many queries, with and without a window."""
     generator = torch.Generator(device=device).manual_seed(0)
@@ -347,6 +376,8 @@ def _passes_check(backend, device, dtype, heads, kv_heads, dim) -> bool:
     try:
         for q_len, lengths, window in ((1, [1, 300, 700], 0), (1, [5, 520], 64), (1, [0], 0),
                                        (70, [0, 600], 0), (70, [0, 600], 100)):  # fmt: skip
+            if backend == DECODE_KERNEL and q_len > 1:
+                continue
             batch = len(lengths)
             k_cache, v_cache = (
                 rand(pages, page_size, kv_heads, dim),
@@ -362,7 +393,7 @@ def _passes_check(backend, device, dtype, heads, kv_heads, dim) -> bool:
             want = paged_attention(*args, window_size=window_size, backend="sdpa")
             if not (out - want).abs().max().item() < 1e-2:
                 return False
-    except (RuntimeError, TypeError, AttributeError):
+    except Exception:  # a probe: any failure (no kernel for this GPU, a compile error) rules it out
         return False
     return True
 

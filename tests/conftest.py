@@ -1,6 +1,13 @@
 """Shared fixtures: tiny StarCoder2 model folders, built on first use (GPU tests use them)."""
 
+import os
+import shutil
+
 import pytest
+
+# Without a GPU, Triton's interpreter runs the kernels; it must be chosen before triton is imported.
+if shutil.which("nvidia-smi") is None:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from tests.tiny_starcoder2 import build_tiny_starcoder2, quantize_exl2
 
