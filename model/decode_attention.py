@@ -26,12 +26,13 @@ MAX_SPLITS = 64
 _LOG2E = 1.4426950408889634
 
 
-@triton.jit
+# Sizes that vary from step to step are runtime arguments, never specialized on: one compile
+# serves every batch, length and table width.
+@triton.jit(do_not_specialize=["window", "table_stride", "splits", "tiles"])
 def _split_kernel(
     q, k_cache, v_cache, table, totals, out_part, lse_part,
-    scale_log2, window, table_stride,
+    scale_log2, window, table_stride, splits, tiles,
     PAGE: tl.constexpr, KV_HEADS: tl.constexpr, GROUP: tl.constexpr, DIM: tl.constexpr,
-    SPLITS: tl.constexpr, TILES: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     b = tl.program_id(0)
@@ -40,10 +41,10 @@ def _split_kernel(
     total = tl.load(totals + b)  # keys of this sequence, the new one included
     start = tl.maximum(total - tl.where(window > 0, window, total), 0)
     first_tile = start // BLOCK_N
-    tiles = tl.cdiv(total, BLOCK_N) - first_tile
-    per_split = tl.cdiv(tiles, SPLITS)
+    own = tl.cdiv(total, BLOCK_N) - first_tile  # tiles this sequence needs
+    per_split = tl.cdiv(own, splits)
     t0 = first_tile + s * per_split
-    t1 = tl.minimum(t0 + per_split, first_tile + tiles)
+    t1 = tl.minimum(t0 + per_split, first_tile + own)
 
     g = tl.arange(0, BLOCK_G)
     d = tl.arange(0, BLOCK_D)
@@ -55,7 +56,7 @@ def _split_kernel(
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
-    for i in range(TILES):  # a bound known at compile time; the split's own tiles run
+    for i in range(0, tiles):  # at most `tiles` per split; those past the sequence's end skip
         t = t0 + i
         if t < t1:
             keys = t * BLOCK_N + n
@@ -78,36 +79,33 @@ def _split_kernel(
     found = l_i > 0
     out = acc / tl.where(found, l_i, 1.0)[:, None]
     lse = tl.where(found, m_i + tl.log2(tl.where(found, l_i, 1.0)), float("-inf"))
-    part = rows * SPLITS + s
+    part = rows * splits + s
     tl.store(out_part + part[:, None] * DIM + d[None, :], out, mask=q_mask)
     tl.store(lse_part + part, lse, mask=g < GROUP)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["splits"])
 def _merge_kernel(
-    out_part, lse_part, out,
-    DIM: tl.constexpr, SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+    out_part, lse_part, out, splits,
+    DIM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     row = tl.program_id(0)
     s = tl.arange(0, BLOCK_S)
     d = tl.arange(0, BLOCK_D)
-    lse = tl.load(lse_part + row * SPLITS + s, mask=s < SPLITS, other=float("-inf"))
+    lse = tl.load(lse_part + row * splits + s, mask=s < splits, other=float("-inf"))
     weight = tl.exp2(lse - tl.max(lse, 0))
-    mask = (s[:, None] < SPLITS) & (d[None, :] < DIM)
-    parts = tl.load(out_part + (row * SPLITS + s)[:, None] * DIM + d[None, :], mask=mask, other=0.0)
+    mask = (s[:, None] < splits) & (d[None, :] < DIM)
+    parts = tl.load(out_part + (row * splits + s)[:, None] * DIM + d[None, :], mask=mask, other=0.0)
     merged = tl.sum(parts * weight[:, None], 0) / tl.sum(weight, 0)
     tl.store(out + row * DIM + d, merged.to(out.dtype.element_ty), mask=d < DIM)
 
 
 def grid_for(batch: int, kv_heads: int, max_keys: int, processors: int) -> tuple[int, int]:
-    """(splits, tiles per split) for up to `max_keys` keys: about two programs per processor.
-
-    Both are powers of two, so the few shapes a server meets compile once each.
-    """
+    """(splits, most tiles per split) for `max_keys` keys: about two programs per processor."""
     tiles = math.ceil(max_keys / BLOCK_N)
     wanted = math.ceil(2 * processors / (batch * kv_heads))
-    splits = triton.next_power_of_2(max(1, min(wanted, MAX_SPLITS, tiles)))
-    return splits, triton.next_power_of_2(math.ceil(tiles / splits))
+    splits = max(1, min(wanted, MAX_SPLITS, tiles))
+    return splits, math.ceil(tiles / splits)
 
 
 def _processors(device: torch.device) -> int:
@@ -149,13 +147,12 @@ def decode_attention(
     block_d = max(16, triton.next_power_of_2(dim))
     _split_kernel[(batch, kv_heads, splits)](
         q, k_cache, v_cache, table, totals, out_part, lse_part,
-        scale * _LOG2E, window, table.stride(0),
-        PAGE=page_size, KV_HEADS=kv_heads, GROUP=group, DIM=dim, SPLITS=splits, TILES=tiles,
+        scale * _LOG2E, window, table.stride(0), splits, tiles,
+        PAGE=page_size, KV_HEADS=kv_heads, GROUP=group, DIM=dim,
         BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_D=block_d, BLOCK_N=BLOCK_N,
     )  # fmt: skip
     out = torch.empty_like(q)
     _merge_kernel[(batch * heads,)](
-        out_part, lse_part, out,
-        DIM=dim, SPLITS=splits, BLOCK_S=max(2, triton.next_power_of_2(splits)), BLOCK_D=block_d,
+        out_part, lse_part, out, splits, DIM=dim, BLOCK_S=MAX_SPLITS, BLOCK_D=block_d,
     )  # fmt: skip
     return out

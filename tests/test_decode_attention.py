@@ -77,15 +77,14 @@ def test_kernel_packs_any_group_of_query_heads_per_key_value_head(heads, kv_head
 
 
 def test_a_split_with_no_keys_idles_and_the_merge_ignores_it():
-    # 8 splits for a one-tile sequence: seven find nothing.
+    # 16 splits for a one-tile sequence: fifteen find nothing.
     assert grid_for(1, 1, 16 * PAGE, 8)[0] == 16
     check("cpu", torch.float16, [3], 0, heads=2, kv_heads=1, dim=16)
 
 
 def test_the_grid_depends_on_the_table_not_on_the_lengths():
-    splits, tiles = grid_for(4, 4, 64 * PAGE, 132)
-    assert (splits, tiles) == (32, 8)  # 4 * 4 * 32 = 512 programs, 256 tiles of keys covered
-    assert grid_for(16, 4, 64 * PAGE, 132) == (8, 32)
+    assert grid_for(4, 4, 64 * PAGE, 132) == (17, 16)  # 272 programs; 17 * 16 >= 256 tiles
+    assert grid_for(16, 4, 64 * PAGE, 132) == (5, 52)
     assert grid_for(1, 4, PAGE, 132) == (4, 1)  # never more splits than tiles
 
 
@@ -126,3 +125,17 @@ def test_on_the_gpu_the_kernel_equals_plain_attention_at_page_and_window_edges(b
 @NO_CUDA
 def test_on_the_gpu_the_kernel_passes_the_start_up_check():
     assert compat.decode_backend("cuda", torch.half, 48, 4, 128) == compat.DECODE_KERNEL
+
+
+@pytest.mark.parametrize(("pages", "expected"), [(8, "sdpa"), (9, compat.DECODE_KERNEL)])
+def test_eager_steps_over_few_keys_take_the_prefill_backend(monkeypatch, pages, expected):
+    compat.attention_backend("cpu", torch.float32, 8, 2, 32)  # its check runs once, first
+    chosen = []
+    monkeypatch.setattr(compat, "decode_backend", lambda *args: compat.DECODE_KERNEL)
+    monkeypatch.setattr(compat, "_attend", lambda backend, *args: chosen.append(backend))
+    q = torch.zeros(1, 1, 8, 32)
+    cache = torch.zeros(pages, PAGE, 2, 32)
+    table = torch.arange(pages, dtype=torch.int32)[None]
+    seqlens = torch.tensor([5], dtype=torch.int32)
+    compat.paged_attention(q, cache, cache, None, None, seqlens, table, 1.0)
+    assert compat.EAGER_KERNEL_MIN_KEYS == 8 * PAGE and chosen == [expected]
