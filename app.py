@@ -65,7 +65,9 @@ def start_engines(config: AppConfig) -> EngineClient:
     from model.pool import EnginePool
 
     engines = [
-        EngineProcess(device=device, max_jobs=config.max_jobs)
+        EngineProcess(
+            device=device, max_jobs=config.max_jobs, options={"cuda_graphs": config.cuda_graphs}
+        )
         for device in device_names(config.gpus, os.environ)
     ]
     return engines[0] if len(engines) == 1 else EnginePool(engines)

@@ -86,9 +86,16 @@ def validate_load_args(max_seq_len: int, cache_mode: str) -> None:
 class Engine:
     """Loads a StarCoder2 EXL2/FP16 folder onto the GPU and streams completions for many callers."""
 
-    def __init__(self, *, max_jobs: int = DEFAULT_MAX_JOBS, paged: bool | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        max_jobs: int = DEFAULT_MAX_JOBS,
+        paged: bool | None = None,
+        cuda_graphs: bool = True,
+    ) -> None:
         self._max_jobs = max_jobs
         self._paged_choice = paged  # None: paged whenever the attention backend allows it
+        self._cuda_graphs = cuda_graphs  # decode steps as CUDA graphs where the cache allows
         self._status = EngineStatus()
         self._load_lock = threading.Lock()
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
@@ -97,7 +104,9 @@ class Engine:
         self._model: Any = None
         self._cache: Any = None
         self._generator: Any = None
+        self._generator_class: Any = None
         self._generator_args: dict = {}
+        self._graphs: Any = None  # model.graphs.DecodeGraphs while they serve
         self._encoder: PromptEncoder | None = None
         self._degraded = False  # a job failed and was recovered from; cleared by the next success
 
@@ -203,6 +212,9 @@ class Engine:
         config.max_attention_size = config.max_input_len * MAX_CONTEXT
         paged = True if self._paged_choice is None else self._paged_choice
         jobs = self._max_jobs if paged else 1
+        graphs = self._cuda_graphs and paged and cache_mode == "fp16"
+        # exllamav2's per-module graphs cannot be captured inside ours.
+        config.no_graphs = config.no_graphs or graphs
         cache_tokens = self._cache_tokens(folder, config, max_seq_len, cache_mode, jobs)
 
         cache_class = {
@@ -225,7 +237,17 @@ class Engine:
             max_seq_len=max_seq_len,
             paged=paged,
         )
-        self._generator = ExLlamaV2DynamicGenerator(**self._generator_args)
+        self._generator_class = ExLlamaV2DynamicGenerator
+        if graphs:
+            from model.generator import Generator
+            from model.graphs import DecodeGraphs
+
+            report(LoadStep("graphs", 0, jobs))
+            self._graphs = DecodeGraphs(self._model, self._cache, jobs, max_seq_len, PAGE_SIZE)
+            self._graphs.capture()
+            self._generator_class = Generator
+            self._generator_args["graphs"] = self._graphs
+        self._generator = self._generator_class(**self._generator_args)
         self._degraded = False
         self._encoder = PromptEncoder(folder / "tokenizer.json")
         self._jobs, self._paged, self._cache_total = jobs, paged, cache_tokens
@@ -262,7 +284,9 @@ class Engine:
             config = self._model.config
             heads = (config.num_attention_heads, config.num_key_value_heads, config.head_dim)
             backend = compat.attention_backend("cuda:0", torch.half, *heads)
-            attention = f"PyTorch attention ({backend})"
+            decode = compat.decode_backend("cuda:0", torch.half, *heads)
+            attention = f"PyTorch attention ({backend}; decode: {decode})"
+        decode_path = self._decode_path(cache_mode)
         batching = "paged" if self._paged else "unpaged"
         seconds = time.perf_counter() - started
         return EngineStatus(
@@ -277,11 +301,26 @@ class Engine:
             message=(
                 f"Loaded {folder.name} in {seconds:.1f} s: "
                 f"{max_seq_len:,}-token context, {cache_mode} cache, {batching} batching of up to "
-                f"{self._jobs} jobs, {attention}, {used_gb:.1f} GB of VRAM."
+                f"{self._jobs} jobs, {attention}, {decode_path}, {used_gb:.1f} GB of VRAM."
             ),
             cache_tokens=self._cache_total,
             attention=attention,
+            decode=decode_path,
         )
+
+    def _decode_path(self, cache_mode: str) -> str:
+        """How decode steps run, for the status line."""
+        graphs = self._graphs
+        if graphs is not None:
+            return (
+                f"decode: CUDA graphs for 1–{graphs.max_jobs} jobs + GPU sampling "
+                f"(captured in {graphs.capture_seconds:.1f} s, {graphs.vram_bytes / GB:.2f} GB)"
+            )
+        if not self._cuda_graphs:
+            return "decode: eager (CUDA graphs off)"
+        if not self._paged:
+            return "decode: eager (unpaged)"
+        return f"decode: eager (CUDA graphs need the fp16 cache, not {cache_mode})"
 
     def unload(self) -> None:
         """Stop the worker (ending in-flight jobs with an error), free the model, cache and VRAM."""
@@ -293,9 +332,11 @@ class Engine:
         self._status = EngineStatus()
 
     def _free(self) -> None:
+        if self._graphs is not None:
+            self._graphs.release()
         if self._model is not None:
             self._model.unload()
-        self._model = self._cache = self._generator = None
+        self._model = self._cache = self._generator = self._graphs = None
         self._generator_args = {}
         self._encoder = None
         gc.collect()
@@ -514,9 +555,7 @@ class Engine:
             except Exception:  # the generator's state is broken: build a fresh one
                 self._generator = None
         if self._generator is None and self._generator_args:
-            from exllamav2.generator import ExLlamaV2DynamicGenerator
-
-            self._generator = ExLlamaV2DynamicGenerator(**self._generator_args)
+            self._generator = self._generator_class(**self._generator_args)
         torch.cuda.empty_cache()
 
     def _end_all(self, active: dict, message: str) -> None:

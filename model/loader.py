@@ -151,6 +151,8 @@ class ModelLoader:
                 elapsed = time.monotonic() - compile_started[0]
                 text = compiling_text(step.done, step.total, elapsed, estimate)
                 show(text, step.done / max(step.total, 1))
+            elif step.stage == "graphs":
+                show(f"Capturing CUDA graphs for 1–{step.total} jobs", 1.0)
             else:
                 show(f"Loading layers: {step.done} of {step.total}", step.done / max(step.total, 1))
 

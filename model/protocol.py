@@ -74,13 +74,14 @@ class EngineStatus:
     message: str = "No model loaded."
     cache_tokens: int = 0
     attention: str = ""  # which attention kernel serves the model
+    decode: str = ""  # how decode steps run: CUDA graphs or eager
 
 
 @dataclass(frozen=True)
 class LoadStep:
     """How far a load has come: "compiling" the extension (objects of sources), or "layers"."""
 
-    stage: str  # "compiling" | "layers"
+    stage: str  # "compiling" | "layers" | "graphs"
     done: int
     total: int
 

@@ -616,6 +616,34 @@ def test_the_model_loads_at_start_unless_no_load_is_given():
     assert parse_config([], {"SC2_NO_LOAD": "0"}).load_at_start
 
 
+def test_decode_steps_run_as_cuda_graphs_unless_no_cuda_graphs_is_given(monkeypatch):
+    assert parse_config([], {}).cuda_graphs
+    assert not parse_config(["--no-cuda-graphs"], {}).cuda_graphs
+    assert not parse_config([], {"SC2_NO_CUDA_GRAPHS": "yes"}).cuda_graphs
+    assert parse_config([], {"SC2_NO_CUDA_GRAPHS": "0"}).cuda_graphs
+    import app
+    from model import client
+
+    made = []
+    monkeypatch.setattr(client, "EngineProcess", lambda **kwargs: made.append(kwargs))
+    app.start_engines(parse_config(["--no-cuda-graphs", "--max-jobs", "3"], {}))
+    assert made == [{"device": None, "max_jobs": 3, "options": {"cuda_graphs": False}}]
+
+
+def test_the_model_line_names_the_attention_and_the_decode_path():
+    from model.protocol import EngineStatus
+    from web.panel import status_markdown
+
+    status = EngineStatus(
+        state="ready",
+        attention="PyTorch attention (flash, gathered; decode: Triton split-KV)",
+        decode="decode: CUDA graphs for 1–8 jobs + GPU sampling (captured in 1.2 s, 0.61 GB)",
+    )
+    line = status_markdown(status)
+    assert "decode: Triton split-KV" in line and "CUDA graphs for 1–8 jobs" in line
+    assert "decode: eager" in status_markdown(EngineStatus(state="ready"))
+
+
 def test_bad_flags_exit_with_a_message(capsys):
     with pytest.raises(SystemExit):
         parse_config(["--context", "1000"], {})
@@ -643,6 +671,7 @@ def test_help_lists_every_flag_its_env_var_and_default_without_importing_torch()
     ]:
         assert flag in help_text and f"env {env};" in help_text
     assert "--no-load" in help_text and "SC2_NO_LOAD=1" in help_text
+    assert "--no-cuda-graphs" in help_text and "SC2_NO_CUDA_GRAPHS=1" in help_text
     assert "default: 4096" in help_text and "default: 32" in help_text
 
 

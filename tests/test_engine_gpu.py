@@ -40,7 +40,7 @@ def prompt_ids(folder, text=PROMPT) -> list[int]:
     return [0] + Tokenizer.from_file(str(folder / "tokenizer.json")).encode(text).ids
 
 
-def load_exllamav2(folder, max_seq_len=1024):
+def load_exllamav2(folder, max_seq_len=1024, *, no_graphs=False):
     from exllamav2 import ExLlamaV2, ExLlamaV2Cache, ExLlamaV2Config
 
     from model import compat
@@ -48,26 +48,43 @@ def load_exllamav2(folder, max_seq_len=1024):
     compat.apply_all()
     config = ExLlamaV2Config(str(folder))
     config.max_seq_len = max_seq_len
+    config.no_graphs = no_graphs  # exllamav2's own graphs; ours need them off
     model = ExLlamaV2(config)
     cache = ExLlamaV2Cache(model, max_seq_len=max_seq_len, lazy=True)
     model.load_autosplit(cache)
     return model, cache
 
 
-def greedy_ids(folder, prompts: list[list[int]], *, paged: bool, new_tokens=64) -> list[list[int]]:
-    """Greedy continuations through exllamav2's dynamic generator, all prompts queued at once."""
+DECODE_PATHS = ["graph", "eager"]
+
+
+def greedy_ids(
+    folder, prompts: list[list[int]], *, paged: bool, decode="eager", new_tokens=64
+) -> list[list[int]]:
+    """Greedy continuations through the dynamic generator, all prompts queued at once.
+
+    decode "graph": our generator, replaying a CUDA graph per batch size and sampling on the GPU;
+    "eager": exllamav2's own.
+    """
     from exllamav2 import ExLlamaV2Tokenizer
     from exllamav2.generator import ExLlamaV2DynamicGenerator, ExLlamaV2DynamicJob, ExLlamaV2Sampler
 
-    model, cache = load_exllamav2(folder, max_seq_len=256 * 16)
-    generator = ExLlamaV2DynamicGenerator(
-        model,
-        cache,
-        ExLlamaV2Tokenizer(model.config),
-        max_batch_size=16,
-        paged=paged,
-        max_seq_len=1024,
-    )
+    graphs = decode == "graph"
+    model, cache = load_exllamav2(folder, max_seq_len=256 * 16, no_graphs=graphs)
+    args = dict(max_batch_size=16, paged=paged, max_seq_len=1024)
+    if graphs:
+        from model.generator import Generator
+        from model.graphs import DecodeGraphs
+
+        captured = DecodeGraphs(model, cache, 16, 1024, 256)
+        captured.capture()
+        generator = Generator(
+            model, cache, ExLlamaV2Tokenizer(model.config), graphs=captured, **args
+        )
+    else:
+        generator = ExLlamaV2DynamicGenerator(
+            model, cache, ExLlamaV2Tokenizer(model.config), **args
+        )
     jobs = []
     for ids in prompts:
         job = ExLlamaV2DynamicJob(
@@ -83,6 +100,10 @@ def greedy_ids(folder, prompts: list[list[int]], *, paged: bool, new_tokens=64) 
         for result in generator.iterate():
             if "token_ids" in result:
                 out[id(result["job"])] += result["token_ids"][0].tolist()
+    if graphs:
+        # Every new token comes out of a decode step, and every decode step replayed a graph.
+        assert generator.graph_steps >= new_tokens
+        captured.release()
     model.unload()
     return [out[id(job)] for job in jobs]
 
@@ -176,20 +197,24 @@ def assert_greedy_matches(ref, prompt: list[int], ours: list[int], label: str) -
     assert gaps.max().item() <= TIE
 
 
-@pytest.mark.parametrize("paged", [True, False], ids=["paged", "unpaged"])
+@pytest.mark.parametrize(
+    ("paged", "decode"), [(True, "graph"), (True, "eager"), (False, "eager")],
+    ids=["paged-graph", "paged-eager", "unpaged"],
+)  # fmt: skip
 @pytest.mark.parametrize("folder_fixture", ["fp16_dir", "windowed_dir"])
-def test_greedy_continuations_match_transformers(folder_fixture, paged, request):
+def test_greedy_continuations_match_transformers(folder_fixture, paged, decode, request):
     folder = request.getfixturevalue(folder_fixture)
     ids = prompt_ids(folder)
-    ours = greedy_ids(folder, [ids], paged=paged)[0]
-    assert_greedy_matches(reference(folder), ids, ours, f"{folder.name} paged={paged}")
+    ours = greedy_ids(folder, [ids], paged=paged, decode=decode)[0]
+    assert_greedy_matches(reference(folder), ids, ours, f"{folder.name} paged={paged} {decode}")
 
 
-def test_eight_prompts_batched_equal_each_run_alone(fp16_dir):
+@pytest.mark.parametrize("decode", DECODE_PATHS)
+def test_eight_prompts_batched_equal_each_run_alone(fp16_dir, decode):
     texts = [PROMPT[i * 7 :] + f"# variant {i}\n" * (i + 1) for i in range(8)]
     prompts = [prompt_ids(fp16_dir, text) for text in texts]
-    together = greedy_ids(fp16_dir, prompts, paged=True)
-    alone = [greedy_ids(fp16_dir, [p], paged=True)[0] for p in prompts]
+    together = greedy_ids(fp16_dir, prompts, paged=True, decode=decode)
+    alone = [greedy_ids(fp16_dir, [p], paged=True, decode=decode)[0] for p in prompts]
     assert together == alone
     ref = reference(fp16_dir)
     for i, (prompt, ours) in enumerate(zip(prompts, together, strict=True)):
@@ -279,13 +304,11 @@ def test_load_reports_progress_per_module_and_refuses_what_does_not_fit(exl2_dir
     from model.errors import DoesNotFit
 
     engine = Engine()
-    progress = []
-    engine.load(
-        str(exl2_dir),
-        max_seq_len=1024,
-        on_progress=lambda step: progress.append((step.done, step.total)),
-    )
+    steps = []
+    engine.load(str(exl2_dir), max_seq_len=1024, on_progress=steps.append)
     engine.unload()
+    assert steps[-1].stage == "graphs"  # captured after the layers, before the engine is ready
+    progress = [(step.done, step.total) for step in steps if step.stage == "layers"]
     total = progress[-1][1]
     assert progress[-1] == (total, total) and total >= 4 * 2 + 3  # attn+mlp per layer, embed, head
     assert [d for d, _ in progress] == sorted(d for d, _ in progress)

@@ -43,6 +43,7 @@ class AppConfig:
     admin_token: str | None = None  # lets the page's Load button work on a public server
     api_keys: tuple[str, ...] = ()  # Bearer keys for the OpenAI routes and /metrics; () = open
     load_at_start: bool = True  # with a GPU, download and load the model while serving
+    cuda_graphs: bool = True  # decode steps as CUDA graphs with GPU sampling (fp16 cache)
     behind_proxy: bool = False  # on a Space: the client address is in X-Forwarded-For
     on_space: bool = False
 
@@ -148,6 +149,14 @@ def parse_config(
         help="do not load a model at start; the page waits for Load (env SC2_NO_LOAD=1; "
         "default: load --branch at start when a GPU is present)",
     )
+    no_graphs = (env.get("SC2_NO_CUDA_GRAPHS") or "").strip().lower() in TRUE_WORDS
+    parser.add_argument(
+        "--no-cuda-graphs",
+        action="store_true",
+        default=no_graphs,
+        help="run every decode step eagerly, sampling on the CPU, instead of replaying a CUDA "
+        "graph per batch size (env SC2_NO_CUDA_GRAPHS=1; default: graphs with the fp16 cache)",
+    )
     arguments = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(arguments)
     if args.cache_mode not in CACHE_MODES:
@@ -168,9 +177,14 @@ def parse_config(
         parser.error("--admin-token must be at least 12 characters (it guards model reloads)")
     values = vars(args)
     load_at_start = not values.pop("no_load")
+    cuda_graphs = not values.pop("no_cuda_graphs")
     values["gpus"] = parse_gpus(parser, values["gpus"])
     values["api_keys"] = parse_api_keys(parser, values.pop("api_key"))
     on_space = bool(env.get("SPACE_ID"))
     return AppConfig(
-        **values, load_at_start=load_at_start, behind_proxy=on_space, on_space=on_space
+        **values,
+        load_at_start=load_at_start,
+        cuda_graphs=cuda_graphs,
+        behind_proxy=on_space,
+        on_space=on_space,
     )

@@ -44,7 +44,8 @@ def status_markdown(status: EngineStatus, label: str | None = None) -> str:
         f"**Model:** ready · {name} · {status.max_seq_len:,}-token context · "
         f"{status.cache_mode} cache · {status.batching} batching of up to "
         f"{status.max_concurrency} {replies} · {status.attention or 'default attention'} · "
-        f"{status.vram_used_gb:.1f} GB of VRAM · loaded in {status.load_seconds:.1f} s"
+        f"{status.decode or 'decode: eager'} · {status.vram_used_gb:.1f} GB of VRAM · "
+        f"loaded in {status.load_seconds:.1f} s"
     )
 
 
