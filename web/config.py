@@ -141,22 +141,21 @@ def parse_config(
             default=value,
             help=f"{text} (env {' / '.join(env_names)}; default: {shown})",
         )
-    no_load = (env.get("SC2_NO_LOAD") or "").strip().lower() in TRUE_WORDS
-    parser.add_argument(
-        "--no-load",
-        action="store_true",
-        default=no_load,
-        help="do not load a model at start; the page waits for Load (env SC2_NO_LOAD=1; "
-        "default: load --branch at start when a GPU is present)",
-    )
-    no_graphs = (env.get("SC2_NO_CUDA_GRAPHS") or "").strip().lower() in TRUE_WORDS
-    parser.add_argument(
-        "--no-cuda-graphs",
-        action="store_true",
-        default=no_graphs,
-        help="run every decode step eagerly, sampling on the CPU, instead of replaying a CUDA "
-        "graph per batch size (env SC2_NO_CUDA_GRAPHS=1; default: graphs with the fp16 cache)",
-    )
+    switches = (
+        ("--no-load", "SC2_NO_LOAD",
+         "do not load a model at start; the page waits for Load",
+         "load --branch at start when a GPU is present"),
+        ("--no-cuda-graphs", "SC2_NO_CUDA_GRAPHS",
+         "run every decode step eagerly, sampling on the CPU, instead of replaying a CUDA "
+         "graph per batch size", "graphs with the fp16 cache"),
+    )  # fmt: skip
+    for flag, env_name, text, otherwise in switches:
+        parser.add_argument(
+            flag,
+            action="store_true",
+            default=(env.get(env_name) or "").strip().lower() in TRUE_WORDS,
+            help=f"{text} (env {env_name}=1; default: {otherwise})",
+        )
     arguments = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(arguments)
     if args.cache_mode not in CACHE_MODES:
