@@ -10,7 +10,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 LABELS = {
-    "ours": "ours (correct, paged)",
+    "ours-graph": "ours: CUDA graphs + GPU sampling",
+    "ours-eager": "ours: eager (--no-cuda-graphs)",
+    "ours-previous": "ours before the decode kernel",
     "stock-no_sdpa": "stock, no_sdpa (causal, no window)",
     "stock-sdpa": "stock default (no causal mask)",
 }
@@ -23,6 +25,8 @@ def main() -> None:
         results = json.loads(file.read_text())
         bound = results["bandwidth_gbps"] * 1e9 / results["weight_bytes_per_token"]
         for variant, label in LABELS.items():
+            if "contexts" not in results.get(variant, {}):
+                continue  # not in this run
             rows = results[variant]["contexts"]
             contexts = [int(c) for c in rows]
             axis.plot(contexts, [rows[c]["decode_tok_s"] for c in rows], marker="o", label=label)
@@ -31,11 +35,13 @@ def main() -> None:
         axis.set_title(
             f"{file.stem.removeprefix('bench-')} bpw (bandwidth bound {bound:.0f} tok/s)"
         )
+        axis.axhline(bound, color="grey", linestyle=":", label="bandwidth bound")
         axis.set_xlabel("context (tokens)")
         axis.grid(alpha=0.3)
     axes[0].set_ylabel("batch-1 decode (tokens/s)")
     axes[0].legend()
-    figure.suptitle("StarCoder2-15B-shaped EXL2, H100 80GB: decode speed vs context")
+    gpu = json.loads(files[0].read_text()).get("gpu", "GPU")
+    figure.suptitle(f"StarCoder2-15B-shaped EXL2, {gpu}: batch-1 decode vs context")
     figure.tight_layout()
     figure.savefig(ROOT / "docs" / "decode_vs_context.png", dpi=110)
 

@@ -4,10 +4,13 @@ Usage: python bench/engine_bench.py --model /dev/shm/sc2-6_5 --out results-6_5.j
 
 Variants: stock exllamav2 (dynamic generator, defaults: torch SDPA, unpaged without flash-attn),
 stock with `no_sdpa=True` (its correct but slow attention), and ours (model.engine.Engine: fixes
-applied, paged). Stock cannot read the real config key `norm_epsilon`, so it runs on a view of the
-folder whose config.json also carries `layer_norm_epsilon`. Each process measures batch-1 decode
-and prefill at several prompt lengths and peak VRAM; ours also measures concurrent jobs, a long
-prefill arriving while others decode. The app over HTTP: bench/app_bench.py.
+applied, paged) three ways: "ours-graph" (decode steps replayed as CUDA graphs, sampling on the
+GPU; the default), "ours-eager" (`cuda_graphs=False`: exllamav2's decode loop, our Triton decode
+kernel) and "ours-previous" (eager, and one-token steps on the prefill backend, as before the
+kernel; contexts only). Stock cannot read the real config key `norm_epsilon`, so it runs on a
+view of the folder whose config.json also carries `layer_norm_epsilon`. Each process measures
+batch-1 decode and prefill at several prompt lengths and peak VRAM; ours also measures concurrent
+jobs, a long prefill arriving while others decode. The app over HTTP: bench/app_bench.py.
 """
 
 from __future__ import annotations
@@ -126,11 +129,14 @@ def run_stock(folder: Path, no_sdpa: bool) -> dict:
 # ---- ours ----
 
 
-def run_ours(folder: Path) -> dict:
+def run_ours(folder: Path, variant: str) -> dict:
+    from model import compat
     from model.engine import Engine, Finished
     from model.settings import SamplingSettings
 
-    engine = Engine(max_jobs=16)
+    if variant == "ours-previous":
+        compat.decode_backend = compat.attention_backend  # type: ignore[assignment]
+    engine = Engine(max_jobs=16, cuda_graphs=variant == "ours-graph")
     status = engine.load(str(folder), max_seq_len=MAX_SEQ_LEN)
     settings = SamplingSettings(max_new_tokens=NEW_TOKENS)
 
@@ -144,9 +150,12 @@ def run_ours(folder: Path) -> dict:
 
     results = measure_contexts(one)
     results["status"] = status.message
+    results["decode"] = status.decode
+    results["load_seconds"] = status.load_seconds
     results["cache_tokens"] = status.cache_tokens
-    results["concurrency"] = concurrency(engine)
-    results["prefill_while_decoding"] = prefill_while_decoding(engine)
+    if variant != "ours-previous":
+        results["concurrency"] = concurrency(engine)
+        results["prefill_while_decoding"] = prefill_while_decoding(engine)
     engine.close()
     return results
 
@@ -266,6 +275,11 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--stall-only", action="store_true", help="only the prefill-stall test")
     parser.add_argument("--variant", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--variants",
+        default="ours-graph,ours-eager,ours-previous,stock-sdpa,stock-no_sdpa",
+        help="comma-separated, run in this order, one process each",
+    )
     args = parser.parse_args()
     if args.stall_only:
         from model.engine import Engine
@@ -279,8 +293,8 @@ def main() -> None:
     if args.variant:
         import torch
 
-        if args.variant == "ours":
-            result = run_ours(args.model)
+        if args.variant.startswith("ours"):
+            result = run_ours(args.model, args.variant)
         else:
             result = run_stock(args.model, no_sdpa=args.variant == "stock-no_sdpa")
         result["gpu"] = torch.cuda.get_device_name(0)
@@ -291,12 +305,13 @@ def main() -> None:
 
     results = {
         "model": str(args.model),
+        "gpu": torch.cuda.get_device_name(0),
         "bandwidth_gbps": bandwidth_gbps(),
         "weight_bytes_per_token": weight_bytes_per_token(args.model),
         "torch": torch.__version__,
         "date": time.strftime("%Y-%m-%d"),
     }
-    for variant in ("ours", "stock-sdpa", "stock-no_sdpa"):
+    for variant in args.variants.split(","):
         command = [sys.executable, __file__, "--model", str(args.model), "--out", str(args.out)]
         command += ["--variant", variant]
         done = subprocess.run(command, capture_output=True, text=True)
