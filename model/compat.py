@@ -21,6 +21,8 @@ SDPA choose it (bench/attention_bench.py).
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -341,7 +343,7 @@ def paged_attention(
         choose = decode_backend if q.shape[1] == 1 else attention_backend
         backend = choose(q.device, q.dtype, q.shape[2], k_cache.shape[2], dim)
         keys = block_table.shape[1] * page_size if block_table is not None else 0
-        if backend == DECODE_KERNEL and _eager_and_short(q, keys):
+        if backend == DECODE_KERNEL and keys <= EAGER_KERNEL_MIN_KEYS and not _for_graphs[0]:
             backend = attention_backend(q.device, q.dtype, q.shape[2], k_cache.shape[2], dim)
     plan = _plan(cache_seqlens, block_table, q.shape[1], page_size, window, k is not None, backend)
     if k is not None and v is not None and plan.slots is not None:  # slots: planned for appends
@@ -363,11 +365,18 @@ def attention_backend(device, dtype=torch.half, heads=8, kv_heads=2, dim=128) ->
 # per layer cost more host time than its split saves (H200: 94 vs 116 tok/s at 512 tokens). Inside a
 # CUDA graph launches cost nothing, and the table always spans the whole context.
 EAGER_KERNEL_MIN_KEYS = 2048
+_for_graphs = [False]
 
 
-def _eager_and_short(q: torch.Tensor, keys: int) -> bool:
-    capturing = q.is_cuda and torch.cuda.is_current_stream_capturing()
-    return keys <= EAGER_KERNEL_MIN_KEYS and not capturing
+@contextmanager
+def graph_steps() -> Iterator[None]:
+    """One-token steps run here take DECODE_KERNEL at any length: a CUDA graph's warm-up and
+    capture, so the kernel the graph holds is the one its warm-up compiled and loaded."""
+    _for_graphs[0] = True
+    try:
+        yield
+    finally:
+        _for_graphs[0] = False
 
 
 def decode_backend(device, dtype=torch.half, heads=8, kv_heads=2, dim=128) -> str:

@@ -56,14 +56,17 @@ class DecodeGraphs:
         started = time.perf_counter()
         pool = torch.cuda.graph_pool_handle()
         for batch in range(self.max_jobs, 0, -1):
-            with torch.cuda.stream(self.stream):
+            with compat.graph_steps(), torch.cuda.stream(self.stream):
                 self._tune(batch)
                 self._forward(batch)  # warm-up: compiles kernels, runs the attention checks
             self.stream.synchronize()
             compat.forget_plan()  # the graph must compute its own indices, not reuse the warm-up's
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(
-                graph, pool=pool, stream=self.stream, capture_error_mode="thread_local"
+            with (
+                compat.graph_steps(),
+                torch.cuda.graph(
+                    graph, pool=pool, stream=self.stream, capture_error_mode="thread_local"
+                ),
             ):
                 self._logits[batch] = self._forward(batch)
             compat.forget_plan()

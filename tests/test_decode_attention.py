@@ -127,8 +127,13 @@ def test_on_the_gpu_the_kernel_passes_the_start_up_check():
     assert compat.decode_backend("cuda", torch.half, 48, 4, 128) == compat.DECODE_KERNEL
 
 
-@pytest.mark.parametrize(("pages", "expected"), [(8, "sdpa"), (9, compat.DECODE_KERNEL)])
-def test_eager_steps_over_few_keys_take_the_prefill_backend(monkeypatch, pages, expected):
+@pytest.mark.parametrize(
+    ("pages", "for_graphs", "expected"),
+    [(8, False, "sdpa"), (9, False, compat.DECODE_KERNEL), (8, True, compat.DECODE_KERNEL)],
+)
+def test_eager_steps_over_few_keys_take_the_prefill_backend_but_graph_steps_never(
+    monkeypatch, pages, for_graphs, expected
+):
     compat.attention_backend("cpu", torch.float32, 8, 2, 32)  # its check runs once, first
     chosen = []
     monkeypatch.setattr(compat, "decode_backend", lambda *args: compat.DECODE_KERNEL)
@@ -137,5 +142,10 @@ def test_eager_steps_over_few_keys_take_the_prefill_backend(monkeypatch, pages, 
     cache = torch.zeros(pages, PAGE, 2, 32)
     table = torch.arange(pages, dtype=torch.int32)[None]
     seqlens = torch.tensor([5], dtype=torch.int32)
-    compat.paged_attention(q, cache, cache, None, None, seqlens, table, 1.0)
+    if for_graphs:
+        with compat.graph_steps():
+            compat.paged_attention(q, cache, cache, None, None, seqlens, table, 1.0)
+    else:
+        compat.paged_attention(q, cache, cache, None, None, seqlens, table, 1.0)
     assert compat.EAGER_KERNEL_MIN_KEYS == 8 * PAGE and chosen == [expected]
+    assert not compat._for_graphs[0]
