@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import math
 import struct
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache, partial
 from typing import Any
 
 import torch
+
+from model.graph_cache import bucket, replay
 
 # exllamav2 picks the top k with a heap up to here and with an unstable partial quicksort above.
 HEAP_TOP_K = 500
@@ -359,51 +361,6 @@ def _full_rows(
     return order.gather(1, at).squeeze(1), listed_probs.gather(1, at).squeeze(1)
 
 
-def _bucket(n: int, smallest: int) -> int:
-    """The power of two at or above n (and smallest): few shapes, so few graphs."""
-    return max(smallest, 1 << (n - 1).bit_length())
-
-
-_GRAPHS: dict[tuple, tuple[torch.cuda.CUDAGraph, list[torch.Tensor], tuple[torch.Tensor, ...]]] = {}
-_POOLS: dict[int, Any] = {}
-
-
-def _replay(
-    key: tuple, fn: Callable[..., tuple[torch.Tensor, ...]], *inputs: torch.Tensor
-) -> tuple[torch.Tensor, ...]:
-    """fn(*inputs), on CUDA from a graph captured at the first call with these shapes.
-
-    A group's few hundred small kernels cost more to launch one by one than to run. The capture
-    synchronises the device once per shape; replays do not.
-    """
-    rows = inputs[0].shape[0]
-    padded = _bucket(rows, 1)
-    inputs = tuple(torch.cat([t, t[:1].expand(padded - rows, *t.shape[1:])]) for t in inputs)
-    device = inputs[0].device
-    if device.type != "cuda" or torch.cuda.is_current_stream_capturing():
-        return tuple(t[:rows] for t in fn(*inputs))
-    key = (*key, device.index, *(tuple(t.shape) for t in inputs))
-    if key not in _GRAPHS:
-        static = [t.clone() for t in inputs]
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):
-            fn(*static)  # first use outside the capture (lazy initialisation, workspaces)
-        torch.cuda.current_stream(device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        pool = _POOLS.setdefault(device.index or 0, torch.cuda.graph_pool_handle())
-        # thread_local: the engine process's other threads may query the GPU meanwhile.
-        with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
-            outputs = fn(*static)
-        _GRAPHS[key] = (graph, static, outputs)
-    graph, static, outputs = _GRAPHS[key]
-    for target, source in zip(static, inputs, strict=True):
-        target.copy_(source)
-    graph.replay()
-    # Graphs share one memory pool: copy the outputs out before another replay reuses it.
-    return tuple(t[:rows].clone() for t in outputs)
-
-
 def sample(
     logits: torch.Tensor, rows: Sequence[Row], vocab_size: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -458,17 +415,17 @@ def sample(
     out_probs = (greedy * (1.0 / greedy)).squeeze(1)  # normalize_cpu over the one candidate
     out_tokens = out_tokens.squeeze(1)
     if top_k:
-        k_max = _bucket(max(plans[i].top_k for i in top_k), 8)
+        k_max = bucket(max(plans[i].top_k for i in top_k), 8)
         use_top_p = any(plans[i].top_p for i in top_k)
         use_min_p = any(plans[i].min_p for i in top_k)
         fn = partial(_top_k_rows, k_max=k_max, use_top_p=use_top_p, use_min_p=use_min_p)
         key = ("top_k", k_max, use_top_p, use_min_p)
-        chosen = _replay(key, fn, probs[top_k_rows], params[top_k_rows])
+        chosen = replay(key, fn, probs[top_k_rows], params[top_k_rows])
         out_tokens.index_copy_(0, top_k_rows, chosen[0])
         out_probs.index_copy_(0, top_k_rows, chosen[1])
     if full:
         if any(plans[i].min_p for i in full):
-            chosen = _replay(("full",), _full_rows, probs[full_rows], params[full_rows])
+            chosen = replay(("full",), _full_rows, probs[full_rows], params[full_rows])
         else:
             chosen = _full_rows(probs[full_rows], params[full_rows], use_min_p=False)
         out_tokens.index_copy_(0, full_rows, chosen[0])
