@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 
 import pytest
@@ -138,41 +139,37 @@ def test_sampling_matches_exllamav2_token_for_token(sampler):
     assert sum(compared.values()) >= 0.75 * rows, compared
 
 
-def test_exllamav2_draws_the_token_past_the_top_k_list_when_every_candidate_passes_min_p(sampler):
-    logits = torch.zeros(1, 64)
-    logits[0, [10, 20, 30]] = 5.0
-    logits[0, 3] = 4.0
-    settings = sampler.Settings(
-        temperature=1.0, top_k=3, top_p=1.0, min_p=0.01, token_repetition_penalty=1.0
-    )
-    history = torch.zeros(1, dtype=torch.int64)
+# Hand-built rows for exllamav2's quirks: (width, base logit, {ids: logit}, settings, draw, token).
+QUIRKS = [
     # Walk order [30, 20, 3, 10]: a draw of 0.65 lands on id 3, which is not in the top 3.
-    assert exllamav2(sampler, logits[0], settings, history, 0.65, 64)[0] == 3
-    assert check_batch(sampler, logits, [settings], [history], [0.65], 64) == [True]
-
-
-def test_exllamav2_min_p_partition_swaps_a_dropped_token_back_in(sampler):
-    logits = torch.full((1, 32), -2.0)
-    logits[0, [0, 2, 3]] = 3.0
-    logits[0, 1] = 0.0
-    settings = sampler.Settings(
-        temperature=1.0, top_k=0, top_p=1.0, min_p=0.1, token_repetition_penalty=1.0
-    )
-    history = torch.zeros(1, dtype=torch.int64)
+    pytest.param(
+        64, 0.0, {(10, 20, 30): 5.0, (3,): 4.0}, dict(top_k=3, min_p=0.01), 0.65, 3,
+        id="min-p-draws-the-token-past-the-top-k-list-when-every-candidate-passes",
+    ),
     # Walk order [0, 3, 1, 2]: id 1 is below the threshold yet takes the third slot.
-    assert exllamav2(sampler, logits[0], settings, history, 0.664, 32)[0] == 1
-    assert check_batch(sampler, logits, [settings], [history], [0.664], 32) == [True]
+    pytest.param(
+        32, -2.0, {(0, 2, 3): 3.0, (1,): 0.0}, dict(top_k=0, min_p=0.1), 0.664, 1,
+        id="min-p-partition-swaps-a-dropped-token-back-in",
+    ),
+    pytest.param(
+        64, -30.0, {(0,): math.log(0.3), (1,): math.log(0.25), (2, 3): math.log(0.1)},
+        dict(top_k=4, top_p=0.6), 0.9, 3,
+        id="top-p-lets-a-smaller-token-fill-the-room-left",
+    ),
+]  # fmt: skip
 
 
-def test_exllamav2_top_p_lets_a_smaller_token_fill_the_room_left(sampler):
-    logits = torch.full((1, 64), -30.0)
-    logits[0, :4] = torch.tensor([0.3, 0.25, 0.1, 0.1]).log()
+@pytest.mark.parametrize(("width", "base", "values", "chosen", "draw", "token"), QUIRKS)
+def test_exllamav2_quirks_are_reproduced(sampler, width, base, values, chosen, draw, token):
+    logits = torch.full((1, width), base)
+    for ids, value in values.items():
+        logits[0, list(ids)] = value
     settings = sampler.Settings(
-        temperature=1.0, top_k=4, top_p=0.6, min_p=0.0, token_repetition_penalty=1.0
+        **{"temperature": 1.0, "top_p": 1.0, "min_p": 0.0, "token_repetition_penalty": 1.0} | chosen
     )
     history = torch.zeros(1, dtype=torch.int64)
-    assert exllamav2(sampler, logits[0], settings, history, 0.9, 64)[0] == 3
-    assert check_batch(sampler, logits, [settings], [history], [0.9], 64) == [True]
+    assert exllamav2(sampler, logits[0], settings, history, draw, width)[0] == token
+    assert check_batch(sampler, logits, [settings], [history], [draw], width) == [True]
 
 
 def test_supports_reads_exllamav2s_own_settings(sampler):
