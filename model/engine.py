@@ -24,6 +24,7 @@ from model.errors import (
     ContextTooLong,
     DoesNotFit,
     GenerationFailed,
+    GraphCaptureFailed,
     NoGPU,
     NotReady,
 )
@@ -244,7 +245,16 @@ class Engine:
 
             report(LoadStep("graphs", 0, jobs))
             self._graphs = DecodeGraphs(self._model, self._cache, jobs, max_seq_len, PAGE_SIZE)
-            self._graphs.capture()
+            try:
+                self._graphs.capture()
+            except Exception as error:
+                if _is_oom(error):
+                    raise  # reported as what does not fit
+                raise GraphCaptureFailed(
+                    f"Capturing the decode step as CUDA graphs failed ({type(error).__name__}: "
+                    f"{error}); start with --no-cuda-graphs (SC2_NO_CUDA_GRAPHS=1) to decode "
+                    "eagerly."
+                ) from error
             self._generator_class = Generator
             self._generator_args["graphs"] = self._graphs
         self._generator = self._generator_class(**self._generator_args)

@@ -39,6 +39,10 @@ class NotReady(ChatError):
     """No model is loaded (or one is loading) so nothing can be generated yet."""
 
 
+class GraphCaptureFailed(ChatError):
+    """Capturing the decode step as CUDA graphs failed at load; eager decoding still works."""
+
+
 class GenerationFailed(ChatError):
     """The GPU job failed; the engine recovered and the next request can run."""
 

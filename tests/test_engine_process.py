@@ -223,3 +223,12 @@ def test_gpus_are_parsed_and_counted_among_the_visible_ones(capsys):
     assert app.device_names(("1",), {"CUDA_VISIBLE_DEVICES": "4,5"}) == ["5"]
     with pytest.raises(SystemExit, match="shows only 2"):
         app.device_names(("2",), {"CUDA_VISIBLE_DEVICES": "4,5"})
+
+
+def test_a_failed_graph_capture_reaches_the_web_side_with_its_remedy():
+    from model.errors import GraphCaptureFailed
+    from model.worker import Failure
+
+    message = "Capturing … failed (RuntimeError: x); start with --no-cuda-graphs"
+    error = Failure.of(GraphCaptureFailed(message)).exception()
+    assert isinstance(error, GraphCaptureFailed) and "--no-cuda-graphs" in str(error)
