@@ -232,21 +232,18 @@ def _plan(seqlens, table, q_len, page_size, window, appending, backend) -> _Plan
             -1
         )
     plan = _Plan(seqlens, table, shape, pages, slots, totals.to(torch.int32))
-    if backend == DECODE_KERNEL:
-        pass  # reads the table and totals as they are
-    elif backend != "sdpa":
+    # DECODE_KERNEL reads the table and totals as they are; the others need more.
+    if backend.startswith("flash"):
         plan.cu_q = torch.arange(0, (batch + 1) * q_len, q_len, device=device, dtype=torch.int32)
-    if backend == DECODE_KERNEL:
-        pass
-    elif backend == "flash, paged":  # keys are read through the table: offsets are cumulative
+    if backend == "flash, paged":  # keys are read through the table: offsets are cumulative
         plan.cu_k = F.pad(totals.cumsum(0, dtype=torch.int32), (1, 0))
     elif backend == "flash, gathered":  # each sequence's gathered keys take max_pages pages
         step = pages.shape[1] * page_size
         plan.cu_k = torch.arange(0, (batch + 1) * step, step, device=device, dtype=torch.int32)
-    elif q_len == 1:  # sdpa decode: one mask over every page
+    elif backend == "sdpa" and q_len == 1:  # sdpa decode: one mask over every page
         last = (totals.to(torch.int64) - 1)[:, None]
         plan.decode_mask = window_mask(last, pages.shape[1] * page_size, window)[:, 0]
-    else:  # sdpa prefill
+    elif backend == "sdpa":  # sdpa prefill
         plan.lengths = totals.tolist()  # one host sync per forward, not per layer
     _last_plan[0] = plan
     return plan

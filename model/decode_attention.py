@@ -5,21 +5,17 @@ of one tile, so every key is read once), and one slice of the keys. It reads key
 table and returns its slice's output with the log-sum-exp; a second kernel merges the slices. The
 grid is fixed by the batch and the table's width, never by the sequences' lengths, which are read
 on the device, so a CUDA graph can replay it: splits with no keys left idle. On a machine without
-a GPU, Triton's interpreter runs the same kernels on the CPU (tests).
+a GPU, Triton's interpreter runs the same kernels on the CPU (tests/conftest.py sets
+TRITON_INTERPRET=1 there).
 """
 
 from __future__ import annotations
 
 import math
-import os
 
 import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import triton  # noqa: E402  (after choosing the interpreter)
-import triton.language as tl  # noqa: E402
+import triton
+import triton.language as tl
 
 BLOCK_N = 64  # keys per tile; divides the page size
 MAX_SPLITS = 64

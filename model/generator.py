@@ -10,6 +10,7 @@ exllamav2's.
 from __future__ import annotations
 
 import time
+import weakref
 from typing import Any
 
 import torch
@@ -20,28 +21,33 @@ from model import sampling
 from model.graphs import DecodeGraphs
 
 
-def _on_fast_path(job: Any) -> bool:
-    """One sequence, one token to feed, nothing exllamav2's sampler alone can do."""
-    sequence = job.sequences[0]
-    return (
-        len(job.sequences) == 1
-        and len(sequence.sequence_ids) - sequence.kv_position == 1
-        and not job.filters
-        and not job.checkpoint
-        and not job.embeddings
-        and not job.return_logits
-        and not job.return_top_tokens
-        and job.new_tokens >= job.min_new_tokens
-        and sampling.supports(job.gen_settings)
-    )
-
-
 class Generator(ExLlamaV2DynamicGenerator):
     def __init__(self, *args: Any, graphs: DecodeGraphs, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.graphs = graphs
         self.graph_steps = 0  # decode steps that replayed a graph
         self._vocab_size = self.tokenizer.get_vocab_size()
+        # Whether each job's settings are the GPU sampler's: read once per job, not per token.
+        self._gpu_sampled: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+    def _on_fast_path(self, job: Any) -> bool:
+        """One sequence, one token to feed, nothing exllamav2's sampler alone can do."""
+        if job not in self._gpu_sampled:
+            self._gpu_sampled[job] = (
+                len(job.sequences) == 1
+                and not job.filters
+                and not job.embeddings
+                and not job.return_logits
+                and not job.return_top_tokens
+                and sampling.supports(job.gen_settings)
+            )
+        sequence = job.sequences[0]
+        return (
+            self._gpu_sampled[job]
+            and len(sequence.sequence_ids) - sequence.kv_position == 1
+            and not job.checkpoint
+            and job.new_tokens >= job.min_new_tokens
+        )
 
     def iterate_gen(self, results: list, draft_tokens: torch.Tensor | None = None) -> None:
         jobs = [job for job in self.active_jobs if job.is_prefill_done()]
@@ -49,7 +55,7 @@ class Generator(ExLlamaV2DynamicGenerator):
             draft_tokens is not None
             or self.current_loras
             or not self.graphs.covers(len(jobs))
-            or not all(_on_fast_path(job) for job in jobs)
+            or not all(self._on_fast_path(job) for job in jobs)
         ):
             super().iterate_gen(results, draft_tokens)
             return

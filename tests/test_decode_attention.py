@@ -13,20 +13,15 @@ pytest.importorskip("triton")
 
 from model import compat  # noqa: E402
 from model.decode_attention import decode_attention, grid_for  # noqa: E402
+from tests.test_compat import plain_attention  # noqa: E402
 
 NO_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 PAGE = 256
 
 
 def plain(q, keys, values, scale, window):
-    """One sequence, fp32: q (H, D) over keys/values (K, Hk, D), the last `window` keys (0: all)."""
-    if window:
-        keys, values = keys[-window:], values[-window:]
-    group = q.shape[0] // keys.shape[1]
-    keys = keys.repeat_interleave(group, dim=1).float()
-    values = values.repeat_interleave(group, dim=1).float()
-    scores = torch.einsum("hd,khd->hk", q.float(), keys) * scale
-    return torch.einsum("hk,khd->hd", scores.softmax(-1), values)
+    """One query, fp32: q (H, D) over keys/values (K, Hk, D), the last `window` keys (0: all)."""
+    return plain_attention(q[None], keys, values, scale, window)[0]
 
 
 def check(device, dtype, lengths, window, heads=8, kv_heads=2, dim=64, seed=0):
