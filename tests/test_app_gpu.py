@@ -79,7 +79,7 @@ def test_chat_answers_and_a_follow_up_turn_reuses_the_cached_prompt_pages(exl2_d
 
 
 def test_the_openai_chat_route_gives_the_chats_own_greedy_answer(decisive_dir):
-    import openai
+    openai = pytest.importorskip("openai")  # a GPU machine's kit may lack it
 
     engine = EngineProcess()
     engine.load(str(decisive_dir), max_seq_len=2048)
