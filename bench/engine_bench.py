@@ -4,13 +4,15 @@ Usage: python bench/engine_bench.py --model /dev/shm/sc2-6_5 --out results-6_5.j
 
 Variants: stock exllamav2 (dynamic generator, defaults: torch SDPA, unpaged without flash-attn),
 stock with `no_sdpa=True` (its correct but slow attention), and ours (model.engine.Engine: fixes
-applied, paged) three ways: "ours-graph" (decode steps replayed as CUDA graphs, sampling on the
-GPU; the default), "ours-eager" (`cuda_graphs=False`: exllamav2's decode loop, our Triton decode
-kernel) and "ours-previous" (eager, and one-token steps on the prefill backend, as before the
-kernel; contexts only). Stock cannot read the real config key `norm_epsilon`, so it runs on a
-view of the folder whose config.json also carries `layer_norm_epsilon`. Each process measures
-batch-1 decode and prefill at several prompt lengths and peak VRAM; ours also measures concurrent
-jobs, a long prefill arriving while others decode. The app over HTTP: bench/app_bench.py.
+applied, paged) four ways: "ours-graph" (decode steps replayed as CUDA graphs, sampling on the
+GPU, each step enqueued before the previous step's tokens are read; the default),
+"ours-graph-sync" (the same, but reading each step's tokens before enqueuing the next),
+"ours-eager" (`cuda_graphs=False`: exllamav2's decode loop, our Triton decode kernel) and
+"ours-previous" (eager, and one-token steps on the prefill backend, as before the kernel;
+contexts only). Stock cannot read the real config key `norm_epsilon`, so it runs on a view of the
+folder whose config.json also carries `layer_norm_epsilon`. Each process measures batch-1 decode
+and prefill at several prompt lengths and peak VRAM; ours also measures concurrent jobs, a long
+prefill arriving while others decode. The app over HTTP: bench/app_bench.py.
 """
 
 from __future__ import annotations
@@ -136,7 +138,11 @@ def run_ours(folder: Path, variant: str) -> dict:
 
     if variant == "ours-previous":
         compat.decode_backend = compat.attention_backend  # type: ignore[assignment]
-    engine = Engine(max_jobs=16, cuda_graphs=variant == "ours-graph")
+    if variant == "ours-graph-sync":
+        from model.generator import Generator
+
+        Generator.look_ahead = False
+    engine = Engine(max_jobs=16, cuda_graphs=variant.startswith("ours-graph"))
     status = engine.load(str(folder), max_seq_len=MAX_SEQ_LEN)
     settings = SamplingSettings(max_new_tokens=NEW_TOKENS)
 
@@ -277,7 +283,7 @@ def main() -> None:
     parser.add_argument("--variant", help=argparse.SUPPRESS)
     parser.add_argument(
         "--variants",
-        default="ours-graph,ours-eager,ours-previous,stock-sdpa,stock-no_sdpa",
+        default="ours-graph,ours-graph-sync,ours-eager,ours-previous,stock-sdpa,stock-no_sdpa",
         help="comma-separated, run in this order, one process each",
     )
     args = parser.parse_args()

@@ -101,8 +101,10 @@ def greedy_ids(
             if "token_ids" in result:
                 out[id(result["job"])] += result["token_ids"][0].tolist()
     if graphs:
-        # Every new token comes out of a decode step, and every decode step replayed a graph.
+        # Every new token comes out of a decode step, and every decode step replayed a graph;
+        # all but the first and last were enqueued before the previous step's tokens were read.
         assert generator.graph_steps >= new_tokens
+        assert generator.ahead_steps >= new_tokens - 2 - len(prompts)
         captured.release()
     model.unload()
     return [out[id(job)] for job in jobs]

@@ -102,8 +102,14 @@ def run_jobs(engine, jobs):
     return [texts[i] for i in range(len(jobs))]
 
 
-def test_graph_engine_streams_what_the_eager_engine_streams_as_jobs_come_and_go(decisive_dir):
+@pytest.mark.parametrize("look_ahead", [True, False], ids=["look-ahead", "sync"])
+def test_graph_engine_streams_what_the_eager_engine_streams_as_jobs_come_and_go(
+    decisive_dir, look_ahead, monkeypatch
+):
     """Jobs join and leave mid-run, a long prompt arrives, one is cancelled: same greedy text."""
+    from model.generator import Generator
+
+    monkeypatch.setattr(Generator, "look_ahead", look_ahead)
     long_text = PROMPT * 12  # about 1,500 tokens: several prefill chunks among decoding jobs
     jobs = [(f"Write function number {i}." * (i + 1), 24 + 9 * i, 0.02 * i, None) for i in range(6)]
     jobs += [(long_text, 40, 0.15, None), ("Count to a thousand.", 200, 0.0, 5)]
@@ -119,6 +125,7 @@ def test_graph_engine_streams_what_the_eager_engine_streams_as_jobs_come_and_go(
     assert status.decode in status.message
     together = run_jobs(engine, jobs)
     assert engine._generator.graph_steps > 100
+    assert (engine._generator.ahead_steps > 50) == look_ahead
     assert together[:-1] == alone
     assert 0 < len(together[-1]) and engine._generator.num_remaining_jobs() == 0
 
