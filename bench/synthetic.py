@@ -4,6 +4,7 @@ Speed depends on shapes, bit widths and kernels, not on weight values. Convertin
 too long, so this converts a 2-layer model of the full width and repeats its quantized layers to 40.
 
 Usage (GPU): python bench/synthetic.py --bits 4.25 --out /dev/shm/sc2-4_25
+`--bits 16` skips the converter (seconds, not minutes): the same shape in fp16, 2 bytes a weight.
 """
 
 from __future__ import annotations
@@ -92,7 +93,12 @@ def repeat_layers(source: Path, output: Path, layers: int = LAYERS) -> Path:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--bits", type=float, required=True, help="bits per weight, e.g. 4.25")
+    parser.add_argument(
+        "--bits",
+        type=float,
+        required=True,
+        help="bits per weight, e.g. 4.25; 16: fp16, unconverted",
+    )
     parser.add_argument("--head-bits", type=int, default=None, help="lm_head bits (6 or 8)")
     parser.add_argument("--out", type=Path, required=True, help="output folder (use /dev/shm)")
     parser.add_argument("--work", type=Path, default=None, help="scratch folder")
@@ -105,16 +111,17 @@ def main() -> None:
     started = time.perf_counter()
     source = build_fp16_source(work / "fp16")
     built = time.perf_counter()
-    quantize_exl2(
-        source,
-        work / "exl2",
-        work / "convert",
-        bits=args.bits,
-        head_bits=head_bits,
-        measurement=args.measurement,
-    )
+    if args.bits != 16:
+        quantize_exl2(
+            source,
+            work / "exl2",
+            work / "convert",
+            bits=args.bits,
+            head_bits=head_bits,
+            measurement=args.measurement,
+        )
     converted = time.perf_counter()
-    repeat_layers(work / "exl2", args.out)
+    repeat_layers(source if args.bits == 16 else work / "exl2", args.out)
     shutil.rmtree(work / "fp16")
     size = sum(f.stat().st_size for f in args.out.glob("*.safetensors"))
     print(
