@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Build the synthetic 15B-shaped models and benchmark them (bench/engine_bench.py, then
 # bench/decode_profile.py): one GPU per branch when there are two. Results go to $OUT (default
-# /tmp/bench-out). Usage: bash bench/run_gpu.sh [bits ...] (default: 4.25 6.5). On one GPU a branch
-# takes about 9 minutes, so pass one branch per call where a call's time is capped.
+# /tmp/bench-out). Usage: bash bench/run_gpu.sh [bits ...] (default: 4.25 6.5). On one H200 a branch
+# took 8.2 minutes with five variants; with the sixth (ours-graph-sync) expect about 9, so pass one
+# branch per call where a call's time is capped.
 set -u
 out=${OUT:-/tmp/bench-out}
 mkdir -p "$out"
