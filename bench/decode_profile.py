@@ -1,12 +1,12 @@
-"""Where a batch-1 decode step's GPU time goes, eager and as a CUDA graph, and how noisy it is.
+"""Where a decode step's GPU time goes, eager and as a CUDA graph, and how noisy it is.
 
 Usage (GPU): python bench/decode_profile.py --model /dev/shm/sc2-4_25 --out profile-4_25.json
 
 For each decode path (eager: exllamav2's generator with its per-module graphs warmed up, which
 switch on after ~205 calls per shape; graph: ours), one greedy job (then 8) decodes past the
-warm-up, then
-the profiler records 32 steps: wall time per step, GPU kernel time per step, the EXL2 matmuls'
-share and their achieved bandwidth (bytes of quantized weights read per step / their kernel time).
+warm-up, then the profiler records 32 steps: wall time per step, GPU kernel time per step, the
+EXL2 matmuls' share and their achieved bandwidth (bytes of quantized weights read per step / their
+kernel time).
 Noise: teacher-forced logits of two eager forwards of the same step (EXL2 matmuls add partial sums
 with atomics), graph against eager, and the first token where two free-running greedy runs part.
 """

@@ -17,10 +17,9 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from engine_bench import consume, in_threads, prompt  # noqa: E402
+from bench.engine_bench import consume, in_threads, prompt  # noqa: E402
 
 NEW_TOKENS = 128
 

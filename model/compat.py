@@ -337,11 +337,10 @@ def paged_attention(
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(dim)
     window = window_size[0] + 1 if window_size and window_size[0] >= 0 else 0
     if backend is None:
-        choose = decode_backend if q.shape[1] == 1 else attention_backend
-        backend = choose(q.device, q.dtype, q.shape[2], k_cache.shape[2], dim)
         keys = block_table.shape[1] * page_size if block_table is not None else 0
-        if backend == DECODE_KERNEL and keys <= EAGER_KERNEL_MIN_KEYS and not _for_graphs[0]:
-            backend = attention_backend(q.device, q.dtype, q.shape[2], k_cache.shape[2], dim)
+        one_token = q.shape[1] == 1 and (_for_graphs[0] or keys > EAGER_KERNEL_MIN_KEYS)
+        choose = decode_backend if one_token else attention_backend
+        backend = choose(q.device, q.dtype, q.shape[2], k_cache.shape[2], dim)
     plan = _plan(cache_seqlens, block_table, q.shape[1], page_size, window, k is not None, backend)
     if k is not None and v is not None and plan.slots is not None:  # slots: planned for appends
         rows = k_cache.shape[2:]

@@ -24,11 +24,8 @@ _POOLS: dict[int, Any] = {}
 def replay(
     key: tuple, fn: Callable[..., tuple[torch.Tensor, ...]], *inputs: torch.Tensor
 ) -> tuple[torch.Tensor, ...]:
-    """fn(*inputs), on CUDA from a graph captured at the first call with these shapes.
-
-    A group's few hundred small kernels cost more to launch one by one than to run. The capture
-    synchronises the device once per shape; replays do not.
-    """
+    """fn(*inputs), on CUDA from a graph captured at the first call with these shapes: a group's
+    few hundred small kernels cost more to launch one by one than to run."""
     rows = inputs[0].shape[0]
     padded = bucket(rows, 1)
     inputs = tuple(torch.cat([t, t[:1].expand(padded - rows, *t.shape[1:])]) for t in inputs)

@@ -19,6 +19,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from model import compat
+
 AUTOTUNE_CALLS = 201  # exllamav2's AT_NUM_MEASURE (200) timed calls per matmul shape, then one
 
 
@@ -53,8 +55,6 @@ class DecodeGraphs:
     @torch.inference_mode()
     def capture(self) -> None:
         """Capture every batch size, largest first (they share one memory pool)."""
-        from model import compat
-
         started = time.perf_counter()
         pool = torch.cuda.graph_pool_handle()
         for batch in range(self.max_jobs, 0, -1):
@@ -127,7 +127,8 @@ class DecodeGraphs:
         return x
 
     def run(self, ids: torch.Tensor, table: torch.Tensor, seqlens: torch.Tensor) -> torch.Tensor:
-        """Logits (B, 1, vocab) for ids (B, 1), table (B, pages) and seqlens (B,), all on the host.
+        """Logits (B, 1, vocab) for ids (B, 1), table (B, pages) and seqlens (B,) on the host;
+        ids may instead be on the GPU (a previous step's tokens, not yet read).
 
         The copies and the replay go on the model's stream; the logits stay valid until the next
         run on it.
