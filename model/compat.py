@@ -13,6 +13,12 @@ Defects (measured against transformers' Starcoder2ForCausalLM, see tests/test_en
 4. Paged mode (continuous batching) needs flash-attn >= 2.5.7. `paged_attention` below implements
    the same `flash_attn_with_kvcache` contract in PyTorch so batching works everywhere.
 5. A broken xformers (importable, no kernel for the GPU) makes every forward raise.
+6. A prompt found in the prefix cache (whole or in part), or prefilled in more than one chunk, is
+   never marked prefilled: the job counts only the tokens of its last prefill call. Its prefill then
+   runs again at every step for the rest of the reply; once the page holding the token being fed
+   looks full, that prefill skips the sequence one position past its last token, and the job stops
+   forever (no step includes it again). Look-ahead decode books that token a step early, so it hit
+   this at every page boundary.
 Not exllamav2's, but in its way: torch's SDPA picks cuDNN by default on Hopper, which builds a plan
 for every new shape (tens of ms; decoding makes a new shape each step). Our attention never lets
 SDPA choose it (bench/attention_bench.py).
@@ -45,6 +51,7 @@ def apply_all() -> None:
     fix_unpaged_attention()
     fix_paged_attention()
     ignore_xformers()
+    fix_prefill_complete()
     _applied = True
 
 
@@ -451,3 +458,21 @@ def ignore_xformers() -> None:
 
     attn.has_xformers = False
     model.has_xformers = False
+
+
+# 6. prefill_complete ----
+
+
+def fix_prefill_complete() -> None:
+    """Mark a sequence prefilled as soon as its cache holds every prompt token but the last."""
+    from exllamav2.generator.dynamic import ExLlamaV2DynamicJob
+
+    original = ExLlamaV2DynamicJob.prefill
+
+    def prefill(self, results: list) -> None:
+        original(self, results)
+        for sequence in self.sequences:
+            if sequence.kv_position == len(sequence.sequence_ids) - 1:
+                sequence.prefill_complete = True
+
+    ExLlamaV2DynamicJob.prefill = prefill  # type: ignore[method-assign]  # the fix itself

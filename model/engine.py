@@ -488,20 +488,8 @@ class Engine:
                     self._deliver(request, result, active)
 
     def _submit(self, request: _Request, active: dict) -> None:
-        import torch
-        from exllamav2.generator import ExLlamaV2DynamicJob
-
         try:
-            request.job = ExLlamaV2DynamicJob(
-                input_ids=torch.tensor([request.input_ids], dtype=torch.long),
-                max_new_tokens=request.settings.max_new_tokens,
-                gen_settings=_sampler_settings(request.settings),
-                seed=request.settings.seed
-                if request.settings.seed is not None
-                else secrets.randbelow(2**31),
-                stop_conditions=[EOS_TOKEN_ID, *request.stop],
-                decode_special_tokens=False,
-            )
+            request.job = new_job(request.input_ids, request.settings, request.stop)
             self._generator.enqueue(request.job)
         except Exception as error:
             request.done = True
@@ -595,6 +583,21 @@ def _import_exllamav2(report: LoadProgress) -> None:
         import exllamav2  # noqa: F401
     finally:
         stop()
+
+
+def new_job(ids: Sequence[int], settings: SamplingSettings, stop: Sequence[str]) -> Any:
+    """exllamav2's job for one reply: it ends at end-of-text or at any of the stop strings."""
+    import torch
+    from exllamav2.generator import ExLlamaV2DynamicJob
+
+    return ExLlamaV2DynamicJob(
+        input_ids=torch.tensor([list(ids)], dtype=torch.long),
+        max_new_tokens=settings.max_new_tokens,
+        gen_settings=_sampler_settings(settings),
+        seed=settings.seed if settings.seed is not None else secrets.randbelow(2**31),
+        stop_conditions=[EOS_TOKEN_ID, *stop],
+        decode_special_tokens=False,
+    )
 
 
 def _sampler_settings(settings: SamplingSettings):

@@ -35,9 +35,9 @@ class _Step:
 
     jobs: list  # None where a job's part of the step is dropped
     tokens: torch.Tensor  # (B,) on the GPU: the next step's input ids
-    host_tokens: torch.Tensor  # (B,) pinned copies, valid once `done` has passed
+    host_tokens: torch.Tensor  # (B,) host copies, valid once `done` has passed
     host_probs: torch.Tensor
-    done: torch.cuda.Event
+    done: Any  # has synchronize(): a torch.cuda.Event on the GPU
 
 
 class Generator(ExLlamaV2DynamicGenerator):
@@ -95,7 +95,7 @@ class Generator(ExLlamaV2DynamicGenerator):
                 and pending.jobs == jobs
                 and all(self._can_look_ahead(job) for job in jobs)
             ):
-                ahead = self._enqueue(jobs, pending.tokens)
+                ahead = self._enqueue(jobs, pending.tokens, unread=True)
                 self._receive(pending, results)
                 self._pending = self._feed(ahead)
                 return
@@ -114,16 +114,15 @@ class Generator(ExLlamaV2DynamicGenerator):
                 cuda_sync_active()
                 job.time_first_token = time.time()
         ids = torch.cat([job.get_input_ids_list(add_to_cache=True)[0] for job in jobs])
-        step = self._enqueue(jobs, ids)
+        step = self._enqueue(jobs, ids, unread=False)
         if self.look_ahead:
             self._pending = step  # read at the next call, after the step after it is enqueued
         else:
             self._receive(step, results)
 
-    def _enqueue(self, jobs: list, ids: torch.Tensor) -> _Step:
-        """Replay the graph and sample: ids (B, 1) on the host are fed now, or tokens (B,) on the
-        GPU from a step not yet read, which each job then feeds after the one it is reading."""
-        unread = ids.is_cuda
+    def _enqueue(self, jobs: list, ids: torch.Tensor, unread: bool) -> _Step:
+        """Replay the graph and sample: ids (B, 1) on the host are fed now, or (unread) tokens
+        (B,) on the GPU from a step not yet read, which each job feeds after the one it reads."""
         pages = -(-(max(job.get_max_seq_len() for job in jobs) + unread) // self.page_size)
         table = torch.zeros((len(jobs), pages), dtype=torch.int32)
         seqlens = torch.zeros((len(jobs),), dtype=torch.int32)
@@ -139,12 +138,7 @@ class Generator(ExLlamaV2DynamicGenerator):
         with torch.cuda.stream(self.graphs.stream):
             logits = self.graphs.run(ids.view(-1, 1), table, seqlens)
             tokens, probs = sampling.sample(logits[:, 0], rows, self._vocab_size)
-            host_tokens = torch.empty_like(tokens, device="cpu", pin_memory=True)
-            host_probs = torch.empty_like(probs, device="cpu", pin_memory=True)
-            host_tokens.copy_(tokens, non_blocking=True)
-            host_probs.copy_(probs, non_blocking=True)
-            done = torch.cuda.Event()
-            done.record()
+            (host_tokens, host_probs), done = self.graphs.to_host(tokens, probs)
         self.graph_steps += 1
         return _Step(list(jobs), tokens, host_tokens, host_probs, done)
 

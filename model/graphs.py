@@ -141,6 +141,16 @@ class DecodeGraphs:
             self._graphs[batch].replay()
         return self._logits[batch]
 
+    def to_host(self, *tensors: torch.Tensor) -> tuple[list[torch.Tensor], torch.cuda.Event]:
+        """Pinned host copies of tensors, made on the current stream without waiting, and the
+        event after which they hold the values."""
+        copies = [torch.empty_like(t, device="cpu", pin_memory=True) for t in tensors]
+        for copy, tensor in zip(copies, tensors, strict=True):
+            copy.copy_(tensor, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        return copies, done
+
     def release(self) -> None:
         """Drop the graphs and their buffers (unload, reload)."""
         self._graphs.clear()
