@@ -64,9 +64,13 @@ def start_engines(config: AppConfig) -> EngineClient:
     from model.client import EngineProcess
     from model.pool import EnginePool
 
+    options = {"cuda_graphs": config.cuda_graphs, "stall_timeout_s": config.stall_timeout}
     engines = [
         EngineProcess(
-            device=device, max_jobs=config.max_jobs, options={"cuda_graphs": config.cuda_graphs}
+            device=device,
+            max_jobs=config.max_jobs,
+            options=options,
+            stall_timeout_s=config.stall_timeout,
         )
         for device in device_names(config.gpus, os.environ)
     ]

@@ -2,7 +2,12 @@
 
 The engine runs in a child process (model.worker) that alone imports torch and exllamav2. If it
 dies (killed, a segfault, a CUDA error), every reply in flight ends at once with a clear error,
-a new process starts and the last model is loaded again.
+a new process starts and the last model is loaded again. If it stops moving while replies wait
+(a step that never returns, a GPU that no longer answers, a stopped process), the same happens
+once --stall-timeout has passed: the process is killed and started again.
+
+What the web side shows (health, free GPU memory, cache pages) comes from the process's beats,
+so answering /health or /metrics never waits for the engine.
 """
 
 from __future__ import annotations
@@ -15,7 +20,6 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import cast
 
 from model import worker
 from model.errors import GenerationFailed, NoGPU, NotReady
@@ -24,19 +28,21 @@ from model.protocol import (
     EngineClient,
     EngineStatus,
     EventStream,
+    Faults,
     Finished,
     GenerationRequest,
     GpuInfo,
     LoadProgress,
 )
+from model.stall import DEFAULT_STALL_TIMEOUT_S, ProgressClock
 from model.tokens import PromptEncoder
 
 logger = logging.getLogger(__name__)
 
 REAL_ENGINE = "model.engine:Engine"
 START_TIMEOUT_S = 300.0  # importing torch and probing the GPU; a cold disk can be slow
-GPU_INFO_TTL_S = 1.0  # free memory is asked for at most once a second
 CALL_TIMEOUT_S = 5.0
+WATCH_EVERY_S = 0.1  # how often the web side checks that an engine with replies still moves
 CHECK_EVERY_S = 0.5  # how often a reply waiting for its next token checks the process is alive
 RESTART_DELAYS_S = (0.0, 1.0, 5.0, 30.0)  # after one, two, three and more deaths in a row
 
@@ -61,12 +67,19 @@ class EngineProcess(EngineClient):
         backend: str = REAL_ENGINE,
         options: dict | None = None,
         start_timeout_s: float = START_TIMEOUT_S,
+        stall_timeout_s: float = DEFAULT_STALL_TIMEOUT_S,
     ) -> None:
         self.device = device
         self.backend = backend
         self.options = {"max_jobs": max_jobs, **(options or {})}
         self.start_timeout_s = start_timeout_s
         self.restarts = 0
+        self.stalls = 0
+        self._clock: ProgressClock[str] = ProgressClock(stall_timeout_s)
+        self._progress = 0  # the engine's progress count, from its beats
+        self._pages = (0, 0)
+        self._stuck_replies = (0, 0)  # (in earlier processes, in this one)
+        self._stall: str | None = None  # why the process is being restarted, while it is
         self._context = multiprocessing.get_context("spawn")  # no CUDA state is ever forked
         self._send_lock = threading.Lock()
         # One thread at a time may wait for the process: two waiting at once can both miss its exit.
@@ -77,12 +90,13 @@ class EngineProcess(EngineClient):
         self._status = EngineStatus(state="loading", message="Starting the engine process…")
         self._health = "loading"
         self._gpu: GpuInfo | None = None
-        self._gpu_asked_at = 0.0
         self._encoder: PromptEncoder | None = None
         self._last_load: dict | None = None
         self._deaths_in_a_row = 0
         self._closing = False
+        self._closed = threading.Event()
         self._start()
+        threading.Thread(target=self._watch, name="engine-watch", daemon=True).start()
 
     # ---- the process ----
 
@@ -130,7 +144,13 @@ class EngineProcess(EngineClient):
 
     def _dispatch(self, message: tuple) -> None:
         kind = message[0]
-        if kind == "events":
+        if kind == "beat":
+            beat: worker.Beat = message[1]
+            self._progress, self._health, self._pages = beat.progress, beat.health, beat.cache_pages
+            self._stuck_replies = (self._stuck_replies[0], beat.stuck_replies)
+            if beat.gpu is not None:
+                self._gpu = beat.gpu
+        elif kind == "events":
             _, events, self._health = message
             for request_id, event in events:
                 stream = self._streams.get(request_id)
@@ -149,20 +169,51 @@ class EngineProcess(EngineClient):
             _, self._status, self._health = message
         elif kind == "hello":
             _, self._gpu, self._status, self._health = message
-            self._gpu_asked_at = time.monotonic()
+            self._stall = None
             self._deaths_in_a_row = 0
             self._hello.set()
 
-    def _died(self, exitcode: int | None) -> None:
-        """End everything in flight with the reason, then start again and reload the model."""
-        reloading = " and the model reloaded" if self._last_load else ""
+    def _watch(self) -> None:
+        """While replies are in flight, the engine must move: else end them and restart it."""
+        while not self._closed.wait(WATCH_EVERY_S):
+            if not self._streams or self._stall is not None or not self._process.is_alive():
+                self._clock.forget("engine")
+                continue
+            self._clock.saw("engine", self._progress)  # a first sighting starts the clock
+            if self._clock.stuck():
+                self._stalled(self._clock.still_for("engine"))
+
+    def _stalled(self, seconds: float) -> None:
+        """End every reply in flight with the reason now, then kill the process (it restarts)."""
+        self.stalls += 1
+        replies = len(self._streams)
         message = (
-            f"The engine process stopped (exit code {exitcode}); it is being restarted"
-            f"{reloading}. Send the message again in a moment."
+            f"The engine made no progress for {seconds:.0f} s with {replies} "
+            f"{'reply' if replies == 1 else 'replies'} in flight (stalled); it is being restarted"
+            f"{self._reloading()}. Send the message again in a moment."
         )
         logger.error(message)
+        self._stall = message
+        self._status = EngineStatus(state="restarting", message=message)
+        for stream in list(self._streams.values()):
+            stream.put(worker.Failure("GenerationFailed", message))
+        self._process.kill()  # the reader sees the pipe close, then _died restarts it
+
+    def _reloading(self) -> str:
+        return " and the model reloaded" if self._last_load else ""
+
+    def _died(self, exitcode: int | None) -> None:
+        """End everything in flight with the reason, then start again and reload the model."""
+        message = self._stall or (
+            f"The engine process stopped (exit code {exitcode}); it is being restarted"
+            f"{self._reloading()}. Send the message again in a moment."
+        )
+        if self._stall is None:
+            logger.error(message)
         self._status = EngineStatus(state="restarting", message=message)
         self._health = "restarting"
+        self._stuck_replies = (sum(self._stuck_replies), 0)
+        self._pages = (0, 0)
         self._encoder = None
         for stream in list(self._streams.values()):
             stream.put(worker.Failure("GenerationFailed", message))
@@ -210,19 +261,18 @@ class EngineProcess(EngineClient):
 
     @property
     def health(self) -> str:
+        if self._stall is not None:
+            return "stalled"
         if not self._process.is_alive():
             return "restarting" if not self._closing else "failed"
         return self._health
 
+    @property
+    def faults(self) -> Faults:
+        return Faults(self.stalls, sum(self._stuck_replies), self.restarts)
+
     def gpu_info(self) -> GpuInfo | None:
-        """The GPU's name and memory; free memory is refreshed at most once a second."""
-        stale = time.monotonic() - self._gpu_asked_at > GPU_INFO_TTL_S
-        if self._gpu is not None and stale and self._process.is_alive():
-            self._gpu_asked_at = time.monotonic()
-            try:
-                self._gpu = cast(GpuInfo | None, self._call("gpu_info"))
-            except GenerationFailed:
-                pass  # keep the last reading: the panel must not fail because the GPU is busy
+        """The GPU's name and memory, as the last beat read it (about once a second)."""
         return self._gpu
 
     def encode(self, segments: Sequence[Segment]) -> list[int]:
@@ -295,17 +345,13 @@ class EngineProcess(EngineClient):
                     pass  # the process is gone, and its job with it
 
     def cache_pages(self) -> tuple[int, int]:
-        if not self._process.is_alive() or self._status.state != "ready":
-            return 0, 0
-        try:
-            used, total = cast(tuple[int, int], self._call("cache_pages"))
-        except GenerationFailed:
-            return 0, 0
-        return used, total
+        """As the last beat counted them."""
+        return self._pages if self._status.state == "ready" else (0, 0)
 
     def close(self) -> None:
         """Stop the engine process (it unloads and frees its GPU) and wait for it."""
         self._closing = True
+        self._closed.set()
         try:
             self._send("stop")
         except (OSError, EOFError):

@@ -26,6 +26,7 @@ SDPA choose it (bench/attention_bench.py).
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -469,6 +470,7 @@ def fix_prefill_complete() -> None:
 
     original = ExLlamaV2DynamicJob.prefill
 
+    @functools.wraps(original)
     def prefill(self, results: list) -> None:
         original(self, results)
         for sequence in self.sequences:

@@ -8,6 +8,7 @@ the job.
 from __future__ import annotations
 
 import gc
+import logging
 import queue
 import secrets
 import threading
@@ -39,7 +40,10 @@ from model.protocol import (
     TextDelta,
 )
 from model.settings import SamplingSettings
+from model.stall import DEFAULT_STALL_TIMEOUT_S, ProgressClock
 from model.tokens import PromptEncoder
+
+logger = logging.getLogger(__name__)
 
 PAGE_SIZE = 256  # exllamav2's cache page, in tokens
 DEFAULT_MAX_JOBS = 8
@@ -93,6 +97,7 @@ class Engine:
         max_jobs: int = DEFAULT_MAX_JOBS,
         paged: bool | None = None,
         cuda_graphs: bool = True,
+        stall_timeout_s: float = DEFAULT_STALL_TIMEOUT_S,
     ) -> None:
         self._max_jobs = max_jobs
         self._paged_choice = paged  # None: paged whenever the attention backend allows it
@@ -110,6 +115,9 @@ class Engine:
         self._graphs: Any = None  # model.graphs.DecodeGraphs while they serve
         self._encoder: PromptEncoder | None = None
         self._degraded = False  # a job failed and was recovered from; cleared by the next success
+        self._steps = 0  # generator steps finished
+        self._reply_clock: ProgressClock[_Request] = ProgressClock(stall_timeout_s)
+        self.stuck_replies = 0  # replies ended alone because they stopped moving
 
     # ---- GPU and status ----
 
@@ -133,6 +141,13 @@ class Engine:
     @property
     def status(self) -> EngineStatus:
         return self._status
+
+    def progress(self) -> tuple[int, int]:
+        """Changes whenever the worker moves: steps finished, and positions cached within a step
+        (each prefill chunk). Read from the engine process's heartbeat thread."""
+        generator = self._generator
+        jobs = list(generator.active_jobs) if generator is not None else []
+        return self._steps, sum(sequence.kv_position for job in jobs for sequence in job.sequences)
 
     @property
     def health(self) -> str:
@@ -482,10 +497,44 @@ class Engine:
             except Exception as error:  # a failed step must not take the worker down
                 self._recover(active, error)
                 continue
+            self._steps += 1
             for result in results:
                 request = active.get(result["job"])
                 if request is not None:
                     self._deliver(request, result, active)
+            try:
+                self._end_stuck(active)
+            except Exception as error:  # the watch must not take the worker down either
+                self._recover(active, error)
+
+    def _end_stuck(self, active: dict) -> None:
+        """End alone each started reply that has not moved for the stall timeout while the
+        generator kept stepping (a scheduling fault must not hold its caller forever)."""
+        clock, started = self._reply_clock, self._generator.active_jobs
+        watched = [request for job, request in active.items() if job in started]
+        clock.retain(watched)  # ended replies go; waiting ones start their clock when they start
+        for request in watched:
+            clock.saw(
+                request, [(s.kv_position, len(s.sequence_ids)) for s in request.job.sequences]
+            )
+        for request in clock.stuck():
+            seconds = clock.still_for(request)
+            clock.forget(request)
+            if active.pop(request.job, None) is None:  # ended by a recovery meanwhile
+                continue
+            request.done = True
+            self.stuck_replies += 1
+            logger.error("A reply made no progress for %.1f s; ending it alone.", seconds)
+            request.deliver(
+                GenerationFailed(
+                    f"This reply made no progress for {seconds:.0f} s while the engine kept "
+                    "working, so it was stopped; send the message again."
+                )
+            )
+            try:
+                self._generator.cancel(request.job)
+            except Exception as error:  # keep the worker alive; start clean
+                self._recover(active, error)
 
     def _submit(self, request: _Request, active: dict) -> None:
         try:

@@ -18,6 +18,7 @@ from model.protocol import (
     EngineClient,
     EngineStatus,
     EventStream,
+    Faults,
     GenerationRequest,
     GpuInfo,
     LoadProgress,
@@ -80,6 +81,15 @@ class EnginePool(EngineClient):
         if any(state in ("ready", "degraded") for state in states):
             return "degraded"  # still serving, on fewer GPUs
         return states[0]
+
+    @property
+    def faults(self) -> Faults:
+        each = [engine.faults for engine in self.engines]
+        return Faults(
+            stalls=sum(f.stalls for f in each),
+            stuck_replies=sum(f.stuck_replies for f in each),
+            restarts=sum(f.restarts for f in each),
+        )
 
     def gpu_info(self) -> GpuInfo | None:
         """Per GPU, the least of them: each GPU must hold a whole copy of the model."""

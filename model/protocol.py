@@ -9,7 +9,7 @@ from typing import Protocol
 from model.prompt import STOP_STRINGS, Segment
 from model.settings import SamplingSettings
 
-HEALTH_STATES = ("empty", "loading", "ready", "degraded", "failed", "restarting")
+HEALTH_STATES = ("empty", "loading", "ready", "degraded", "failed", "restarting", "stalled")
 # Why a reply ended: "eos" | "stop_string" | "max_new_tokens" | "cancelled"
 STOP_REASONS = ("eos", "stop_string", "max_new_tokens", "cancelled")
 
@@ -78,6 +78,15 @@ class EngineStatus:
 
 
 @dataclass(frozen=True)
+class Faults:
+    """What went wrong and was recovered from, counted since the server started."""
+
+    stalls: int = 0  # an engine made no progress for --stall-timeout and was restarted
+    stuck_replies: int = 0  # replies ended alone: they stopped moving while others went on
+    restarts: int = 0  # engine processes started again after dying or stalling
+
+
+@dataclass(frozen=True)
 class LoadStep:
     """How far a load has come: "compiling" the extension (objects of sources), or "layers"."""
 
@@ -97,6 +106,9 @@ class EngineClient(Protocol):
 
     @property
     def health(self) -> str: ...
+
+    @property
+    def faults(self) -> Faults: ...
 
     def gpu_info(self) -> GpuInfo | None: ...
 

@@ -11,6 +11,7 @@ Messages to the web side:
     ("progress", call_id, load_step)
     ("reply", call_id, value)                     a call's result, or a Failure
     ("status", status, health)
+    ("beat", Beat)                                every BEAT_S, whatever the generator does
 
 Events are the protocol's small frozen dataclasses; exceptions cross as `Failure`.
 """
@@ -20,16 +21,30 @@ from __future__ import annotations
 import importlib
 import os
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any
 
 from model import errors
-from model.protocol import Finished
+from model.protocol import Finished, GpuInfo
 
 # How often the engine process checks, between messages, that its generator thread still runs.
 CHECK_EVERY_S = 0.5
+BEAT_S = 0.25  # how often the engine process says how far it has come
+GPU_EVERY_S = 1.0  # how often a beat carries a fresh reading of free GPU memory
+
+
+@dataclass(frozen=True)
+class Beat:
+    """What the web side shows without asking the engine (so /health and /metrics never wait)."""
+
+    progress: int  # counts the beats at which the engine had moved since the last
+    health: str
+    cache_pages: tuple[int, int]
+    stuck_replies: int
+    gpu: GpuInfo | None = None  # only every GPU_EVERY_S: reading it asks the driver
 
 
 @dataclass(frozen=True)
@@ -98,6 +113,8 @@ def main(conn: Connection, backend: str, device: str | None, options: dict) -> N
     outbox = Outbox(conn, lambda: engine.health)
     handles: dict[int, object] = {}
     outbox.put("hello", engine.gpu_info(), engine.status, engine.health)
+    stopped = threading.Event()
+    threading.Thread(target=_beat, args=(engine, outbox, stopped), name="beat", daemon=True).start()
 
     def sink_for(request_id: int) -> Callable[[object], None]:
         def sink(event: object) -> None:
@@ -150,5 +167,21 @@ def main(conn: Connection, backend: str, device: str | None, options: dict) -> N
     except (EOFError, OSError):  # the web side went away: nothing is left to serve
         pass
     finally:
+        stopped.set()
         engine.close()
         outbox.close()
+
+
+def _beat(engine: Any, outbox: Outbox, stopped: threading.Event) -> None:
+    """Send a Beat every BEAT_S from a thread of its own: a generator stuck in a step, or a GPU
+    that no longer answers, shows as a progress count that stops rising."""
+    count, last, gpu_at = 0, None, 0.0
+    while not stopped.wait(BEAT_S):
+        moved = engine.progress()
+        if moved != last:
+            count, last = count + 1, moved
+        gpu = None
+        if time.monotonic() - gpu_at >= GPU_EVERY_S:
+            gpu, gpu_at = engine.gpu_info(), time.monotonic()
+        beat = Beat(count, engine.health, engine.cache_pages(), engine.stuck_replies, gpu)
+        outbox.put("beat", beat)

@@ -32,3 +32,10 @@ def decisive_dir(tmp_path_factory):
 def exl2_dir(fp16_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("exl2")
     return quantize_exl2(fp16_dir, root / "model", root / "work", bits=6.0)
+
+
+@pytest.fixture(scope="session")
+def decisive_exl2_dir(decisive_dir, tmp_path_factory):
+    """The decisive model at 4 bits per weight: exllamav2's EXL2 matmuls, still few near-ties."""
+    root = tmp_path_factory.mktemp("decisive-exl2")
+    return quantize_exl2(decisive_dir, root / "model", root / "work", bits=4.0)

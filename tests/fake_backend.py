@@ -43,6 +43,8 @@ class ScriptedBackend:
         self.load_s = load_s
         self.status = EngineStatus()
         self.health = "empty"
+        self.steps = 0  # its loop's turns: the progress a beat reports
+        self.stuck_replies = 0
         self._jobs: list[_Job] = []
         self._lock = threading.Lock()
         self._stopped = threading.Event()
@@ -104,6 +106,9 @@ class ScriptedBackend:
         with self._lock:
             return len(self._jobs), 64
 
+    def progress(self) -> int:
+        return self.steps
+
     def running_jobs(self) -> int:
         """How many jobs are in the loop (tests ask through EngineProcess._call)."""
         with self._lock:
@@ -115,6 +120,7 @@ class ScriptedBackend:
 
     def _run(self) -> None:
         while not self._stopped.wait(self.step_s):
+            self.steps += 1
             with self._lock:
                 jobs = list(self._jobs)
             for job in jobs:

@@ -13,6 +13,7 @@ from model.protocol import (
     EngineClient,
     EngineStatus,
     EventStream,
+    Faults,
     Finished,
     GenerationRequest,
     GpuInfo,
@@ -76,6 +77,7 @@ class FakeEngine(EngineClient):
         self.load_error: Exception | None = None  # raised by the next load, once
         self._fault: tuple[Exception, int] | None = None
         self._degraded = False
+        self.faults_seen = Faults()  # what a test says went wrong
         self._generation = 0  # bumped by every load/unload: streams of an older one are ended
         self._lock = threading.Lock()  # one load at a time, like the real engine
         self._status = (
@@ -138,6 +140,10 @@ class FakeEngine(EngineClient):
     @property
     def status(self) -> EngineStatus:
         return self._status
+
+    @property
+    def faults(self) -> Faults:
+        return self.faults_seen
 
     @property
     def health(self) -> str:

@@ -627,7 +627,22 @@ def test_decode_steps_run_as_cuda_graphs_unless_no_cuda_graphs_is_given(monkeypa
     made = []
     monkeypatch.setattr(client, "EngineProcess", lambda **kwargs: made.append(kwargs))
     app.start_engines(parse_config(["--no-cuda-graphs", "--max-jobs", "3"], {}))
-    assert made == [{"device": None, "max_jobs": 3, "options": {"cuda_graphs": False}}]
+    options = {"cuda_graphs": False, "stall_timeout_s": 10.0}
+    assert made == [{"device": None, "max_jobs": 3, "options": options, "stall_timeout_s": 10.0}]
+
+
+def test_the_stall_timeout_reaches_both_watches_and_must_be_sane(monkeypatch, capsys):
+    import app
+    from model import client
+
+    made = []
+    monkeypatch.setattr(client, "EngineProcess", lambda **kwargs: made.append(kwargs))
+    app.start_engines(parse_config([], {"SC2_STALL_TIMEOUT": "4.5"}))
+    assert made[0]["stall_timeout_s"] == made[0]["options"]["stall_timeout_s"] == 4.5
+    for bad in ("0", "-3", "nan", "601"):
+        with pytest.raises(SystemExit):
+            parse_config(["--stall-timeout", bad], {})
+        assert "--stall-timeout must be between 1 and 600 seconds" in capsys.readouterr().err
 
 
 def test_the_model_line_names_the_attention_and_the_decode_path():

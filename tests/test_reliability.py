@@ -356,6 +356,11 @@ class StubJob:
         self.prefilled = False
         self.produced = 0
 
+    @property
+    def sequences(self) -> list:
+        """Where its cache stands, as the engine's stall watch reads it."""
+        return [SimpleNamespace(kv_position=self.produced, sequence_ids=())]
+
     def is_prefill_done(self) -> bool:
         return self.prefilled
 

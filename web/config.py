@@ -19,6 +19,7 @@ from model.branches import (
     validate_context,
 )
 from model.errors import ChatError
+from model.stall import DEFAULT_STALL_TIMEOUT_S
 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 TRUE_WORDS = ("1", "true", "yes", "on")
@@ -39,6 +40,7 @@ class AppConfig:
     auth: str | None = None
     rate_limit: int = 30  # requests per minute per client for chat and /generate; 0 = no limit
     max_jobs: int = 8  # jobs batched together on each GPU; the cache holds this many contexts
+    stall_timeout: float = DEFAULT_STALL_TIMEOUT_S  # seconds without progress before a restart
     gpus: tuple[str, ...] | None = None  # one engine process per GPU; None: the first GPU
     admin_token: str | None = None  # lets the page's Load button work on a public server
     api_keys: tuple[str, ...] = ()  # Bearer keys for the OpenAI routes and /metrics; () = open
@@ -116,6 +118,9 @@ def parse_config(
         ("--max-jobs", ("SC2_MAX_JOBS",), base.max_jobs, int,
          "jobs that run together on the GPU; the cache is sized for this many full contexts, "
          "capped by free VRAM"),
+        ("--stall-timeout", ("SC2_STALL_TIMEOUT",), base.stall_timeout, float,
+         "seconds an engine may go without progress while replies wait before they end with an "
+         "error and the engine restarts; a reply that alone stops moving ends after as long"),
         ("--gpus", ("SC2_GPUS",), None, str,
          "GPUs to serve from, one engine process each, e.g. 0,1 (replies go to the least "
          "loaded; follow-up turns to the GPU holding their conversation)"),
@@ -170,6 +175,10 @@ def parse_config(
         parser.error('--auth must look like "user:password"')
     if not 1 <= args.max_jobs <= 64:
         parser.error(f"--max-jobs must be between 1 and 64 (got {args.max_jobs})")
+    if not 1 <= args.stall_timeout <= 600:  # also refuses nan
+        parser.error(
+            f"--stall-timeout must be between 1 and 600 seconds (got {args.stall_timeout:g})"
+        )
     if args.rate_limit < 0:
         parser.error("--rate-limit must be 0 (no limit) or a positive number of requests")
     if args.admin_token is not None and len(args.admin_token) < 12:

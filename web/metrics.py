@@ -42,7 +42,7 @@ class Histogram:
 
 
 class Metrics:
-    """What the server counts; the gauges are read when /metrics is asked."""
+    """What the server counts; gauges and the engine's counters are read when /metrics is asked."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -52,7 +52,9 @@ class Metrics:
         self.cached_tokens = 0
         self.ttft = Histogram(TTFT_BUCKETS_S)
         self.per_token = Histogram(TOKEN_BUCKETS_S)
-        self.gauges: dict[str, tuple[str, Callable[[], float]]] = {}
+        self.readings: dict[
+            str, tuple[str, str, Callable[[], float]]
+        ] = {}  # name: kind, help, read
 
     def request(self, endpoint: str, status: int | str) -> None:
         with self._lock:
@@ -68,7 +70,11 @@ class Metrics:
                 self.per_token.observe(1.0 / event.decode_tokens_per_s)
 
     def gauge(self, name: str, text: str, read: Callable[[], float]) -> None:
-        self.gauges[name] = (text, read)
+        self.readings[name] = ("gauge", text, read)
+
+    def counter(self, name: str, text: str, read: Callable[[], float]) -> None:
+        """A counter kept elsewhere (the engine's), read when /metrics is asked."""
+        self.readings[name] = ("counter", text, read)
 
     def text(self) -> str:
         with self._lock:
@@ -96,8 +102,8 @@ class Metrics:
             lines += self.per_token.lines(
                 f"{PREFIX}_time_per_output_token_seconds", "Mean time between tokens, per reply."
             )
-        for name, (text, read) in self.gauges.items():
-            lines += [f"# HELP {PREFIX}_{name} {text}", f"# TYPE {PREFIX}_{name} gauge"]
+        for name, (kind, text, read) in self.readings.items():
+            lines += [f"# HELP {PREFIX}_{name} {text}", f"# TYPE {PREFIX}_{name} {kind}"]
             lines.append(f"{PREFIX}_{name} {read():g}")
         return "\n".join(lines) + "\n"
 

@@ -111,6 +111,22 @@ def build_app(
     metrics.gauge("gpu_places", "Replies that may run at once.", lambda: admission.slots)
     metrics.gauge("kv_cache_pages_used", "K/V cache pages in use.", lambda: engine.cache_pages()[0])
     metrics.gauge("kv_cache_pages", "K/V cache pages in all.", lambda: engine.cache_pages()[1])
+    metrics.counter(
+        "engine_stalls_total",
+        "Times an engine made no progress for --stall-timeout with replies in flight (each was "
+        "restarted).",
+        lambda: engine.faults.stalls,
+    )
+    metrics.counter(
+        "stuck_replies_total",
+        "Replies ended alone: they stopped moving while the engine went on.",
+        lambda: engine.faults.stuck_replies,
+    )
+    metrics.counter(
+        "engine_restarts_total",
+        "Engine processes started again after dying or stalling.",
+        lambda: engine.faults.restarts,
+    )
     gate = GpuGate(
         engine,
         limiter=limiter,
