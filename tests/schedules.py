@@ -221,14 +221,16 @@ def with_stops(jobs: Sequence[Job], reference: Reference, seed: int) -> list[Job
 
 def mismatches(
     jobs: Sequence[Job], got: Sequence[Outcome], want: Sequence[Outcome], tie: float
-) -> tuple[list[str], int]:
-    """What differs, per job, before the reference's first margin under `tie`; and how many
-    tokens were compared."""
-    problems, compared = [], 0
+) -> tuple[list[str], int, int]:
+    """What differs, per job, before the reference's first margin under `tie`; how many tokens
+    were compared, and how many there were to compare."""
+    problems, compared, comparable = [], 0, 0
     for i, (job, have, expected) in enumerate(zip(jobs, got, want, strict=True)):
         close = [n for n, margin in enumerate(expected.margins) if margin < tie]
         decisive = close[0] if close else len(expected.tokens)
-        if have.reason == "cancelled":
+        cancelled = have.reason == "cancelled"
+        comparable += len(have.tokens) if cancelled else len(expected.tokens)
+        if cancelled:
             span = min(len(have.tokens), decisive)
             same = have.tokens[:span] == expected.tokens[:span]
         else:
@@ -242,4 +244,4 @@ def mismatches(
                 f"job {i} ({job.summary()}): got {have.reason} {have.tokens}, alone "
                 f"{expected.reason} {expected.tokens} (decisive up to {decisive})"
             )
-    return problems, compared
+    return problems, compared, comparable

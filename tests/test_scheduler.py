@@ -60,7 +60,7 @@ def schedule_failures(mode: str, seed: int, reference: Reference) -> list[str]:
         got = run(generator, jobs, chunk=CHUNK, check=invariants)
     except AssertionError as broken:  # Stalled, or an invariant
         return [f"{where}\n{broken}"]
-    problems, _ = mismatches(jobs, got, [reference(job) for job in jobs], tie=1.0)
+    problems, *_ = mismatches(jobs, got, [reference(job) for job in jobs], tie=1.0)
     return [f"{where}\n" + "\n".join(problems)] if problems else []
 
 
