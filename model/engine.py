@@ -130,7 +130,8 @@ class Engine:
         if not torch.cuda.is_available():
             return None
         free, total = torch.cuda.mem_get_info(0)
-        return GpuInfo(torch.cuda.get_device_name(0), total / GB, free / GB)
+        reserved = torch.cuda.memory_reserved(0)
+        return GpuInfo(torch.cuda.get_device_name(0), total / GB, free / GB, reserved / GB)
 
     def _free_gb(self) -> float:
         gpu = self.gpu_info()

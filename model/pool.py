@@ -103,6 +103,7 @@ class EnginePool(EngineClient):
             name=f"{len(gpus)} × {name} (per GPU)",
             total_gb=min(gpu.total_gb for gpu in gpus),
             free_gb=min(gpu.free_gb for gpu in gpus),
+            engine_gb=max(gpu.engine_gb for gpu in gpus),
         )
 
     # ---- load and encode ----

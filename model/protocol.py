@@ -18,7 +18,8 @@ STOP_REASONS = ("eos", "stop_string", "max_new_tokens", "cancelled")
 class GpuInfo:
     name: str
     total_gb: float
-    free_gb: float
+    free_gb: float  # on the whole GPU, whoever holds the rest
+    engine_gb: float = 0.0  # what the engine's own allocator holds (torch's reserved memory)
 
 
 @dataclass(frozen=True)

@@ -238,8 +238,8 @@ def test_soak_user_traffic_through_the_engine_process_hangs_nothing_and_leaks_no
     exl2_dir, request
 ):
     """1–16 callers at once (changing every 15 s), for SOAK_SECONDS after a minute's warm-up:
-    every caller comes back, no reply fails (the stall watches would fail a hung one), and free
-    VRAM and both processes' memory stay flat."""
+    every caller comes back, no reply fails (the stall watches would fail a hung one), and the
+    VRAM the engine holds and both processes' memory stay flat (other work may share the GPU)."""
     if "soak" not in (request.config.getoption("markexpr") or ""):
         pytest.skip('the soak runs when selected: -m "gpu and soak" (length: SOAK_SECONDS)')
     from model.client import EngineProcess
@@ -300,29 +300,23 @@ def test_soak_user_traffic_through_the_engine_process_hangs_nothing_and_leaks_no
         run(60.0)  # warm-up: allocator pools, prefix cache and lazy imports settle
         warm = dict(counts)
         assert until(lambda: engine.cache_pages()[0] == 0, 10), "pages held after the warm-up"
-        free_before, rss_before, web_before = (
-            engine.gpu_info().free_gb,
-            rss_of(engine.pid),
-            rss_bytes(),
-        )
+        before, rss_before, web_before = engine.gpu_info(), rss_of(engine.pid), rss_bytes()
+        gaps.clear()
         started = time.monotonic()
         run(seconds)
         elapsed = time.monotonic() - started
         assert until(lambda: engine.cache_pages()[0] == 0, 10), "pages held after the soak"
         reading = engine.gpu_info()
-        assert until(lambda: engine.gpu_info() is not reading, 5)  # a fresh reading of free VRAM
-        free_after, rss_after, web_after = (
-            engine.gpu_info().free_gb,
-            rss_of(engine.pid),
-            rss_bytes(),
-        )
+        assert until(lambda: engine.gpu_info() is not reading, 5)  # a fresh reading of the VRAM
+        after, rss_after, web_after = engine.gpu_info(), rss_of(engine.pid), rss_bytes()
         figures = {
             "seconds": round(elapsed), "replies": {k: counts[k] - warm[k] for k in counts},
-            "free_vram_gb": [round(free_before, 3), round(free_after, 3)],
+            "engine_vram_gb": [round(before.engine_gb, 3), round(after.engine_gb, 3)],
+            "free_vram_gb": [round(before.free_gb, 3), round(after.free_gb, 3)],
             "engine_rss_mb": [rss_before // 2**20, rss_after // 2**20],
             "web_rss_mb": [web_before // 2**20, web_after // 2**20],
             "longest_wait_for_an_event_s": round(max(gaps), 2),
-            "events": len(gaps), "faults": vars(engine.faults), "gpu": engine.gpu_info().name,
+            "events": len(gaps), "faults": vars(engine.faults), "gpu": after.name,
         }  # fmt: skip
         print("soak", figures)
         if os.environ.get("SOAK_OUT"):
@@ -330,7 +324,7 @@ def test_soak_user_traffic_through_the_engine_process_hangs_nothing_and_leaks_no
                 json.dump(figures, out, indent=1)
         assert counts["failed"] == 0, (counts, problems[:5])
         assert counts["finished"] > 100 and counts["cancelled"] > 10
-        assert free_before - free_after < 0.05, "free VRAM fell"
+        assert after.engine_gb - before.engine_gb < 0.064, "the engine holds more VRAM"
         assert rss_after <= rss_before * 1.02 + 16 * 2**20, "the engine process grew"
         assert web_after <= web_before * 1.02 + 16 * 2**20, "the web process grew"
         assert engine.faults.stalls == engine.faults.stuck_replies == 0
