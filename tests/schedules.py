@@ -14,6 +14,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+import torch
+
 from model.engine import new_job
 from model.settings import SamplingSettings
 
@@ -59,7 +61,7 @@ class Outcome:
     reason: str  # exllamav2's eos_reason, or "cancelled"
     text: str = ""
     steps: int = 0  # generator steps from arriving to ending
-    margins: list[float] = field(default_factory=list)  # top-1 minus top-2 logit per token
+    margins: list[float] = field(default_factory=list)  # top-1 minus top-2 logit, as sampled
 
 
 class Stalled(AssertionError):
@@ -151,7 +153,7 @@ def run(
         if live:
             for result in generator.iterate():
                 i = index_of[id(result["job"])]
-                margins[i] += _margins(result)
+                margins[i] += _margins(result, job, jobs[i].penalty)
                 if result["eos"]:
                     job, arrived = live.pop(i)
                     ends[i] = Outcome(
@@ -179,13 +181,23 @@ def _state(index: int, job: Any) -> str:
     )
 
 
-def _margins(result: dict) -> list[float]:
-    """Top-1 minus top-2 logit of each token a result carries (jobs that keep their logits)."""
+def _margins(result: dict, job: Any, penalty: float) -> list[float]:
+    """Top-1 minus top-2 logit of each token a result carries (jobs that keep their logits),
+    after the repetition penalty, which exllamav2 applies before it picks."""
     found = [result.get("logits"), result.get("held", {}).get("logits")]
+    rows = [t[0].float() for t in found if t is not None]
+    if not rows:
+        return []
+    logits = torch.cat(rows)
+    ids = job.sequences[0].sequence_ids.torch()[0]
     margins: list[float] = []
-    for logits in (t for t in found if t is not None):
-        top = logits[0].float().topk(2, dim=-1).values
-        margins += (top[:, 0] - top[:, 1]).tolist()
+    for row, logit in enumerate(logits):  # the last len(logits) tokens, in order
+        if penalty != 1.0:  # the whole history, no decay: exllamav2's defaults
+            seen = ids[: len(ids) - len(logits) + row].unique()
+            logit = logit.clone()
+            logit[seen] = torch.where(logit[seen] > 0, logit[seen] / penalty, logit[seen] * penalty)
+        top = logit.topk(2).values
+        margins.append(float(top[0] - top[1]))
     return margins
 
 
@@ -240,8 +252,22 @@ def mismatches(
                 same = same and (have.tokens, have.reason) == (expected.tokens, expected.reason)
         compared += span
         if not same:
+            differ = next(
+                (
+                    n
+                    for n, (a, b) in enumerate(zip(have.tokens, expected.tokens, strict=False))
+                    if a != b
+                ),
+                None,
+            )
+            margin = (
+                expected.margins[differ]
+                if differ is not None and differ < len(expected.margins)
+                else None
+            )
             problems.append(
                 f"job {i} ({job.summary()}): got {have.reason} {have.tokens}, alone "
-                f"{expected.reason} {expected.tokens} (decisive up to {decisive})"
+                f"{expected.reason} {expected.tokens} (decisive up to {decisive}; first "
+                f"difference at {differ}, where alone its margin was {margin})"
             )
     return problems, compared, comparable
