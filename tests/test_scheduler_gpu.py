@@ -41,7 +41,9 @@ IDS = (16, 1200)  # the tiny tokenizer's ordinary tokens
 # fp16 matmul kernels than a single job's (logits here spread with a standard deviation near 34),
 # and EXL2's matmuls add partial sums with atomics.
 TIE = {"decisive": 0.5, "decisive-exl2": 1.0}
-COMPARED = {"decisive": 0.6, "decisive-exl2": 0.35}  # at least this share of tokens compared
+# At least this share of tokens comes before a job's first near-tie (H100, seeds 0-11: 41% and
+# 24%): a bound against a comparison that checks nothing, not a target.
+COMPARED = {"decisive": 0.3, "decisive-exl2": 0.15}
 
 
 def seeds() -> range:
