@@ -96,15 +96,20 @@ def test_a_stopped_engine_process_ends_every_reply_with_a_clear_error_and_comes_
         started = time.perf_counter()
         assert metric(url, "sc2_engine_stalls_total") == 0
         assert time.perf_counter() - started < 0.1  # /metrics does not wait for the engine
+        ended = []
         for job in jobs:
             with pytest.raises(AppError, match=r"no progress for 2 s with 3 replies in flight"):
                 job.result(timeout=WAIT_S)
-            assert time.perf_counter() - stopped < STALL_S + 2
+            ended.append(time.perf_counter() - stopped)
+        assert max(ended) < STALL_S + 2
         assert until(lambda: httpx.get(f"{url}health").json() == {"state": "ready"}, WAIT_S)
         watching.set()
         watcher.join()
         assert (503, "stalled") in {(code, state) for code, state, _ in seen}
         waits = sorted(seconds for _, _, seconds in seen)  # was 10 s: it asked the engine
+        print(
+            f"replies ended {ended} s after the stop; /health took {waits[len(waits) // 2]:.4f} s"
+        )
         assert waits[len(waits) // 2] < 0.1 and waits[-1] < 0.5  # a busy 2-core CI box: the tail
         assert metric(url, "sc2_engine_stalls_total") == 1
         assert metric(url, "sc2_engine_restarts_total") == 1
