@@ -233,7 +233,11 @@ def test_bad_requests_get_a_400_in_openai_shape_naming_the_field(body, param, me
 
 def test_a_body_that_is_not_json_gets_a_400():
     with serve(FakeEngine()) as (url, _):
-        response = httpx.post(f"{url}v1/completions", content=b"{not json")
+        response = httpx.post(
+            f"{url}v1/completions",
+            content=b"{not json",
+            headers={"content-type": "application/json"},
+        )
     assert (
         response.status_code == 400 and "could not parse the JSON" in error_of(response)["message"]
     )

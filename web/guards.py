@@ -3,7 +3,9 @@
 - Every page forbids loading anything from other origins (a reply's image or CSS `url()` must not
   make a visitor's browser call a third party, carrying the conversation in its address).
 - Routes the app does not use are not served: uploads, recordings, Gradio's monitoring pages.
-- A call naming an event the app does not have gets a 404, not a 500 with a traceback in the log.
+- A call naming an event the app does not have gets a 404, not a 500 with a traceback in the log;
+  a body past the size limit gets a 413 before it is read (or as soon as it passes the limit),
+  and JSON nesting too deep to parse a 400.
 - Failed logins are slowed per client address; with a login set, the login page does not carry
   the API's description.
 - Open reply streams are counted, so a reply nobody reads is never run (see `StreamWatch`).
@@ -20,6 +22,8 @@ from collections import Counter, OrderedDict, deque
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 from urllib.parse import parse_qs
+
+from web.limits import MAX_BODY_BYTES, NESTS_TOO_DEEP
 
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict]]
@@ -57,9 +61,9 @@ EVENT_ROUTES = re.compile(r"^/gradio_api/(queue/join|run/[^/]+|api/[^/]+)/?$")
 LOGIN_ROUTE = re.compile(r"^/login/?$")
 PAGE_ROUTE = re.compile(r"^/$")
 API_INFO_SCRIPT = re.compile(rb"window\.gradio_api_info = .*?;</script>", re.S)
+TOO_LARGE = "The request body is larger than the limit, 16 MB."
 QUEUE_STREAM = re.compile(r"^/gradio_api/queue/data/?$")
 CALL_STREAM = re.compile(r"^/gradio_api/call/(?:v2/)?[^/]+/([0-9a-f]+)/?$")
-MAX_EVENT_BODY = 16 * 1024 * 1024  # more than the largest prompt the limits allow, as JSON
 
 
 class StreamWatch:
@@ -190,11 +194,11 @@ class Guards:
         if REFUSED_ROUTES.match(path):
             await _answer(send, 404, {"detail": "Not Found"})
             return
-        if method == "POST" and EVENT_ROUTES.match(path):
-            await self._checked_event(scope, receive, send)
-            return
         if method == "POST" and LOGIN_ROUTE.match(path):
             await self._throttled_login(scope, receive, send)
+            return
+        if method == "POST" and not path.startswith("/v1/"):  # /v1 reads its own, in its shape
+            await self._checked_post(scope, receive, send, path)
             return
         if method == "GET" and self.hide_api_info and PAGE_ROUTE.match(path):
             await self._login_page_without_api(scope, receive, send)
@@ -230,8 +234,13 @@ class Guards:
         match = CALL_STREAM.match(path)
         return match.group(1) if match else None
 
-    async def _checked_event(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """Refuse a body whose fn_index is not one of the app's events; pass the rest on."""
+    async def _checked_post(self, scope: Scope, receive: Receive, send: Send, path: str) -> None:
+        """Read a body no further than the limit, refuse JSON nested too deep for Gradio to parse
+        and an event (fn_index) the app does not have; pass the rest on."""
+        announced = dict(scope.get("headers", [])).get(b"content-length", b"")
+        if announced.isdigit() and int(announced) > MAX_BODY_BYTES:
+            await _answer(send, 413, {"detail": TOO_LARGE})
+            return
         chunks, size = [], 0
         while True:
             message = await receive()
@@ -239,20 +248,25 @@ class Guards:
                 return
             chunks.append(message.get("body", b""))
             size += len(chunks[-1])
-            if size > MAX_EVENT_BODY:
-                await _answer(send, 413, {"detail": "The request body is too large."})
+            if size > MAX_BODY_BYTES:
+                await _answer(send, 413, {"detail": TOO_LARGE})
                 return
             if not message.get("more_body"):
                 break
         body = b"".join(chunks)
         try:
-            fn_index = json.loads(body).get("fn_index")
-        except (ValueError, AttributeError):
-            fn_index = None  # not JSON, or not an object: Gradio answers it with a 4xx itself
-        known = isinstance(fn_index, int) and not isinstance(fn_index, bool)
-        if fn_index is not None and not (known and fn_index in set(self.event_ids())):
-            await _answer(send, 404, {"detail": f"There is no event {fn_index!r} in this app."})
+            parsed = json.loads(body) if body else None
+        except RecursionError:
+            await _answer(send, 400, {"detail": NESTS_TOO_DEEP})
             return
+        except ValueError:
+            parsed = None  # not JSON: Gradio answers it with a 4xx itself
+        fn_index = parsed.get("fn_index") if isinstance(parsed, dict) else None
+        known = isinstance(fn_index, int) and not isinstance(fn_index, bool)
+        if EVENT_ROUTES.match(path) and fn_index is not None:
+            if not (known and fn_index in set(self.event_ids())):
+                await _answer(send, 404, {"detail": f"There is no event {fn_index!r} in this app."})
+                return
         replayed = [False]
 
         async def replay() -> dict:

@@ -17,6 +17,10 @@ from model.prompt import ROLES
 # token on code and prose (long runs of spaces reach ~12), so 200,000 characters can never fit:
 # refusing them up front keeps megabytes away from the tokenizer. The Textbox limit is browser-only.
 MAX_PROMPT_CHARS = 200_000
+# A request body: far more than the largest prompt, as JSON, with a conversation to trim; read no
+# further than this (an announced larger length is refused before reading).
+MAX_BODY_BYTES = 16 * 1024 * 1024
+NESTS_TOO_DEEP = "The JSON body nests too deeply to read; send a plain request object."
 # Tab, newline and carriage return are text; other C0/C1 controls (NUL, ESC, …) mean binary or
 # terminal junk and are refused; lone UTF-16 surrogates cannot be encoded and are refused too.
 CONTROL_CHARACTERS = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")

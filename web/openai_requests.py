@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from typing import Any
+from urllib.parse import urlsplit
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -12,9 +13,9 @@ from starlette.responses import JSONResponse
 from model.errors import ChatError, InvalidSetting, TooManyRequests
 from model.settings import FIELDS, SamplingSettings, validate_settings
 from web.errors import http_status, user_message
-from web.limits import Message, check_text
+from web.limits import MAX_BODY_BYTES, NESTS_TOO_DEEP, Message, check_text
 
-MAX_BODY_BYTES = 16 * 1024 * 1024
+JSON_TYPE = "application/json"
 MAX_STOPS = 16  # OpenAI allows 4; Continue's autocomplete sends up to 12
 MAX_STOP_CHARS = 256
 # OpenAI's names for our settings, where they differ.
@@ -94,20 +95,63 @@ def field(body: dict, name: str, kinds: tuple[type, ...], default: Any = None) -
     wanted = " or ".join(_KINDS.get(kind, kind.__name__) for kind in kinds)
     raise ApiError(
         400,
-        f"Invalid type for '{name}': expected {wanted}, but got {type(value).__name__} "
-        f"({json.dumps(value)[:80]}).",
+        f"Invalid type for '{name}': expected {wanted}, but got {shown(value)}.",
         param=name,
         code="invalid_type",
     )
 
 
+def shown(value: Any) -> str:
+    """A value for a message: a container by its size (it may nest deep), else its JSON."""
+    if isinstance(value, (list, dict)):
+        kind = "a list" if isinstance(value, list) else "an object"
+        return f"{kind} of {len(value)} item{'' if len(value) == 1 else 's'}"
+    return f"{type(value).__name__} ({json.dumps(value)[:80]})"
+
+
+def too_large(size: int) -> ApiError:
+    return ApiError(
+        413,
+        f"The request body is {size:,} bytes or more; the limit is 16 MB. Send less history.",
+        code="request_too_large",
+    )
+
+
 async def read_body(request: Request) -> dict:
-    """The JSON object of the request body, or a 400 saying what is wrong with it."""
-    raw = await request.body()
-    if len(raw) > MAX_BODY_BYTES:
-        raise ApiError(413, f"The request body is {len(raw):,} bytes; the limit is 16 MB.")
+    """The JSON object a request sends: 415 unless it says it is JSON (no web page can send
+    that to another site unasked), 403 from a browser on another site, 413 past the limit
+    (an announced length before reading, a chunked body while reading), 400 if not an object."""
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if kind != JSON_TYPE:
+        raise ApiError(
+            415,
+            f"Send the body as JSON with 'Content-Type: application/json' (got {kind or 'none'}).",
+            code="unsupported_media_type",
+        )
+    if not same_origin(request):
+        raise ApiError(
+            403,
+            f"This request came from a page on another site ({request.headers['origin']}); the "
+            "API answers programs and this server's own page only.",
+            code="cross_origin",
+        )
+    announced = request.headers.get("content-length", "")
+    if announced.isdigit() and int(announced) > MAX_BODY_BYTES:
+        raise too_large(int(announced))
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise too_large(size)
+        chunks.append(chunk)
+    return parse_object(b"".join(chunks))
+
+
+def parse_object(raw: bytes) -> dict:
     try:
         body = json.loads(raw)
+    except RecursionError:
+        raise ApiError(400, NESTS_TOO_DEEP) from None
     except ValueError:
         raise ApiError(
             400, "We could not parse the JSON body of your request; send a JSON object."
@@ -115,6 +159,15 @@ async def read_body(request: Request) -> dict:
     if not isinstance(body, dict):
         raise ApiError(400, f"The request body must be a JSON object (got {type(body).__name__}).")
     return body
+
+
+def same_origin(request: Request) -> bool:
+    """False only for a browser's request from a page of another site (its Origin names it)."""
+    origin = request.headers.get("origin")
+    if origin is None:
+        return True  # editors, scripts and curl send none
+    host = request.headers.get("x-forwarded-host") or request.headers.get("host", "")
+    return urlsplit(origin).netloc.lower() == host.split(",")[0].strip().lower()
 
 
 def read_settings(body: dict) -> SamplingSettings:
