@@ -26,5 +26,8 @@ class PromptEncoder:
         ids: list[int] = []
         for segment in segments:
             tokenizer = self._trusted if segment.trusted else self._literal
-            ids += tokenizer.encode(segment.text, add_special_tokens=False).ids
+            # encode_batch lets go of the interpreter while it works (encode holds it: 200,000
+            # characters would stop every other request for a fraction of a second).
+            (encoding,) = tokenizer.encode_batch([segment.text], add_special_tokens=False)
+            ids += encoding.ids
         return ids

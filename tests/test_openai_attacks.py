@@ -10,6 +10,7 @@ import json
 import logging
 import select
 import socket
+import threading
 import time
 from urllib.parse import urlsplit
 
@@ -18,7 +19,8 @@ import pytest
 
 from tests.fake_engine import FakeEngine
 from tests.serving import serve
-from tests.test_openai_api import error_of
+from tests.test_openai_api import client_for, error_of, user
+from web.openai_api import MODEL_ID
 
 openai = pytest.importorskip("openai")
 
@@ -132,3 +134,60 @@ def test_a_field_of_the_wrong_type_nested_deep_is_named_not_dumped():
         )
     assert response.status_code == 400 and error_of(response)["param"] == "stream"
     assert "a list of 1 item" in error_of(response)["message"]
+
+
+# ---- 1. one request must not freeze the server ---------------------------------------------------
+
+
+def test_system_messages_each_under_the_limit_are_refused_at_once_by_their_total():
+    """80 system messages of 190,000 characters: a 400 naming the total before any tokenizing
+    (it took 12.7 s, and /health waited 11.8 s behind the tokenizer)."""
+    engine = FakeEngine()
+    messages = [{"role": "system", "content": "x" * 190_000}] * 80 + [user("Hi")]
+    with serve(engine) as (url, _):
+        started = time.perf_counter()
+        response = httpx.post(f"{url}{CHAT}", json={"messages": messages}, timeout=WAIT_S)
+        seconds = time.perf_counter() - started
+    error = error_of(response)
+    assert response.status_code == 400 and error["param"] == "messages"
+    assert "15,200,160 characters together; the limit is 200,000" in error["message"]
+    assert seconds < 2.0 and engine.calls == []
+
+
+def test_a_long_conversation_keeps_its_newest_turns_within_the_limit_as_the_chat_does():
+    engine = FakeEngine(["ok"], tokens_per_char=0.001)  # the characters bind, not the tokens
+    old = [user("a" * 150_000), {"role": "assistant", "content": "b" * 10}]
+    with serve(engine) as (url, _):
+        answer = client_for(url).chat.completions.create(
+            model=MODEL_ID, messages=[*old, *old, user("What now?")]
+        )
+    assert answer.choices[0].message.content == "ok"
+    sent = "".join(segment.text for segment in engine.calls[-1].segments)
+    assert sent.count("a" * 150_000) == 1 and "What now?" in sent
+
+
+def test_tokenizing_a_long_prompt_leaves_the_interpreter_to_other_requests(fp16_dir):
+    from model.prompt import Segment
+    from model.tokens import PromptEncoder
+
+    encoder = PromptEncoder(fp16_dir / "tokenizer.json")
+    text = "def fibonacci(n):\n    return n if n < 2 else fibonacci(n - 1) + fibonacci(n - 2)\n"
+    segment = Segment(text * 25_000, trusted=False)  # 2 MB: seconds of work
+    ticks: list[float] = []
+    done = threading.Event()
+
+    def tick() -> None:
+        while not done.is_set():
+            ticks.append(time.perf_counter())
+            done.wait(0.005)  # the pace of the other request, not synchronisation
+
+    ticker = threading.Thread(target=tick)
+    ticker.start()
+    started = time.perf_counter()
+    ids = encoder.encode([segment])
+    worked = time.perf_counter() - started
+    done.set()
+    ticker.join()
+    longest = max(b - a for a, b in zip(ticks, ticks[1:], strict=False))
+    assert len(ids) > 100_000 and worked > 0.5
+    assert longest < 0.25, f"the other thread waited {longest:.2f} s of {worked:.2f}"

@@ -13,7 +13,7 @@ from model.protocol import Finished, GenerationRequest
 from model.settings import FIELDS, SamplingSettings, validate_settings
 from web.errors import http_status, user_message
 from web.gate import GpuGate
-from web.limits import MAX_PROMPT_CHARS, Message, check_history, check_text, trim_history
+from web.limits import Message, check_history, check_text, within_chars
 
 BUSY_MESSAGE = "A reply is still being written: press Stop, or wait for it to finish."
 SETTING_NAMES = tuple(spec.name for spec in FIELDS)
@@ -211,8 +211,7 @@ class Chat:
             if not question.strip():
                 raise InvalidMessages("The message is empty; write an instruction to answer.")
             settings = read_settings(values[:-1], values[-1])
-            budget = MAX_PROMPT_CHARS - len(system) - len(prefix)
-            kept, pre_dropped = trim_history(history, max(budget, len(question)))
+            kept, pre_dropped = within_chars(history, system, prefix)
             request = self.gate.fit(kept, settings, system=system, prefix=prefix)
             if pre_dropped:
                 request = dataclasses.replace(

@@ -72,6 +72,20 @@ def check_history(history: object) -> list[Message]:
     return history
 
 
+def within_chars(history: list[Message], system: str, prefix: str) -> tuple[list[Message], int]:
+    """Before any tokenizing: refuse what no context can hold (the system text, the last message
+    and the response prefix together past MAX_PROMPT_CHARS), then drop the oldest turns beyond
+    it. Returns the turns kept and how many were dropped."""
+    fixed = len(system) + len(prefix) + (len(history[-1]["content"]) if history else 0)
+    if fixed > MAX_PROMPT_CHARS:
+        raise InvalidMessages(
+            f"The system text, the last message and the response prefix hold {fixed:,} "
+            f"characters together; the limit is {MAX_PROMPT_CHARS:,} (more than the largest "
+            "context, 16,384 tokens, can hold). Shorten them."
+        )
+    return trim_history(history, MAX_PROMPT_CHARS - len(system) - len(prefix))
+
+
 def trim_history(history: list[Message], budget_chars: int) -> tuple[list[Message], int]:
     """Drop the oldest whole turns beyond budget_chars (they could never fit the context)."""
     total = sum(len(message["content"]) for message in history)

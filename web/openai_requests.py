@@ -13,7 +13,7 @@ from starlette.responses import JSONResponse
 from model.errors import ChatError, InvalidSetting, TooManyRequests
 from model.settings import FIELDS, SamplingSettings, validate_settings
 from web.errors import http_status, user_message
-from web.limits import MAX_BODY_BYTES, NESTS_TOO_DEEP, Message, check_text
+from web.limits import MAX_BODY_BYTES, NESTS_TOO_DEEP, Message, check_text, within_chars
 
 JSON_TYPE = "application/json"
 MAX_STOPS = 16  # OpenAI allows 4; Continue's autocomplete sends up to 12
@@ -251,7 +251,7 @@ def checked(param: str, text: str) -> str:
 
 
 def _content(index: int, message: dict) -> str:
-    """A message's text: a string, or a list of text parts."""
+    """A message's text: a string, or a list of text parts (checked later, if it is kept)."""
     content = message.get("content")
     param = f"messages[{index}].content"
     if isinstance(content, list):
@@ -273,24 +273,26 @@ def _content(index: int, message: dict) -> str:
             param=param,
             code="invalid_type",
         )
-    return checked(param, content)
+    return content
 
 
 def read_messages(body: dict) -> tuple[list[Message], str, str]:
     """(turns, system text, response prefix): system messages fold into the first instruction
-    as the chat does; a last assistant message is the start of the answer."""
+    as the chat does; a last assistant message is the start of the answer. What no context can
+    hold is refused, and the oldest turns beyond it dropped, before any text is scanned."""
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise ApiError(400, "messages must be a non-empty list of messages.", param="messages")
-    system, turns = [], []
+    system, turns, where = [], [], []
     for index, message in enumerate(messages):
         if not isinstance(message, dict):
             raise ApiError(400, f"messages[{index}] must be an object.", param=f"messages[{index}]")
         role = message.get("role")
         if role in ("system", "developer"):
-            system.append(_content(index, message))
+            system.append((index, _content(index, message)))
         elif role in ("user", "assistant"):
             turns.append({"role": role, "content": _content(index, message)})
+            where.append(index)
         else:
             raise ApiError(
                 400,
@@ -301,4 +303,16 @@ def read_messages(body: dict) -> tuple[list[Message], str, str]:
     prefix = ""
     if turns and turns[-1]["role"] == "assistant":
         prefix = turns.pop()["content"]
-    return turns, "\n\n".join(system), prefix
+        where.pop()
+    joined = "\n\n".join(text for _, text in system)
+    try:
+        kept, dropped = within_chars(turns, joined, prefix)
+    except ChatError as error:
+        raise ApiError(400, str(error), param="messages", code="context_length_exceeded") from None
+    for index, text in system:
+        checked(f"messages[{index}].content", text)
+    for index, turn in zip(where[2 * dropped :], kept, strict=True):
+        checked(f"messages[{index}].content", turn["content"])
+    if prefix:
+        checked(f"messages[{len(messages) - 1}].content", prefix)
+    return kept, joined, prefix
