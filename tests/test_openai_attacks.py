@@ -20,6 +20,7 @@ import pytest
 from tests.fake_engine import FakeEngine
 from tests.serving import serve
 from tests.test_openai_api import client_for, error_of, user
+from tests.test_reliability import until
 from web.openai_api import MODEL_ID
 
 openai = pytest.importorskip("openai")
@@ -191,3 +192,37 @@ def test_tokenizing_a_long_prompt_leaves_the_interpreter_to_other_requests(fp16_
     longest = max(b - a for a, b in zip(ticks, ticks[1:], strict=False))
     assert len(ids) > 100_000 and worked > 0.5
     assert longest < 0.25, f"the other thread waited {longest:.2f} s of {worked:.2f}"
+
+
+# ---- 3. a client that hangs up ------------------------------------------------------------------
+
+
+def test_hanging_up_a_whole_answer_cancels_its_job_within_a_second():
+    """`stream: false`, the client gone after half a second: the engine's job ends within one
+    (it generated on and held its place for 5 s and more)."""
+    engine = FakeEngine(["tok "] * 2000, chunk_delay_s=0.01)
+    with serve(engine) as (url, web):
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{url}{CHAT}", json={"messages": [user("Go")]}, timeout=0.5)
+        dropped = time.perf_counter()
+        (call,) = engine.calls
+        assert call.closed_event.wait(WAIT_S), "the engine's job was left running"
+        assert until(lambda: web.admission.running == 0, WAIT_S)
+    assert call.closed_at - dropped < 1.0 and call.chunks_sent < 2000
+
+
+def test_a_reply_whose_client_left_just_before_its_turn_never_reaches_the_engine():
+    from model.errors import NoListener
+    from web.admission import Admission
+
+    admission = Admission(1, 4)
+    first = admission.enter("a")
+    listening = [True]
+    second = admission.enter("b", lambda: listening[0])
+    waiting = second.wait(poll_s=0.01)
+    assert next(waiting) == 0  # waiting, first in line
+    listening[0] = False  # its client goes ...
+    first.release()  # ... just before its turn comes
+    with pytest.raises(NoListener):
+        next(waiting)
+    assert admission.running == 0 and admission.waiting == 0

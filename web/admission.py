@@ -37,17 +37,19 @@ class Ticket:
     def wait(self, poll_s: float = POLL_S) -> Iterator[int]:
         """Yield how many replies are ahead while waiting (at least every poll_s); end on admission.
 
-        Raises NoListener when the client stops listening while it waits.
+        Raises NoListener when the client stops listening while it waits, or has stopped by the
+        time its turn comes.
         """
         cond = self._admission.changed
         while True:
             with cond:
-                if self.running:
-                    return
+                running = self.running
                 ahead = self._admission.ahead_of(self)
-            if not self.listening():
+            if not self.listening():  # also when its turn has just come: no prefill for nobody
                 self.release()
                 raise NoListener("The reply's client stopped listening while it waited.")
+            if running:
+                return
             yield ahead
             with cond:
                 if not self.running:

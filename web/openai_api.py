@@ -225,22 +225,32 @@ class OpenAIRoutes:
             self.metrics.request(reply.endpoint, status)
 
     async def _whole(self, reply: Reply, request: Request) -> Response:
-        text, finished = [], None
+        finished = None
+        # Tokens keep coming while the client is gone: listen for its hang-up beside them.
+        hang_up = asyncio.create_task(_cancel_on_disconnect(request, reply.job))
         try:
             async for event in reply.job.events(request):
                 if isinstance(event, Finished):
                     finished = event
-                else:
-                    text.append(event.text)
         except Exception as error:
             failure = ApiError.of(error)
             self.metrics.request(reply.endpoint, failure.status)
             return failure.response()
         finally:
+            hang_up.cancel()
             reply.job.cancel()
+        if finished is None:  # the client went away; nobody reads this answer
+            self.metrics.request(reply.endpoint, 499)
+            return Response(status_code=499)
         self.metrics.request(reply.endpoint, 200)
-        assert finished is not None
         return JSONResponse(reply.whole(finished))
+
+
+async def _cancel_on_disconnect(request: Request, job: Job) -> None:
+    """Cancel the job when the client hangs up (its body is read: what comes next is that)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+    job.cancel()
 
 
 class Job:
