@@ -6,6 +6,7 @@ docs/RELIABILITY.md tabulates them: what was sent, what happened before, what ho
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import select
@@ -226,3 +227,56 @@ def test_a_reply_whose_client_left_just_before_its_turn_never_reaches_the_engine
     with pytest.raises(NoListener):
         next(waiting)
     assert admission.running == 0 and admission.waiting == 0
+
+
+# ---- 4. one address must not hold every place on the GPU ----------------------------------------
+
+
+def test_a_free_place_goes_to_a_newcomer_before_a_client_that_already_runs_replies():
+    from web.admission import Admission
+
+    admission = Admission(4, 8)
+    hogs = [admission.enter("a") for _ in range(6)]  # 4 run, 2 wait
+    newcomer = admission.enter("b")
+    assert admission.ahead_of(newcomer) == 0  # it goes before a's extra replies
+    hogs[0].release()
+    assert newcomer.running and not hogs[4].running and not hogs[5].running
+    hogs[1].release()
+    assert hogs[4].running  # nobody else waits: a may fill the place again
+
+
+def test_six_streams_from_one_address_leave_the_next_free_place_to_another_client():
+    """Six streamed requests from one address took all 4 places and the next 2 in line; another
+    client waited behind them all. Now it gets the first place that frees."""
+    engine = FakeEngine(["tok "] * 2000, chunk_delay_s=0.01, max_concurrency=4)
+    streams = []
+
+    def start(name: str, address: str, tokens: int) -> None:
+        api = openai.OpenAI(
+            base_url=f"{url}v1",
+            api_key="none",
+            max_retries=0,
+            timeout=WAIT_S,
+            default_headers={"x-forwarded-for": address},
+        )
+        stream = api.chat.completions.create(
+            model=MODEL_ID, messages=[user(name)], stream=True, max_tokens=tokens
+        )
+        streams.append(stream)
+        with contextlib.suppress(Exception):  # closed by the test while it waits: that is all
+            next(iter(stream))
+
+    with serve(engine, behind_proxy=True, queue_size=8) as (url, web):
+        for name in ("A1", "A2", "A3", "A4"):
+            start(name, "10.1.1.1", 2000)
+        for name in ("A5", "A6"):
+            threading.Thread(target=start, args=(name, "10.1.1.1", 2000), daemon=True).start()
+        assert until(lambda: web.admission.waiting == 2, WAIT_S)
+        threading.Thread(target=start, args=("B", "10.2.2.2", 2000), daemon=True).start()
+        assert until(lambda: web.admission.waiting == 3, WAIT_S)
+        streams[0].close()  # A1's client goes: one place frees
+        assert until(lambda: len(engine.calls) == 5, WAIT_S)
+        started = [call.segments[-2].text.strip() for call in engine.calls]
+        for stream in streams:
+            stream.close()
+    assert "B" in started[4], started

@@ -1,8 +1,10 @@
-"""Who runs on the GPU next: a fixed number of replies run, the rest wait in arrival order.
+"""Who runs on the GPU next: a fixed number of replies run, the rest wait.
 
 Chat, `/generate` and the OpenAI routes all enter here, so they share the engine's batch and one
-queue. A client may hold only a share of the waiting places, and a waiting reply whose client has
-gone is dropped at once.
+queue. A free place goes to the waiting reply whose client has the fewest replies running, the
+oldest first among equals: a client may fill places nobody else wants, but a newcomer is served
+ahead of its extra replies. A client may hold only a share of the waiting places, and a waiting
+reply whose client has gone is dropped at once.
 """
 
 from __future__ import annotations
@@ -26,10 +28,15 @@ class Ticket:
     """One reply's place: waiting, then running until released (use it as a context manager)."""
 
     def __init__(
-        self, admission: Admission, client: str | None, listening: Callable[[], bool]
+        self,
+        admission: Admission,
+        client: str | None,
+        listening: Callable[[], bool],
+        number: int = 0,
     ) -> None:
         self._admission = admission
         self.client = client
+        self.number = number  # arrival order
         self.listening = listening
         self.running = False
         self.released = False
@@ -76,6 +83,8 @@ class Admission:
         self.changed = threading.Condition()
         self._waiting: deque[Ticket] = deque()
         self._waiting_by_client: Counter[str] = Counter()
+        self._running_by_client: Counter[str | None] = Counter()
+        self._arrivals = 0  # numbers the tickets, oldest first
         self.running = 0
 
     @property
@@ -90,8 +99,9 @@ class Admission:
 
     def enter(self, client: str | None, listening: Callable[[], bool] = lambda: True) -> Ticket:
         """A ticket that runs at once if a place is free, else waits; QueueFull if none is left."""
-        ticket = Ticket(self, client, listening)
         with self.changed:
+            self._arrivals += 1
+            ticket = Ticket(self, client, listening, self._arrivals)
             if self.running >= self.slots or self._waiting:
                 if len(self._waiting) >= self.max_waiting:
                     raise QueueFull(
@@ -111,11 +121,15 @@ class Admission:
         return ticket
 
     def ahead_of(self, ticket: Ticket) -> int:
-        """Replies waiting before this one (call while holding `changed`)."""
-        try:
-            return self._waiting.index(ticket)
-        except ValueError:
+        """Replies waiting that would start before this one as things stand (holding `changed`)."""
+        if ticket not in self._waiting:
             return 0
+        mine = self._turn(ticket)
+        return sum(1 for other in self._waiting if self._turn(other) < mine)
+
+    def _turn(self, ticket: Ticket) -> tuple[int, int]:
+        """Who goes first: fewer replies of its client running, then the older ticket."""
+        return self._running_by_client[ticket.client], ticket.number
 
     def release(self, ticket: Ticket) -> None:
         with self.changed:
@@ -124,6 +138,9 @@ class Admission:
             ticket.released = True
             if ticket.running:
                 self.running -= 1
+                self._running_by_client[ticket.client] -= 1
+                if not self._running_by_client[ticket.client]:
+                    del self._running_by_client[ticket.client]
             else:
                 self._leave_queue(ticket)
             self._promote()
@@ -139,10 +156,11 @@ class Admission:
                 del self._waiting_by_client[ticket.client]
 
     def _promote(self) -> None:
-        """Start waiting tickets, oldest first, while places are free (holding `changed`)."""
+        """Start waiting tickets, fairly (`_turn`), while places are free (holding `changed`)."""
         while self._waiting and self.running < self.slots:
-            ticket = self._waiting[0]
+            ticket = min(self._waiting, key=self._turn)
             self._leave_queue(ticket)
             ticket.running = True
             self.running += 1
+            self._running_by_client[ticket.client] += 1
         self.changed.notify_all()
