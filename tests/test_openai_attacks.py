@@ -266,7 +266,7 @@ def test_six_streams_from_one_address_leave_the_next_free_place_to_another_clien
         with contextlib.suppress(Exception):  # closed by the test while it waits: that is all
             next(iter(stream))
 
-    with serve(engine, behind_proxy=True, queue_size=8) as (url, web):
+    with serve(engine, proxy_hops=1, queue_size=8) as (url, web):
         for name in ("A1", "A2", "A3", "A4"):
             start(name, "10.1.1.1", 2000)
         for name in ("A5", "A6"):
@@ -280,3 +280,80 @@ def test_six_streams_from_one_address_leave_the_next_free_place_to_another_clien
         for stream in streams:
             stream.close()
     assert "B" in started[4], started
+
+
+# ---- 5. behind a proxy, the client's own X-Forwarded-For counts for nothing ---------------------
+
+PROXY = "10.9.9.9"  # what the trusted proxy appends: the address the request came from
+
+
+def forged(n: int) -> dict[str, str]:
+    """The header as a client that writes its own first entry arrives through the proxy."""
+    return {"x-forwarded-for": f"203.0.113.{n}, {PROXY}"}
+
+
+def test_forged_forwarded_addresses_do_not_escape_the_rate_limit():
+    engine = FakeEngine(["ok"])
+    with serve(engine, proxy_hops=1, rate_limit=2) as (url, _):
+        codes = [
+            httpx.post(
+                f"{url}v1/completions", json={"prompt": "x", "max_tokens": 1}, headers=forged(n)
+            ).status_code
+            for n in range(5)
+        ]
+        other = httpx.post(
+            f"{url}v1/completions",
+            json={"prompt": "x", "max_tokens": 1},
+            headers={"x-forwarded-for": "10.7.7.7"},
+        )
+    assert codes == [200, 200, 429, 429, 429] and other.status_code == 200
+
+
+def test_forged_forwarded_addresses_neither_escape_the_admin_token_throttle_nor_lock_out_others(
+    monkeypatch,
+):
+    from model import loader as loader_module
+    from tests.test_app import resolved
+    from tests.test_security import TOKEN, event_index, public
+
+    engine = FakeEngine()
+    monkeypatch.setattr(loader_module, "resolve_model_dir", resolved())
+    with serve(engine, public(admin_token=TOKEN, proxy_hops=1)) as (url, web):
+        index = event_index(web, "load_clicked")
+
+        def load(token: str, headers: dict[str, str]) -> str:
+            body = {"data": ["4_25", 4096, "fp16", token], "fn_index": index}
+            return httpx.post(
+                f"{url}gradio_api/run/predict", json=body, headers=headers, timeout=WAIT_S
+            ).text
+
+        operator = {"x-forwarded-for": "198.51.100.1"}
+        for guess in range(5):  # each guess claims to come from the operator's address
+            framed = {"x-forwarded-for": f"198.51.100.1, {PROXY}"}
+            assert "not the one this server was started with" in load(f"guess {guess}", framed)
+        assert "Too many wrong admin tokens" in load("guess 5", forged(5))
+        load(TOKEN, operator)  # the operator was never the one guessing
+        web.panel.last_load.join(WAIT_S)
+    assert [entry["max_seq_len"] for entry in engine.loads] == [4096]
+
+
+def test_forged_forwarded_addresses_do_not_widen_one_clients_share_of_the_queue():
+    gate = threading.Event()
+    engine = FakeEngine(["a", "b"], gate=gate, max_concurrency=1)
+    with serve(engine, proxy_hops=1, queue_size=8) as (url, web):
+        holder = httpx.Client(base_url=url, timeout=WAIT_S)
+        body = {"prompt": "x", "stream": True}
+
+        def send(n: int) -> httpx.Response:
+            request = holder.build_request("POST", "v1/completions", json=body, headers=forged(n))
+            return holder.send(request, stream=True)
+
+        held = send(0)
+        next(held.iter_lines())  # the one place, taken
+        queued = [send(n) for n in range(1, 5)]  # kept open: their clients still listen
+        codes = [response.status_code for response in queued]
+        waiting = web.admission.waiting
+        gate.set()
+        for response in [held, *queued]:
+            response.close()
+    assert codes == [200, 200, 503, 503] and waiting == 2  # 2 places per client (8 / 4)

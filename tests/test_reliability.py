@@ -517,7 +517,7 @@ def stream_raw(
 ) -> str:
     """POST /generate over Gradio's REST API and read its whole stream, as any HTTP client may.
 
-    `client` is sent as X-Forwarded-For, which the app (started behind_proxy) takes as the sender.
+    `client` is sent as X-Forwarded-For, which the app (proxy_hops=1) takes as the sender.
     """
     headers = {"x-forwarded-for": client}
     posted = httpx.post(
@@ -539,7 +539,7 @@ def test_a_full_queue_turns_extra_requests_away_fast_without_growing_memory():
     engine = FakeEngine(["a", "b"], gate=gate, max_concurrency=1)
     queue_size = 4
     with (
-        serve(engine, queue_size=queue_size, behind_proxy=True) as (url, web),
+        serve(engine, queue_size=queue_size, proxy_hops=1) as (url, web),
         ThreadPoolExecutor(8) as pool,
     ):
         try:
@@ -709,13 +709,18 @@ def test_rate_limiter_forgets_requests_older_than_a_minute_and_names_the_wait():
         RateLimiter(1).check(None)  # no address (a direct call): not counted
 
 
-def test_behind_a_proxy_the_client_is_the_first_forwarded_address():
+def test_behind_a_proxy_the_client_is_the_address_the_trusted_proxy_appended():
     request = SimpleNamespace(
         client=SimpleNamespace(host="10.1.1.1"), headers={"x-forwarded-for": "1.2.3.4, 10.0.0.9"}
     )
-    assert client_address(request, behind_proxy=True) == "1.2.3.4"
-    assert client_address(request, behind_proxy=False) == "10.1.1.1"
-    assert parse_config([], {"SPACE_ID": "me/space"}).behind_proxy
+    assert client_address(request, proxy_hops=1) == "10.0.0.9"  # "1.2.3.4" is the client's word
+    assert client_address(request, proxy_hops=2) == "1.2.3.4"
+    assert client_address(request, proxy_hops=3) == "10.1.1.1"  # fewer entries than proxies
+    assert client_address(request, proxy_hops=0) == "10.1.1.1"
+    assert client_address(None, proxy_hops=1) is None
+    assert parse_config([], {"SPACE_ID": "me/space"}).proxy_hops == 1
+    assert parse_config([], {}).proxy_hops == 0
+    assert parse_config(["--proxy-hops", "2"], {"SPACE_ID": "me/space"}).proxy_hops == 2
 
 
 def test_rate_limit_is_set_by_flag_or_env_and_must_not_be_negative(capsys):

@@ -157,7 +157,7 @@ def test_a_reply_waiting_for_the_gpu_is_dropped_when_its_client_goes():
 def test_one_client_cannot_fill_the_queue_that_others_wait_in():
     gate = threading.Event()
     engine = FakeEngine(["a", "b"], max_concurrency=4, gate=gate)
-    config = public(queue_size=32, behind_proxy=True)
+    config = public(queue_size=32, proxy_hops=1)
     with serve(engine, config) as (url, web), ThreadPoolExecutor(40) as pool:
         try:
             flood = [pool.submit(stream_raw, url, f"flood {n}", "6.6.6.6") for n in range(36)]
@@ -181,7 +181,7 @@ def test_more_than_forty_jobs_run_at_once_when_max_jobs_allows():
     gate = threading.Event()
     jobs = 44  # Gradio's default of 40 worker threads would cap this
     engine = FakeEngine(["a", "b"], max_concurrency=jobs, gate=gate)
-    config = AppConfig(max_jobs=jobs, queue_size=8, rate_limit=0, behind_proxy=True)
+    config = AppConfig(max_jobs=jobs, queue_size=8, rate_limit=0, proxy_hops=1)
     with serve(engine, config) as (url, web), ThreadPoolExecutor(jobs) as pool:
         assert web.launch_options()["max_threads"] >= jobs + 8
         try:
@@ -217,7 +217,7 @@ def login(url: str, password: str, client: str = "5.5.5.5") -> httpx.Response:
 
 
 def test_failed_logins_are_slowed_per_client_address():
-    config = AppConfig(auth="me:secret", rate_limit=0, behind_proxy=True)
+    config = AppConfig(auth="me:secret", rate_limit=0, proxy_hops=1)
     with serve(FakeEngine(), config) as (url, _):
         for n in range(5):
             assert login(url, f"guess {n}").status_code == 400
@@ -273,7 +273,7 @@ def rss_mb() -> float:
 def test_memory_stays_flat_across_rounds_of_streams(monkeypatch):
     monkeypatch.setattr("web.sessions.SWEEP_EVERY_S", 0.2)
     engine = FakeEngine(["a", "b", "c"])
-    config = AppConfig(queue_size=8, max_jobs=4, rate_limit=0, behind_proxy=True)
+    config = AppConfig(queue_size=8, max_jobs=4, rate_limit=0, proxy_hops=1)
     with serve(engine, config) as (url, web), ThreadPoolExecutor(8) as pool:
         capacity = web.launch_options()["state_session_capacity"]
 

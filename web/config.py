@@ -23,6 +23,7 @@ from model.stall import DEFAULT_STALL_TIMEOUT_S
 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 TRUE_WORDS = ("1", "true", "yes", "on")
+SPACE_PROXY_HOPS = 1  # a Space's proxy appends the caller's address (docs/RELIABILITY.md)
 
 
 @dataclass(frozen=True)
@@ -46,7 +47,9 @@ class AppConfig:
     api_keys: tuple[str, ...] = ()  # Bearer keys for the OpenAI routes and /metrics; () = open
     load_at_start: bool = True  # with a GPU, download and load the model while serving
     cuda_graphs: bool = True  # decode steps as CUDA graphs with GPU sampling (fp16 cache)
-    behind_proxy: bool = False  # on a Space: the client address is in X-Forwarded-For
+    # Trusted proxies in front, each appending to X-Forwarded-For: the client address is the
+    # entry this many from the right (0: the connection's peer). A Space's proxy is one.
+    proxy_hops: int = 0
     on_space: bool = False
 
     @property
@@ -97,6 +100,7 @@ def parse_config(
     env = os.environ if environ is None else environ
     base = AppConfig()
     host_default = "0.0.0.0" if env.get("SPACE_ID") else base.host
+    hops_default = SPACE_PROXY_HOPS if env.get("SPACE_ID") else base.proxy_hops
     options = (
         ("--model-dir", ("SC2_MODEL_DIR",), base.model_dir, str,
          "a local model folder (skips the download)"),
@@ -127,6 +131,10 @@ def parse_config(
         ("--api-key", ("SC2_API_KEY",), None, str,
          "key(s) the OpenAI routes (/v1) and /metrics require as 'Authorization: Bearer <key>'; "
          "several separated by commas"),
+        ("--proxy-hops", ("SC2_PROXY_HOPS",), hops_default, int,
+         "trusted proxies in front of the app that append the caller's address to "
+         "X-Forwarded-For; the client is the entry this many from the right, and what a client "
+         "writes there itself counts for nothing (0: no proxy; 1 on a Space)"),
         ("--admin-token", ("SC2_ADMIN_TOKEN",), base.admin_token, str,
          "a secret that lets the page's Load button work when the app is public (a Space, or "
          "--host other than 127.0.0.1); without it, loading from the page is off there"),
@@ -179,6 +187,8 @@ def parse_config(
         parser.error(
             f"--stall-timeout must be between 1 and 600 seconds (got {args.stall_timeout:g})"
         )
+    if not 0 <= args.proxy_hops <= 8:
+        parser.error(f"--proxy-hops must be between 0 and 8 (got {args.proxy_hops})")
     if args.rate_limit < 0:
         parser.error("--rate-limit must be 0 (no limit) or a positive number of requests")
     if args.admin_token is not None and len(args.admin_token) < 12:
@@ -193,6 +203,5 @@ def parse_config(
         **values,
         load_at_start=load_at_start,
         cuda_graphs=cuda_graphs,
-        behind_proxy=on_space,
         on_space=on_space,
     )

@@ -35,7 +35,7 @@ class GpuGate:
         admission: Admission,
         streams: StreamWatch,
         metrics: Metrics | None = None,
-        behind_proxy: bool = False,
+        proxy_hops: int = 0,
         connect_grace_s: float | None = None,
     ) -> None:
         self.engine = engine
@@ -43,7 +43,7 @@ class GpuGate:
         self.limiter = limiter
         self.admission = admission
         self.streams = streams
-        self.behind_proxy = behind_proxy
+        self.proxy_hops = proxy_hops
         self.connect_grace_s = CONNECT_GRACE_S if connect_grace_s is None else connect_grace_s
 
     @property
@@ -146,7 +146,7 @@ class GpuGate:
             events.close()
 
     def _gradio_client(self) -> str | None:
-        return client_address(LocalContext.request.get(None), self.behind_proxy)
+        return client_address(LocalContext.request.get(None), self.proxy_hops)
 
     @staticmethod
     def _gradio_stream_keys() -> list[str]:

@@ -23,7 +23,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 from urllib.parse import parse_qs
 
-from web.limits import MAX_BODY_BYTES, NESTS_TOO_DEEP
+from web.limits import MAX_BODY_BYTES, NESTS_TOO_DEEP, forwarded_client
 
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict]]
@@ -137,15 +137,11 @@ class LoginThrottle:
             times.append(self._clock())
 
 
-def _client(scope: Scope, behind_proxy: bool) -> str:
-    if behind_proxy:
-        for name, value in scope.get("headers", []):
-            if name == b"x-forwarded-for":
-                first = value.decode("latin-1").split(",")[0].strip()
-                if first:
-                    return first
-    client = scope.get("client")
-    return client[0] if client else "unknown"
+def _client(scope: Scope, proxy_hops: int) -> str:
+    headers = dict(scope.get("headers", []))
+    forwarded = headers.get(b"x-forwarded-for", b"").decode("latin-1") or None
+    peer = scope.get("client")
+    return forwarded_client(forwarded, peer[0] if peer else None, proxy_hops) or "unknown"
 
 
 async def _answer(send: Send, status: int, body: dict, headers: Iterable = ()) -> None:
@@ -175,14 +171,14 @@ class Guards:
         event_ids: Callable[[], Iterable[int]],
         streams: StreamWatch,
         logins: LoginThrottle,
-        behind_proxy: bool = False,
+        proxy_hops: int = 0,
         hide_api_info: bool = False,
     ) -> None:
         self.app = app
         self.event_ids = event_ids
         self.streams = streams
         self.logins = logins
-        self.behind_proxy = behind_proxy
+        self.proxy_hops = proxy_hops
         self.hide_api_info = hide_api_info
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -300,7 +296,7 @@ class Guards:
         await self.app(scope, receive, holding)
 
     async def _throttled_login(self, scope: Scope, receive: Receive, send: Send) -> None:
-        client = _client(scope, self.behind_proxy)
+        client = _client(scope, self.proxy_hops)
         wait = self.logins.wait_s(client)
         if wait:
             await _answer(

@@ -137,14 +137,21 @@ class RateLimiter:
             times.append(now)
 
 
-def client_address(request: Any, behind_proxy: bool) -> str | None:
-    """Who sent the request: the first X-Forwarded-For address behind a proxy, else the peer."""
-    # request is a gr.Request, or anything with .headers and .client; None for a direct call.
+def forwarded_client(forwarded_for: str | None, peer: str | None, proxy_hops: int) -> str | None:
+    """Who sent a request that came through `proxy_hops` trusted proxies, each of which appends
+    the address it was called from to X-Forwarded-For: the entry that many from the right. The
+    entries left of it are whatever the client wrote, so they count for nothing. With no proxy
+    (0), or fewer entries than proxies, the connection's own peer."""
+    if proxy_hops > 0:
+        entries = [entry.strip() for entry in (forwarded_for or "").split(",")]
+        if len(entries) >= proxy_hops and entries[-proxy_hops]:
+            return entries[-proxy_hops]
+    return peer
+
+
+def client_address(request: Any, proxy_hops: int) -> str | None:
+    """forwarded_client for a gr.Request or a Starlette request; None for a direct call."""
     if request is None:
         return None
-    if behind_proxy:
-        forwarded = (request.headers.get("x-forwarded-for") or "").split(",")[0].strip()
-        if forwarded:
-            return forwarded
-    client = getattr(request, "client", None)
-    return getattr(client, "host", None)
+    peer = getattr(getattr(request, "client", None), "host", None)
+    return forwarded_client(request.headers.get("x-forwarded-for"), peer, proxy_hops)

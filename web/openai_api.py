@@ -62,13 +62,13 @@ class OpenAIRoutes:
         *,
         api_keys: Sequence[str] = (),
         login_required: bool = False,
-        behind_proxy: bool = False,
+        proxy_hops: int = 0,
     ) -> None:
         self.gate = gate
         self.metrics = metrics
         self.api_keys = [key.encode() for key in api_keys]
         self.login_required = login_required
-        self.behind_proxy = behind_proxy
+        self.proxy_hops = proxy_hops
 
     def routes(self) -> list[Route]:
         return [
@@ -189,7 +189,7 @@ class OpenAIRoutes:
             self._authorize(request)
             body = await read_body(request)
             stream, include_usage = read_common(body)
-            client = client_address(request, self.behind_proxy)
+            client = client_address(request, self.proxy_hops)
             generation = await asyncio.to_thread(build, body, client)
             job = Job(self.gate, generation, client)
             await job.start()  # a full queue answers 503 here, before any stream starts

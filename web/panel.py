@@ -174,7 +174,7 @@ class ModelPanel:
             return
         if self.config.admin_token is None:
             raise LoadingOff(LOADING_OFF)
-        client = client_address(LocalContext.request.get(None), self.config.behind_proxy) or "?"
+        client = client_address(LocalContext.request.get(None), self.config.proxy_hops) or "?"
         wait = self.tokens.wait_s(client)
         if wait:
             raise LoadingOff(f"Too many wrong admin tokens; try again in {wait} s.")

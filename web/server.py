@@ -63,7 +63,7 @@ class WebApp:
             event_ids=lambda: self.demo.fns.keys(),
             streams=self.streams,
             logins=self.logins,
-            behind_proxy=config.behind_proxy,
+            proxy_hops=config.proxy_hops,
             hide_api_info=auth is not None,
         )
         return {
@@ -133,14 +133,14 @@ def build_app(
         admission=admission,
         streams=streams,
         metrics=metrics,
-        behind_proxy=config.behind_proxy,
+        proxy_hops=config.proxy_hops,
     )
     openai = OpenAIRoutes(
         gate,
         metrics,
         api_keys=config.api_keys,
         login_required=config.auth is not None,
-        behind_proxy=config.behind_proxy,
+        proxy_hops=config.proxy_hops,
     )
     panel = ModelPanel(engine, loader, config, logins)
     demo = build_demo(
