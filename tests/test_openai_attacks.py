@@ -357,3 +357,43 @@ def test_forged_forwarded_addresses_do_not_widen_one_clients_share_of_the_queue(
         for response in [held, *queued]:
             response.close()
     assert codes == [200, 200, 503, 503] and waiting == 2  # 2 places per client (8 / 4)
+
+
+# ---- 6. API keys cannot be guessed at speed -----------------------------------------------------
+
+KEY = "sk-test-0123456789abcdef"
+
+
+def test_wrong_api_keys_are_slowed_per_address_as_logins_are():
+    """Keys were checked at ~1,350 guesses a second, never slowed."""
+    from web.config import AppConfig
+
+    engine = FakeEngine(["ok"])
+    config = AppConfig(api_keys=(KEY,), rate_limit=0, proxy_hops=1)
+    with serve(engine, config) as (url, _):
+
+        def client(key: str, address: str) -> openai.OpenAI:
+            return openai.OpenAI(
+                base_url=f"{url}v1",
+                api_key=key,
+                max_retries=0,
+                timeout=WAIT_S,
+                default_headers={"x-forwarded-for": address},
+            )
+
+        for guess in range(5):
+            with pytest.raises(openai.AuthenticationError):
+                client(f"sk-guess-{guess:012d}", "10.6.6.6").models.list()
+        with pytest.raises(openai.RateLimitError) as throttled:
+            client(KEY, "10.6.6.6").models.list()  # even the right key waits now
+        metrics = httpx.get(
+            f"{url}metrics",
+            headers={"authorization": f"Bearer {KEY}", "x-forwarded-for": "10.6.6.6"},
+        )
+        elsewhere = client(KEY, "10.5.5.5").chat.completions.create(
+            model=MODEL_ID, messages=[user("Hi")]
+        )
+    retry = int(throttled.value.response.headers["retry-after"])
+    assert 0 < retry <= 300 and "Too many wrong API keys" in throttled.value.message
+    assert metrics.status_code == 429 and "retry-after" in metrics.headers
+    assert elsewhere.choices[0].message.content == "ok" and len(engine.calls) == 1

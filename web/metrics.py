@@ -6,6 +6,7 @@ import bisect
 import threading
 from collections import Counter
 from collections.abc import Callable
+from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse
@@ -108,12 +109,13 @@ class Metrics:
         return "\n".join(lines) + "\n"
 
 
-def metrics_route(metrics: Metrics, authorized: Callable[[Request], bool]) -> Route:
-    """GET /metrics (behind the API key when one is set)."""
+def metrics_route(metrics: Metrics, refusal: Callable[[Request], Any]) -> Route:
+    """GET /metrics (behind the API key when one is set; `refusal` says why not, or None)."""
 
     def serve(request: Request) -> PlainTextResponse:
-        if not authorized(request):
-            return PlainTextResponse("Unauthorized: send the API key as a Bearer token.\n", 401)
+        refused = refusal(request)
+        if refused is not None:
+            return PlainTextResponse(refused.message + "\n", refused.status, refused.headers)
         return PlainTextResponse(metrics.text(), media_type="text/plain; version=0.0.4")
 
     return Route("/metrics", serve, methods=["GET"])

@@ -29,6 +29,7 @@ from model.protocol import Finished, GenerationRequest, TextDelta
 from model.settings import FIELDS, SamplingSettings
 from web.errors import http_status
 from web.gate import GpuGate
+from web.guards import LoginThrottle
 from web.limits import client_address
 from web.metrics import Metrics
 from web.openai_requests import (
@@ -63,10 +64,12 @@ class OpenAIRoutes:
         api_keys: Sequence[str] = (),
         login_required: bool = False,
         proxy_hops: int = 0,
+        failed_keys: LoginThrottle | None = None,
     ) -> None:
         self.gate = gate
         self.metrics = metrics
         self.api_keys = [key.encode() for key in api_keys]
+        self.failed_keys = failed_keys or LoginThrottle()
         self.login_required = login_required
         self.proxy_hops = proxy_hops
 
@@ -77,32 +80,44 @@ class OpenAIRoutes:
             Route("/v1/completions", self.completions, methods=["POST"]),
         ]
 
-    def authorized(self, request: Request) -> bool:
-        """True if the request may use the API (a listed key, or no keys and no login)."""
+    def refusal(self, request: Request) -> ApiError | None:
+        """Why the request may not use the API (None: it may). With keys set, wrong keys are
+        counted per client address and, past a few, even the right one waits, as logins do."""
         if not self.api_keys:
-            return not self.login_required
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        given = token.strip().encode()
-        return scheme.lower() == "bearer" and any(
-            hmac.compare_digest(given, key) for key in self.api_keys
-        )
-
-    def _authorize(self, request: Request) -> None:
-        if self.authorized(request):
-            return
-        if not self.api_keys:
-            raise ApiError(
+            if not self.login_required:
+                return None
+            return ApiError(
                 401,
                 "This server requires a login; its operator can allow the API with an API key "
                 "(--api-key or SC2_API_KEY).",
                 code="invalid_api_key",
             )
-        raise ApiError(
+        client = client_address(request, self.proxy_hops) or "unknown"
+        wait = self.failed_keys.wait_s(client)
+        if wait:
+            return ApiError(
+                429,
+                f"Too many wrong API keys from this address; try again in {wait} s.",
+                code="rate_limit_exceeded",
+                headers={"Retry-After": str(wait)},
+            )
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        given = token.strip().encode()
+        if scheme.lower() == "bearer" and any(hmac.compare_digest(given, k) for k in self.api_keys):
+            return None
+        if header:
+            self.failed_keys.failed(client)  # a guess; a request without a key is not one
+        return ApiError(
             401,
             "Missing or incorrect API key: send it as 'Authorization: Bearer <key>'.",
             code="invalid_api_key",
         )
+
+    def _authorize(self, request: Request) -> None:
+        refusal = self.refusal(request)
+        if refusal is not None:
+            raise refusal
 
     async def models(self, request: Request) -> Response:
         try:

@@ -81,7 +81,7 @@ class WebApp:
                 "routes": [
                     health_route(self.engine),
                     *self.openai.routes(),
-                    metrics_route(self.metrics, self.openai.authorized),
+                    metrics_route(self.metrics, self.openai.refusal),
                 ],
                 "middleware": [guards],
                 "openapi_url": None,
