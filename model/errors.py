@@ -38,6 +38,10 @@ class DoesNotFit(ChatError):
 class NotReady(ChatError):
     """No model is loaded (or one is loading) so nothing can be generated yet."""
 
+    def __init__(self, message: str, *, lasting: bool = False) -> None:
+        super().__init__(message)
+        self.lasting = lasting  # no load under way: waiting alone will not change it
+
 
 class GraphCaptureFailed(ChatError):
     """Capturing the decode step as CUDA graphs failed at load; eager decoding still works."""

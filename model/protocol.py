@@ -57,6 +57,10 @@ class GenerationRequest:
     dropped_turns: int = 0
     stop: tuple[str, ...] = STOP_STRINGS  # besides end-of-text; left out of the reply's text
 
+    def __post_init__(self) -> None:
+        if not self.ids:  # exllamav2 asserts on an empty prompt: the edge must not build one
+            raise ValueError("A generation request needs at least one prompt token.")
+
     @property
     def prompt_tokens(self) -> int:
         return len(self.ids)

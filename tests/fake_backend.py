@@ -44,6 +44,7 @@ class ScriptedBackend:
         self.status = EngineStatus()
         self.health = "empty"
         self.steps = 0  # its loop's turns: the progress a beat reports
+        self.submitted: list[list[int]] = []  # every prompt it was given, as token ids
         self.stuck_replies = 0
         self._jobs: list[_Job] = []
         self._lock = threading.Lock()
@@ -95,6 +96,7 @@ class ScriptedBackend:
         job = _Job(ids, settings, sink)
         with self._lock:
             self._jobs.append(job)
+            self.submitted.append(list(ids))
         return job
 
     def cancel(self, job: _Job) -> None:
@@ -108,6 +110,11 @@ class ScriptedBackend:
 
     def progress(self) -> int:
         return self.steps
+
+    def prompts(self) -> list[list[int]]:
+        """The token ids of every prompt submitted (tests ask through EngineProcess._call)."""
+        with self._lock:
+            return list(self.submitted)
 
     def running_jobs(self) -> int:
         """How many jobs are in the loop (tests ask through EngineProcess._call)."""

@@ -58,7 +58,8 @@ class GpuGate:
         if status.state != "ready":
             raise NotReady(
                 f"The model is not ready ({status.state}): {status.message} Load one in the "
-                "Model panel, or wait for the current load to finish."
+                "Model panel, or wait for the current load to finish.",
+                lasting=status.state in ("empty", "failed"),
             )
         return status
 

@@ -16,7 +16,7 @@ import json
 import secrets
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 from starlette.requests import Request
@@ -24,7 +24,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from model.errors import ChatError
-from model.prompt import Segment, fim_prompt
+from model.prompt import BOS, Segment, fim_prompt
 from model.protocol import Finished, GenerationRequest, TextDelta
 from model.settings import FIELDS, SamplingSettings
 from web.errors import http_status
@@ -47,7 +47,15 @@ MODEL_ID = "starcoder2-15b-instruct-v0.1"
 MAX_NEW_TOKENS = int(next(spec for spec in FIELDS if spec.name == "max_new_tokens").maximum)
 COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions (chat: the rest of the context)
 FINISH_REASONS = {"max_new_tokens": "length"}  # everything else ended at a stop: "stop"
+ALL_METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 _DONE = object()
+
+
+@dataclasses.dataclass(frozen=True)
+class Waiting:
+    """The reply still waits for a place on the GPU, behind `ahead` others."""
+
+    ahead: int
 
 
 # ---- the routes ---------------------------------------------------------------------------------
@@ -74,11 +82,17 @@ class OpenAIRoutes:
         self.proxy_hops = proxy_hops
 
     def routes(self) -> list[Route]:
-        return [
-            Route("/v1/models", self.models, methods=["GET"]),
-            Route("/v1/chat/completions", self.chat, methods=["POST"]),
-            Route("/v1/completions", self.completions, methods=["POST"]),
+        """The routes, and under /v1 a 405 or 404 in OpenAI's shape for anything else."""
+        served = {
+            "/v1/models": ("GET", self.models),
+            "/v1/chat/completions": ("POST", self.chat),
+            "/v1/completions": ("POST", self.completions),
+        }
+        routes = [
+            Route(path, _only(method, endpoint), methods=ALL_METHODS)
+            for path, (method, endpoint) in served.items()
         ]
+        return [*routes, Route("/v1/{rest:path}", _not_found, methods=ALL_METHODS)]
 
     def refusal(self, request: Request) -> ApiError | None:
         """Why the request may not use the API (None: it may). With keys set, wrong keys are
@@ -159,8 +173,9 @@ class OpenAIRoutes:
         suffix = field(body, "suffix", (str,))
         settings, stops = read_settings(body), read_stops(body)
         # The prompt is the model's own text: its special tokens count as such (unlike the chat).
+        # An empty one asks for text from the start of a document, which is where BOS stands.
         if suffix is None:
-            segments = [Segment(prompt, trusted=True)]
+            segments = [Segment(prompt or BOS, trusted=True)]
         else:
             suffix = checked("suffix", suffix)
             segments = [Segment(fim_prompt(prompt, suffix), trusted=True)]
@@ -225,6 +240,9 @@ class OpenAIRoutes:
         status: int = 200
         try:
             async for event in reply.job.events(request):
+                if isinstance(event, Waiting):  # a comment keeps proxies from cutting the wait
+                    yield f": waiting for the GPU, {event.ahead} ahead\n\n"
+                    continue
                 for chunk in reply.chunks(event):
                     yield f"data: {json.dumps(chunk)}\n\n"
             yield "data: [DONE]\n\n"
@@ -259,6 +277,29 @@ class OpenAIRoutes:
             return Response(status_code=499)
         self.metrics.request(reply.endpoint, 200)
         return JSONResponse(reply.whole(finished))
+
+
+def _only(method: str, endpoint: Callable[[Request], Awaitable[Response]]):
+    async def serve(request: Request) -> Response:
+        if request.method not in (method, "HEAD" if method == "GET" else method):
+            return ApiError(
+                405,
+                f"{request.url.path} takes {method} only (got {request.method}).",
+                code="method_not_allowed",
+                headers={"Allow": method},
+            ).response()
+        return await endpoint(request)
+
+    return serve
+
+
+async def _not_found(request: Request) -> Response:
+    return ApiError(
+        404,
+        f"There is no {request.url.path} on this server; it serves /v1/models, "
+        "/v1/chat/completions and /v1/completions.",
+        code="not_found",
+    ).response()
 
 
 async def _cancel_on_disconnect(request: Request, job: Job) -> None:
@@ -298,8 +339,8 @@ class Job:
     def _run(self, ticket) -> None:
         try:
             with ticket:
-                for _ahead in ticket.wait():
-                    pass
+                for ahead in ticket.wait():
+                    self._put(Waiting(ahead))
                 with contextlib.closing(self.gate.stream(self.generation)) as events:
                     for event in events:
                         if self.cancelled.is_set():
@@ -311,7 +352,8 @@ class Job:
             self._put(_DONE)
 
     async def events(self, request: Request) -> AsyncIterator[Any]:
-        """The engine's events; checks every half second that the client is still there."""
+        """Waiting markers, then the engine's events; checks every half second that the client
+        is still there."""
         while True:
             try:
                 item = await asyncio.wait_for(self._queue.get(), timeout=0.5)

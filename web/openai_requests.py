@@ -10,7 +10,7 @@ from urllib.parse import urlsplit
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from model.errors import ChatError, InvalidSetting, TooManyRequests
+from model.errors import ChatError, InvalidSetting, NoGPU, NotReady, TooManyRequests
 from model.settings import FIELDS, SamplingSettings, validate_settings
 from web.errors import http_status, user_message
 from web.limits import MAX_BODY_BYTES, NESTS_TOO_DEEP, Message, check_text, within_chars
@@ -48,6 +48,8 @@ class ApiError(Exception):
         headers = {}
         if isinstance(error, TooManyRequests):
             headers["Retry-After"] = str(error.retry_after_s)
+        elif isinstance(error, NoGPU) or (isinstance(error, NotReady) and error.lasting):
+            headers["x-should-retry"] = "false"  # waiting will not help: clients give up at once
         elif status == 503:
             headers["Retry-After"] = "10"
         code = {429: "rate_limit_exceeded", 503: "unavailable"}.get(status)
@@ -237,10 +239,45 @@ def read_common(body: dict) -> tuple[bool, bool]:
             raise ApiError(400, f"{name} is not supported by this server.", param=name)
     if field(body, "best_of", (int,), 1) != 1:
         raise ApiError(400, "best_of must be 1 on this server.", param="best_of")
+    refuse_unsupported(body)
     stream = field(body, "stream", (bool,), False)
     options = field(body, "stream_options", (dict,), {})
     include_usage = bool(field(options, "include_usage", (bool,), False))
     return stream, include_usage
+
+
+def refuse_unsupported(body: dict) -> None:
+    """Refuse, naming the field, what this server would otherwise answer with plain prose: a
+    required or named tool or function call, JSON output. Tools offered with "auto" (editors
+    send them) are ignored, as a model that calls none is free to."""
+    tool_choice = body.get("tool_choice")
+    if tool_choice not in (None, "auto", "none"):
+        raise ApiError(
+            400,
+            f"tool_choice {tool_choice!r} is not supported: this server calls no tools "
+            "(send 'auto' or 'none', or leave it out)."
+            if isinstance(tool_choice, str)
+            else "tool_choice naming a tool is not supported: this server calls no tools "
+            "(send 'auto' or 'none', or leave it out).",
+            param="tool_choice",
+        )
+    function_call = body.get("function_call")
+    if function_call not in (None, "auto", "none"):
+        raise ApiError(
+            400,
+            "function_call is not supported: this server calls no functions.",
+            param="function_call",
+        )
+    response_format = body.get("response_format")
+    kind = response_format.get("type") if isinstance(response_format, dict) else response_format
+    if response_format is not None and kind != "text":
+        raise ApiError(
+            400,
+            f"response_format of type {kind if isinstance(kind, str) else shown(kind)!r} is not "
+            "supported: this server writes plain text "
+            "(leave it out, or send {'type': 'text'}).",
+            param="response_format",
+        )
 
 
 def checked(param: str, text: str) -> str:
@@ -304,6 +341,9 @@ def read_messages(body: dict) -> tuple[list[Message], str, str]:
     if turns and turns[-1]["role"] == "assistant":
         prefix = turns.pop()["content"]
         where.pop()
+    if turns and not turns[-1]["content"].strip():
+        param = f"messages[{where[-1]}].content"
+        raise ApiError(400, f"{param} is empty; send an instruction to answer.", param=param)
     joined = "\n\n".join(text for _, text in system)
     try:
         kept, dropped = within_chars(turns, joined, prefix)
