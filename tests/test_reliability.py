@@ -626,7 +626,8 @@ def test_main_launches_without_a_share_link_and_with_the_health_route(monkeypatc
     assert seen["share"] is False and seen["quiet"] is True
     assert (seen["server_port"], seen["auth"]) == (port, ("me", "secret"))
     paths = [route.path for route in seen["app_kwargs"]["routes"]]
-    assert paths == ["/health", "/v1/models", "/v1/chat/completions", "/v1/completions", "/metrics"]
+    served = ["/v1/models", "/v1/chat/completions", "/v1/completions", "/v1/{rest:path}"]
+    assert paths == ["/health", *served, "/metrics"]
 
 
 TRAVERSALS = [
