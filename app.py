@@ -102,21 +102,25 @@ def main(argv: Sequence[str] | None = None) -> None:
     if problem:
         sys.exit(problem)
     engine = start_engines(config)
-    web = build_app(engine, config)
     try:
-        # quiet: Gradio's own banner suggests share=True, which this app never uses.
-        web.demo.launch(**web.launch_options(), quiet=True, prevent_thread_lock=True)
-    except OSError as error:  # lost a race for the port since the check above
-        engine.close()
-        sys.exit(f"Cannot start the server on {config.host}:{config.port}: {error}")
-    start(web, config)
-    shown_host = "127.0.0.1" if config.host == "0.0.0.0" else config.host
-    logger.info("The page is at http://%s:%d (Ctrl+C stops the server).", shown_host, config.port)
-    try:
-        web.demo.block_thread()
+        web = build_app(engine, config)
+        try:
+            # quiet: Gradio's own banner suggests share=True, which this app never uses.
+            web.demo.launch(**web.launch_options(), quiet=True, prevent_thread_lock=True)
+        except OSError as error:  # lost a race for the port since the check above
+            sys.exit(f"Cannot start the server on {config.host}:{config.port}: {error}")
+        start(web, config)
+        shown_host = "127.0.0.1" if config.host == "0.0.0.0" else config.host
+        logger.info(
+            "The page is at http://%s:%d (Ctrl+C stops the server).", shown_host, config.port
+        )
+        web.demo.block_thread()  # returns on Ctrl+C, after closing the server
     finally:
         engine.close()
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # Ctrl+C while starting: stop as quietly as once serving
+        sys.exit(130)

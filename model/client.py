@@ -12,13 +12,15 @@ so answering /health or /metrics never waits for the engine.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import multiprocessing
 import queue
+import signal
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 from model import worker
@@ -45,6 +47,21 @@ CALL_TIMEOUT_S = 5.0
 WATCH_EVERY_S = 0.1  # how often the web side checks that an engine with replies still moves
 CHECK_EVERY_S = 0.5  # how often a reply waiting for its next token checks the process is alive
 RESTART_DELAYS_S = (0.0, 1.0, 5.0, 30.0)  # after one, two, three and more deaths in a row
+
+
+@contextlib.contextmanager
+def _ctrl_c_ignored() -> Iterator[None]:
+    """Children started in here ignore Ctrl+C from their first line: it reaches the whole process
+    group, and the web side stops them itself. Only the main thread may change signal handlers;
+    a restart from another thread relies on worker.main ignoring it as soon as it runs."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 @dataclass
@@ -95,7 +112,13 @@ class EngineProcess(EngineClient):
         self._deaths_in_a_row = 0
         self._closing = False
         self._closed = threading.Event()
-        self._start()
+        try:
+            self._start()
+        except BaseException:  # Ctrl+C, or no hello in time: nothing is loaded, nothing to save
+            self._closing = True
+            self._process.kill()
+            self._process.join(5)
+            raise
         threading.Thread(target=self._watch, name="engine-watch", daemon=True).start()
 
     # ---- the process ----
@@ -109,7 +132,8 @@ class EngineProcess(EngineClient):
             name=f"engine-{self.device or 'gpu'}",
             daemon=True,
         )
-        self._process.start()
+        with _ctrl_c_ignored():
+            self._process.start()
         theirs.close()
         self._conn = ours
         threading.Thread(

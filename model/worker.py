@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import signal
 import threading
 import time
 from collections.abc import Callable
@@ -107,6 +108,8 @@ class Outbox:
 
 def main(conn: Connection, backend: str, device: str | None, options: dict) -> None:
     """Run the engine until told to stop or until the web side goes away."""
+    # Ctrl+C reaches the whole process group; the web side stops this process itself, cleanly.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     if device is not None:  # before torch is imported: this process sees one GPU as cuda:0
         os.environ["CUDA_VISIBLE_DEVICES"] = device
     engine = load_backend(backend)(**options)

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import os
 import re
+import signal
 import socket
 import subprocess
 import sys
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import gradio as gr
+import httpx
 import pytest
 from gradio_client import Client
 from gradio_client.exceptions import AppError
@@ -738,6 +742,64 @@ def test_the_terminal_says_there_is_no_gpu_and_never_suggests_a_share_link():
     assert f"The page is at http://127.0.0.1:{port}" in output
     assert "No CUDA GPU found: the page will say so." in output
     assert "share=True" not in output and "public link" not in output
+
+
+def live_processes_in_group(group: int) -> list[str]:
+    """The command lines of a process group's processes that still run (not those that ended
+    and wait for init to reap them)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # the name may hold spaces
+            command = (stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:  # it ended while we looked
+            continue
+        state, process_group = fields[0], int(fields[2])
+        if process_group == group and state != "Z":
+            found.append(command)
+    return found
+
+
+def group_ended(group: int, within_s: float) -> list[str]:
+    """Wait up to within_s for a process group to end; what still runs then ([] once ended).
+    A child may still be tearing itself down for a moment after the app has exited."""
+    deadline = time.monotonic() + within_s
+    while (left := live_processes_in_group(group)) and time.monotonic() < deadline:
+        time.sleep(0.05)  # polling /proc: nothing tells us when another session's process ends
+    return left
+
+
+def test_ctrl_c_stops_the_app_and_its_engine_process_quietly_within_seconds():
+    port = free_port()
+    started = subprocess.Popen(
+        [sys.executable, "app.py", "--no-load", "--port", str(port)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,  # its own process group, as a terminal gives a command
+    )
+    watchdog = threading.Timer(120, lambda: os.killpg(started.pid, signal.SIGKILL))
+    watchdog.start()
+    lines = []
+    try:
+        for line in started.stdout or ():
+            lines.append(line)
+            if "The page is at" in line:
+                break
+        assert httpx.get(f"http://127.0.0.1:{port}/health", timeout=WAIT_S).status_code == 503
+        os.killpg(started.pid, signal.SIGINT)  # what Ctrl+C in the terminal does
+        stopped_at = time.monotonic()
+        rest, _ = started.communicate(timeout=WAIT_S)
+        seconds = time.monotonic() - stopped_at
+    finally:
+        watchdog.cancel()
+        if started.poll() is None:
+            os.killpg(started.pid, signal.SIGKILL)
+    output = "".join(lines) + rest
+    assert seconds < 5, f"took {seconds:.1f} s to stop"
+    assert "Traceback" not in output and "KeyboardInterrupt" not in output, output
+    assert group_ended(started.pid, within_s=5) == []  # the engine process went with it
 
 
 def test_with_a_gpu_the_app_loads_the_configured_branch_at_start_unless_told_not_to(monkeypatch):

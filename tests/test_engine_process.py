@@ -7,6 +7,7 @@ real engine through it).
 from __future__ import annotations
 
 import contextlib
+import multiprocessing
 import os
 import signal
 import subprocess
@@ -83,6 +84,13 @@ def test_errors_in_the_engine_process_arrive_as_their_own_kind(model_dir):
         assert type(raised.value).__name__ == "ContextTooLong"
     finally:
         engine.close()
+
+
+def test_an_engine_process_that_does_not_start_in_time_is_stopped_not_left_behind():
+    before = set(multiprocessing.active_children())
+    with pytest.raises(GenerationFailed, match="did not start within"):
+        EngineProcess(backend=SCRIPTED, start_timeout_s=0.001)
+    assert set(multiprocessing.active_children()) - before == set()
 
 
 def test_killing_the_engine_process_ends_every_reply_within_a_second_and_it_comes_back(
