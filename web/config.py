@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from model.branches import (
     AUTO,
@@ -68,19 +70,175 @@ class AppConfig:
         return not self.public
 
 
-def parse_gpus(parser: argparse.ArgumentParser, text: str | None) -> tuple[str, ...] | None:
+@dataclass(frozen=True)
+class Option:
+    """One flag of `python app.py`, as --help and the README's Settings table both show it."""
+
+    flag: str
+    env_names: tuple[str, ...]
+    kind: type  # str, int or float: what its text becomes; bool: a switch (--flag, or NAME=1)
+    default: object
+    meaning: str  # markdown: --help shows it without the `code` and **bold** marks
+    shown: str | None = None  # the default in words, where its value alone would not say it
+    on_space: object = None  # the default on a Hugging Face Space, where it differs
+
+    @property
+    def dest(self) -> str:
+        return self.flag.removeprefix("--").replace("-", "_")
+
+    def default_here(self, on_space: bool) -> object:
+        return self.on_space if on_space and self.on_space is not None else self.default
+
+    def markdown(self) -> tuple[str, str, str, str]:
+        """The row's cells: flag, environment variables, default, meaning."""
+        if self.kind is bool:
+            env, default = f"`{self.env_names[0]}=1`", "off"
+        else:
+            env, default = ", ".join(f"`{name}`" for name in self.env_names), _shown(self.default)
+        if self.shown is not None:
+            default = self.shown
+        if self.on_space is not None:
+            default = f"{default}; {_shown(self.on_space)} on a Space"
+        return f"`{self.flag}`", env, default, self.meaning
+
+    def help(self) -> str:
+        _, env, default, meaning = (_plain(cell) for cell in self.markdown())
+        env = env.replace(", ", " / ")
+        return f"{meaning} (env {env}; default: {default})".replace("%", "%%")
+
+
+def _shown(value: object) -> str:
+    if value is None:
+        return "none"
+    return f"`{value:g}`" if isinstance(value, float) else f"`{value}`"
+
+
+def _plain(markdown: str) -> str:
+    return re.sub(r"`|\*\*", "", markdown)
+
+
+_BASE = AppConfig()
+# The one table behind --help and the README's Settings table (tests/test_readme.py keeps them
+# equal). Its order is theirs.
+OPTIONS = (
+    Option("--model-dir", ("SC2_MODEL_DIR",), str, _BASE.model_dir,
+           "a local model folder (skips the download)"),
+    Option("--repo", ("SC2_REPO",), str, _BASE.repo, "Hugging Face repo with EXL2 branches"),
+    Option("--branch", ("SC2_BRANCH",), str, _BASE.branch,
+           f"quant branch: {', '.join(f'`{branch}`' for branch in BRANCHES)} or `{AUTO}` (the "
+           "largest that fits the GPU); downloaded and loaded at start when a GPU is present"),
+    Option("--no-load", ("SC2_NO_LOAD",), bool, False,
+           "load nothing at start; the page waits for **Load**"),
+    Option("--no-cuda-graphs", ("SC2_NO_CUDA_GRAPHS",), bool, False,
+           "decode eagerly, sampling on the CPU, instead of replaying a CUDA graph per batch size "
+           "(graphs need the `fp16` cache)"),
+    Option("--context", ("SC2_CONTEXT",), int, _BASE.context,
+           f"context size in tokens ({MIN_CONTEXT}–{MAX_CONTEXT}, multiple of {CONTEXT_STEP})"),
+    Option("--cache-mode", ("SC2_CACHE_MODE",), str, _BASE.cache_mode,
+           f"K/V cache precision: {', '.join(f'`{mode}`' for mode in CACHE_MODES)}"),
+    Option("--host", ("SC2_HOST",), str, _BASE.host, "address to listen on", on_space="0.0.0.0"),
+    Option("--port", ("SC2_PORT", "GRADIO_SERVER_PORT"), int, _BASE.port,
+           "port to listen on (1–65535)"),
+    Option("--queue-size", ("SC2_QUEUE_SIZE",), int, _BASE.queue_size,
+           "requests that may wait in the queue before new ones are turned away"),
+    Option("--auth", ("SC2_AUTH",), str, _BASE.auth, "require a login, given as `user:password`"),
+    Option("--rate-limit", ("SC2_RATE_LIMIT",), int, _BASE.rate_limit,
+           "requests per minute per client for chat and `/generate`; `0` turns it off"),
+    Option("--max-jobs", ("SC2_MAX_JOBS",), int, _BASE.max_jobs,
+           "jobs batched together on each GPU (1–64); the cache holds this many full contexts, "
+           "capped by free VRAM"),
+    Option("--stall-timeout", ("SC2_STALL_TIMEOUT",), float, _BASE.stall_timeout,
+           "seconds an engine may go without progress while replies wait (1–600); then each "
+           "reply ends with an error saying so, `/health` says `stalled` (503) and the engine "
+           "process is restarted with the same model. A reply that alone stops moving while "
+           "others go on ends by itself after as long"),
+    Option("--gpus", ("SC2_GPUS",), str, None,
+           "GPUs to serve from, e.g. `0,1`: one engine process per GPU, each with a whole copy "
+           "of the model; new conversations go to the least loaded, follow-up turns to the GPU "
+           "that holds their conversation", shown="the first GPU"),
+    Option("--api-key", ("SC2_API_KEY",), str, None,
+           "key(s), 16+ characters each and separated by commas, that the OpenAI routes "
+           "(`/v1`) and `/metrics` require as `Authorization: Bearer <key>`; without one they "
+           "are open, or closed behind `--auth`"),
+    Option("--proxy-hops", ("SC2_PROXY_HOPS",), int, _BASE.proxy_hops,
+           "trusted proxies in front of the app (0–8), each appending the caller's address to "
+           "`X-Forwarded-For`: the client (for the rate limit, the queue's share per client, "
+           "the login, admin-token and API-key throttles) is the entry this many from the "
+           "right; what a client writes there itself counts for nothing",
+           on_space=SPACE_PROXY_HOPS),
+    Option("--admin-token", ("SC2_ADMIN_TOKEN",), str, _BASE.admin_token,
+           "on a public server (a Space, or `--host` other than `127.0.0.1`) the page's "
+           "**Load** works only with this secret (12+ characters); without it, loading from "
+           "the page is off there"),
+)  # fmt: skip
+KIND_WORDS = {int: "a whole number", float: "a number"}
+
+
+def settings_table() -> str:
+    """The README's Settings table (markdown), made from OPTIONS as --help is."""
+    rows = ["| flag | env | default | meaning |", "|---|---|---|---|"]
+    rows += ["| " + " | ".join(option.markdown()) + " |" for option in OPTIONS]
+    return "\n".join(rows)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The flags, each defaulting to None: a value's source is known only after parsing."""
+    parser = argparse.ArgumentParser(
+        prog="app.py",
+        description="Chat with StarCoder2-15B-Instruct (EXL2) on one NVIDIA GPU.",
+    )
+    for option in OPTIONS:
+        if option.kind is bool:
+            parser.add_argument(option.flag, action="store_true", default=None, help=option.help())
+        else:
+            parser.add_argument(option.flag, default=None, help=option.help())
+    return parser
+
+
+def read_values(
+    parser: argparse.ArgumentParser, args: argparse.Namespace, env: Mapping[str, str]
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """Each option's value (flag, else environment variable, else default) and where it came
+    from (the flag or the variable's name), so an error names what to change."""
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    for option in OPTIONS:
+        given = getattr(args, option.dest)
+        source, text = option.flag, given
+        if given is None:
+            source, text = next(
+                ((name, env[name]) for name in option.env_names if env.get(name)), (source, None)
+            )
+        sources[option.dest] = source
+        if option.kind is bool:
+            values[option.dest] = given or (text or "").strip().lower() in TRUE_WORDS
+        elif text is None:
+            values[option.dest] = option.default_here(bool(env.get("SPACE_ID")))
+        else:
+            try:
+                values[option.dest] = option.kind(text)
+            except ValueError:
+                parser.error(f"{source} must be {KIND_WORDS[option.kind]} (got {text!r})")
+    return values, sources
+
+
+def parse_gpus(
+    parser: argparse.ArgumentParser, text: str | None, source: str = "--gpus"
+) -> tuple[str, ...] | None:
     """'0,1' -> ('0', '1'): distinct GPU indices; None or blank: the first GPU."""
     if not text or not text.strip():
         return None
     gpus = tuple(part.strip() for part in text.split(","))
     if not all(gpu.isdigit() for gpu in gpus) or len(set(gpus)) != len(gpus):
         parser.error(
-            f"--gpus must be distinct GPU numbers separated by commas, e.g. 0,1 (got {text!r})"
+            f"{source} must be distinct GPU numbers separated by commas, e.g. 0,1 (got {text!r})"
         )
     return gpus
 
 
-def parse_api_keys(parser: argparse.ArgumentParser, text: str | None) -> tuple[str, ...]:
+def parse_api_keys(
+    parser: argparse.ArgumentParser, text: str | None, source: str = "--api-key"
+) -> tuple[str, ...]:
     """'k1,k2' -> ('k1', 'k2'); each at least 16 characters (they guard the GPU)."""
     if not text or not text.strip():
         return ()
@@ -88,9 +246,51 @@ def parse_api_keys(parser: argparse.ArgumentParser, text: str | None) -> tuple[s
     short = [key for key in keys if len(key) < 16]
     if short:
         parser.error(
-            f"--api-key: each key must be at least 16 characters ({len(short)} is shorter)"
+            f"{source}: each key must be at least 16 characters ({len(short)} of {len(keys)} "
+            "is shorter)"
         )
     return keys
+
+
+def check_config(
+    parser: argparse.ArgumentParser, config: AppConfig, sources: Mapping[str, str]
+) -> None:
+    """Refuse a bad value in one line that names its flag or variable, the range and the value."""
+    checks = (
+        ("cache_mode", config.cache_mode not in CACHE_MODES,
+         f"must be one of {', '.join(CACHE_MODES)} (got {config.cache_mode!r})"),
+        ("branch", config.branch != AUTO and config.branch not in BRANCHES,
+         f"must be {AUTO} or one of {', '.join(BRANCHES)} (got {config.branch!r})"),
+        ("context", not _valid_context(config.context),
+         f"must be a multiple of {CONTEXT_STEP} from {MIN_CONTEXT:,} to {MAX_CONTEXT:,} tokens "
+         f"(got {config.context:,})"),
+        ("port", not 1 <= config.port <= 65535,
+         f"must be between 1 and 65535 (got {config.port})"),
+        ("queue_size", config.queue_size < 0, f"must be 0 or more (got {config.queue_size})"),
+        ("auth", config.auth is not None and ":" not in config.auth,
+         'must look like "user:password"'),
+        ("max_jobs", not 1 <= config.max_jobs <= 64,
+         f"must be between 1 and 64 (got {config.max_jobs})"),
+        ("stall_timeout", not 1 <= config.stall_timeout <= 600,  # also refuses nan
+         f"must be between 1 and 600 seconds (got {config.stall_timeout:g})"),
+        ("proxy_hops", not 0 <= config.proxy_hops <= 8,
+         f"must be between 0 and 8 (got {config.proxy_hops})"),
+        ("rate_limit", config.rate_limit < 0,
+         f"must be 0 (no limit) or a positive number of requests (got {config.rate_limit})"),
+        ("admin_token", config.admin_token is not None and len(config.admin_token) < 12,
+         "must be at least 12 characters (it guards model reloads)"),
+    )  # fmt: skip
+    for dest, bad, problem in checks:
+        if bad:
+            parser.error(f"{sources[dest]} {problem}")
+
+
+def _valid_context(tokens: int) -> bool:
+    try:
+        validate_context(tokens)
+    except ChatError:
+        return False
+    return True
 
 
 def parse_config(
@@ -98,110 +298,18 @@ def parse_config(
 ) -> AppConfig:
     """Read flags, falling back to environment variables, then to defaults."""
     env = os.environ if environ is None else environ
-    base = AppConfig()
-    host_default = "0.0.0.0" if env.get("SPACE_ID") else base.host
-    hops_default = SPACE_PROXY_HOPS if env.get("SPACE_ID") else base.proxy_hops
-    options = (
-        ("--model-dir", ("SC2_MODEL_DIR",), base.model_dir, str,
-         "a local model folder (skips the download)"),
-        ("--repo", ("SC2_REPO",), base.repo, str, "Hugging Face repo with EXL2 branches"),
-        ("--branch", ("SC2_BRANCH",), base.branch, str,
-         f"quant branch: {', '.join(BRANCHES)} or auto (the largest that fits the GPU)"),
-        ("--context", ("SC2_CONTEXT",), base.context, int,
-         f"context size in tokens ({MIN_CONTEXT}-{MAX_CONTEXT}, multiple of {CONTEXT_STEP})"),
-        ("--cache-mode", ("SC2_CACHE_MODE",), base.cache_mode, str,
-         f"K/V cache precision: {', '.join(CACHE_MODES)}"),
-        ("--host", ("SC2_HOST",), host_default, str,
-         "address to listen on (0.0.0.0 on a Space)"),
-        ("--port", ("SC2_PORT", "GRADIO_SERVER_PORT"), base.port, int, "port to listen on"),
-        ("--queue-size", ("SC2_QUEUE_SIZE",), base.queue_size, int,
-         "requests that may wait in the queue before new ones are turned away"),
-        ("--auth", ("SC2_AUTH",), base.auth, str, 'require a login, given as "user:password"'),
-        ("--rate-limit", ("SC2_RATE_LIMIT",), base.rate_limit, int,
-         "requests per minute per client for chat and /generate (0: no limit)"),
-        ("--max-jobs", ("SC2_MAX_JOBS",), base.max_jobs, int,
-         "jobs that run together on the GPU; the cache is sized for this many full contexts, "
-         "capped by free VRAM"),
-        ("--stall-timeout", ("SC2_STALL_TIMEOUT",), base.stall_timeout, float,
-         "seconds an engine may go without progress while replies wait before they end with an "
-         "error and the engine restarts; a reply that alone stops moving ends after as long"),
-        ("--gpus", ("SC2_GPUS",), None, str,
-         "GPUs to serve from, one engine process each, e.g. 0,1 (replies go to the least "
-         "loaded; follow-up turns to the GPU holding their conversation)"),
-        ("--api-key", ("SC2_API_KEY",), None, str,
-         "key(s) the OpenAI routes (/v1) and /metrics require as 'Authorization: Bearer <key>'; "
-         "several separated by commas"),
-        ("--proxy-hops", ("SC2_PROXY_HOPS",), hops_default, int,
-         "trusted proxies in front of the app that append the caller's address to "
-         "X-Forwarded-For; the client is the entry this many from the right, and what a client "
-         "writes there itself counts for nothing (0: no proxy; 1 on a Space)"),
-        ("--admin-token", ("SC2_ADMIN_TOKEN",), base.admin_token, str,
-         "a secret that lets the page's Load button work when the app is public (a Space, or "
-         "--host other than 127.0.0.1); without it, loading from the page is off there"),
-    )  # fmt: skip
-    parser = argparse.ArgumentParser(
-        prog="app.py",
-        description="Chat with StarCoder2-15B-Instruct (EXL2) on one NVIDIA GPU.",
-    )
-    for flag, env_names, default, kind, text in options:
-        from_env = next((env[name] for name in env_names if env.get(name)), None)
-        value = default if from_env is None else from_env
-        shown = "none" if default is None else default
-        # argparse converts string defaults with `type`, so a bad env value gets a clean error.
-        parser.add_argument(
-            flag,
-            type=kind,
-            default=value,
-            help=f"{text} (env {' / '.join(env_names)}; default: {shown})",
-        )
-    switches = (
-        ("--no-load", "SC2_NO_LOAD",
-         "do not load a model at start; the page waits for Load",
-         "load --branch at start when a GPU is present"),
-        ("--no-cuda-graphs", "SC2_NO_CUDA_GRAPHS",
-         "run every decode step eagerly, sampling on the CPU, instead of replaying a CUDA "
-         "graph per batch size", "graphs with the fp16 cache"),
-    )  # fmt: skip
-    for flag, env_name, text, otherwise in switches:
-        parser.add_argument(
-            flag,
-            action="store_true",
-            default=(env.get(env_name) or "").strip().lower() in TRUE_WORDS,
-            help=f"{text} (env {env_name}=1; default: {otherwise})",
-        )
-    arguments = list(sys.argv[1:] if argv is None else argv)
-    args = parser.parse_args(arguments)
-    if args.cache_mode not in CACHE_MODES:
-        parser.error(f"--cache-mode must be one of {', '.join(CACHE_MODES)}")
-    if args.branch != AUTO and args.branch not in BRANCHES:
-        parser.error(f"--branch must be auto or one of {', '.join(BRANCHES)}")
-    try:
-        validate_context(args.context)
-    except ChatError as error:
-        parser.error(str(error))
-    if args.auth is not None and ":" not in args.auth:
-        parser.error('--auth must look like "user:password"')
-    if not 1 <= args.max_jobs <= 64:
-        parser.error(f"--max-jobs must be between 1 and 64 (got {args.max_jobs})")
-    if not 1 <= args.stall_timeout <= 600:  # also refuses nan
-        parser.error(
-            f"--stall-timeout must be between 1 and 600 seconds (got {args.stall_timeout:g})"
-        )
-    if not 0 <= args.proxy_hops <= 8:
-        parser.error(f"--proxy-hops must be between 0 and 8 (got {args.proxy_hops})")
-    if args.rate_limit < 0:
-        parser.error("--rate-limit must be 0 (no limit) or a positive number of requests")
-    if args.admin_token is not None and len(args.admin_token) < 12:
-        parser.error("--admin-token must be at least 12 characters (it guards model reloads)")
-    values = vars(args)
+    parser = build_parser()
+    args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+    values, sources = read_values(parser, args, env)
     load_at_start = not values.pop("no_load")
     cuda_graphs = not values.pop("no_cuda_graphs")
-    values["gpus"] = parse_gpus(parser, values["gpus"])
-    values["api_keys"] = parse_api_keys(parser, values.pop("api_key"))
-    on_space = bool(env.get("SPACE_ID"))
-    return AppConfig(
+    values["gpus"] = parse_gpus(parser, values["gpus"], sources["gpus"])
+    values["api_keys"] = parse_api_keys(parser, values.pop("api_key"), sources["api_key"])
+    config = AppConfig(
         **values,
         load_at_start=load_at_start,
         cuda_graphs=cuda_graphs,
-        on_space=on_space,
+        on_space=bool(env.get("SPACE_ID")),
     )
+    check_config(parser, config, sources)
+    return config
