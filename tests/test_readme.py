@@ -15,6 +15,7 @@ import yaml
 from tests.fake_engine import FakeEngine
 from tests.serving import serve
 from tests.test_openai_clients import CONTINUE_AUTOCOMPLETE, CONTINUE_CHAT
+from web.config import build_parser, settings_table
 
 ROOT = Path(__file__).resolve().parent.parent
 LOCAL = "http://127.0.0.1:7860/"
@@ -88,3 +89,36 @@ def test_the_continue_config_reaches_chat_and_autocomplete():
                 base + path, json={**body, "model": model["model"]}, headers=headers, timeout=15
             )
             assert response.status_code == 200 and response.text.endswith("data: [DONE]\n\n")
+
+
+# ---- Settings -----------------------------------------------------------------------------------
+
+
+def settings_rows() -> list[str]:
+    """The README's Settings table, line by line."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = text.split("\n## Settings\n", 1)[1].split("\n## ", 1)[0]
+    return [line for line in section.splitlines() if line.startswith("|")]
+
+
+def test_the_settings_table_is_the_option_table_that_help_is_made_from():
+    assert settings_rows() == settings_table().splitlines(), (
+        "regenerate the README's Settings table from "
+        "`python -c 'from web.config import settings_table; print(settings_table())'`"
+    )
+
+
+def test_help_gives_every_flag_in_the_readme_the_same_variables_default_and_meaning(
+    monkeypatch,
+):
+    monkeypatch.setenv("COLUMNS", "1000")  # no wrapping: a hyphen may end a wrapped line
+    help_text = build_parser().format_help()
+    for row in settings_rows()[2:]:
+        flag, env, default, meaning = (
+            re.sub(r"`|\*\*", "", cell).strip() for cell in row.strip("|").split(" | ")
+        )
+        assert flag in help_text
+        described = f"{meaning} (env {env.replace(', ', ' / ')}; default: {default})"
+        assert described in help_text, f"--help and the README differ on {flag}"
+    assert "--api-key" in help_text and "16+ characters" in help_text
+    assert "default: the first GPU" in help_text
