@@ -7,11 +7,16 @@ import io
 import re
 import shlex
 import subprocess
+import time
 from pathlib import Path
 
 import httpx
+import openai
+import pytest
 import yaml
+from gradio_client.exceptions import AppError
 
+from model.gpu_check import no_gpu_here
 from tests.fake_engine import FakeEngine
 from tests.serving import serve
 from tests.test_openai_clients import CONTINUE_AUTOCOMPLETE, CONTINUE_CHAT
@@ -71,6 +76,23 @@ def test_the_gradio_client_example_streams_an_answer():
     assert engine.calls[0].settings.seed == 1234
 
 
+def test_the_openai_client_example_fails_at_once_with_the_reason_without_a_gpu():
+    with serve(FakeEngine(gpu=None, loaded=False)) as (url, _):
+        started = time.perf_counter()
+        with pytest.raises(openai.InternalServerError) as raised:
+            run_python(block("python", "from openai import OpenAI"), url)
+        took = time.perf_counter() - started
+    assert raised.value.status_code == 503 and no_gpu_here() in str(raised.value)
+    assert took < 3, f"the client retried for {took:.1f} s"  # waiting cannot bring a GPU
+
+
+def test_the_gradio_client_example_raises_the_apps_error_without_a_gpu():
+    with serve(FakeEngine(gpu=None, loaded=False)) as (url, _):
+        with pytest.raises(AppError) as raised:
+            run_python(block("python", "from gradio_client import Client"), url)
+    assert str(raised.value) == no_gpu_here()
+
+
 def test_the_continue_config_reaches_chat_and_autocomplete():
     config = yaml.safe_load(block("yaml", "provider: openai"))
     roles = {role: model for model in config["models"] for role in model["roles"]}
@@ -89,6 +111,18 @@ def test_the_continue_config_reaches_chat_and_autocomplete():
                 base + path, json={**body, "model": model["model"]}, headers=headers, timeout=15
             )
             assert response.status_code == 200 and response.text.endswith("data: [DONE]\n\n")
+
+
+def test_the_quick_start_is_two_commands_and_says_how_to_run_them_side_by_side():
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    quick = text.split("\n## Quick start\n", 1)[1].split("\n## ", 1)[0]
+    (commands,) = re.findall(r"```bash\n(.*?)```", quick, re.S)
+    app, tests = [line.split("#")[0].strip() for line in commands.strip().splitlines()]
+    assert app.endswith("python app.py") and tests.endswith("python -m pytest")
+    ci = (ROOT / ".ci" / "run").read_text().replace("pip install -q", "pip install")
+    assert tests in ci  # CI runs what a newcomer runs
+    for advice in ("python -m venv", "keeps serving until Ctrl+C", "second terminal", "chromium"):
+        assert advice in quick.replace("\n", " "), advice
 
 
 # ---- Settings -----------------------------------------------------------------------------------
