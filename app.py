@@ -15,7 +15,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
-from model.errors import NO_GPU_MESSAGE
+from model.gpu_check import no_gpu_here
 
 if TYPE_CHECKING:
     from model.protocol import EngineClient
@@ -81,7 +81,7 @@ def start(web: WebApp, config: AppConfig) -> None:
     """Say what will happen with the GPU and the model, and start loading it if asked."""
     gpu = web.engine.gpu_info()
     if gpu is None:
-        logger.warning("No CUDA GPU found: the page will say so. %s", NO_GPU_MESSAGE)
+        logger.warning("%s The page says so too.", no_gpu_here())
     elif not config.load_at_start:
         logger.info("GPU: %s. --no-load: the page waits for Load.", gpu.name)
     else:

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 from model import worker
 from model.errors import GenerationFailed, NoGPU, NotReady
+from model.gpu_check import no_gpu_here
 from model.prompt import Segment
 from model.protocol import (
     EngineClient,
@@ -314,7 +315,7 @@ class EngineProcess(EngineClient):
     ) -> EngineStatus:
         """Load (or reload) in the engine process; replies in flight end with a clear error."""
         if self._gpu is None:
-            raise NoGPU("A CUDA GPU is required: the engine process found none.")
+            raise NoGPU(no_gpu_here())
         self._encoder = None
         self._status = EngineStatus(state="loading", message=f"Loading {model_dir}…")
         arguments = {"model_dir": model_dir, "max_seq_len": max_seq_len, "cache_mode": cache_mode}

@@ -21,7 +21,6 @@ from typing import Any
 from model.branches import MAX_CONTEXT, cache_bytes_per_token, check_cache_mode, validate_context
 from model.download import check_model_dir
 from model.errors import (
-    NO_GPU_MESSAGE,
     ContextTooLong,
     DoesNotFit,
     GenerationFailed,
@@ -29,6 +28,7 @@ from model.errors import (
     NoGPU,
     NotReady,
 )
+from model.gpu_check import no_gpu_here
 from model.prompt import EOS_TOKEN_ID, STOP_STRINGS, Segment
 from model.protocol import (
     EngineStatus,
@@ -136,7 +136,7 @@ class Engine:
     def _free_gb(self) -> float:
         gpu = self.gpu_info()
         if gpu is None:
-            raise NoGPU(NO_GPU_MESSAGE)
+            raise NoGPU(no_gpu_here())
         return gpu.free_gb
 
     @property
@@ -173,7 +173,7 @@ class Engine:
         """Load (or reload) a model; in-flight jobs are ended with a clear error first."""
         validate_load_args(max_seq_len, cache_mode)
         if self.gpu_info() is None:
-            raise NoGPU(NO_GPU_MESSAGE)
+            raise NoGPU(no_gpu_here())
         folder = check_model_dir(model_dir)
         with self._load_lock:
             self.unload()
@@ -395,7 +395,7 @@ class Engine:
         """Yield TextDelta events then one Finished; closing the iterator cancels the GPU job."""
         if self._status.state != "ready":
             if self.gpu_info() is None:
-                raise NoGPU(NO_GPU_MESSAGE)
+                raise NoGPU(no_gpu_here())
             raise NotReady(f"The model is not ready ({self._status.state}); load one first.")
         return self.stream_tokens(self.encode(segments), settings)
 

@@ -1,11 +1,5 @@
 """Domain errors. Each message states the numbers involved and what to do about it."""
 
-NO_GPU_MESSAGE = (
-    "A CUDA GPU is required: exllamav2 runs only on NVIDIA GPUs and none was found. "
-    "On a Hugging Face Space, pick GPU hardware in Settings; locally, install the CUDA build "
-    "of torch."
-)
-
 
 class ChatError(Exception):
     """Base class: the message is safe and useful to show to a user as is."""

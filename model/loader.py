@@ -11,7 +11,8 @@ from dataclasses import dataclass
 
 from model.branches import validate_context
 from model.download import DownloadProgress, ModelSource, resolve_model_dir
-from model.errors import NO_GPU_MESSAGE, ChatError, NoGPU, NotReady
+from model.errors import ChatError, NoGPU, NotReady
+from model.gpu_check import no_gpu_here
 from model.protocol import EngineClient, EngineStatus, LoadStep
 
 logger = logging.getLogger(__name__)
@@ -119,7 +120,7 @@ class ModelLoader:
 
         free_gb = available_vram_gb(self.engine)
         if free_gb is None:
-            raise NoGPU(NO_GPU_MESSAGE)
+            raise NoGPU(no_gpu_here())
         context_tokens = validate_context(context_tokens)
 
         def downloaded(progress: DownloadProgress) -> None:

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from model.errors import GenerationFailed, NoGPU, NotReady
+from model.gpu_check import no_gpu_here
 from model.prompt import Segment
 from model.protocol import (
     EngineClient,
@@ -109,7 +110,7 @@ class FakeEngine(EngineClient):
         on_progress: LoadProgress | None = None,
     ) -> EngineStatus:
         if self.gpu is None:
-            raise NoGPU("A CUDA GPU is required: exllamav2 runs only on NVIDIA GPUs.")
+            raise NoGPU(no_gpu_here())
         with self._lock:
             self.loads.append(
                 {"model_dir": model_dir, "max_seq_len": max_seq_len, "cache_mode": cache_mode}
@@ -167,7 +168,7 @@ class FakeEngine(EngineClient):
     def stream(self, request: GenerationRequest) -> EventStream:
         segments, settings = request.segments, request.settings
         if self.gpu is None:
-            raise NoGPU("A CUDA GPU is required: exllamav2 runs only on NVIDIA GPUs.")
+            raise NoGPU(no_gpu_here())
         if self._status.state != "ready":
             raise NotReady("The model is not ready; load one first.")
         if self.error is not None:

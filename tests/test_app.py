@@ -22,7 +22,8 @@ from gradio_client.exceptions import AppError
 from model import loader as loader_module
 from model.branches import BRANCHES, pick_branch
 from model.download import DownloadProgress, ModelSource
-from model.errors import NO_GPU_MESSAGE, ContextTooLong, GenerationFailed
+from model.errors import ContextTooLong, GenerationFailed
+from model.gpu_check import no_gpu_here
 from model.loader import ModelLoader
 from model.prompt import build_prompt
 from model.protocol import Finished
@@ -30,7 +31,7 @@ from model.settings import FIELDS, SamplingSettings
 from tests.fake_engine import FakeEngine
 from tests.serving import free_port, serve
 from web import chat as chat_module
-from web.chat import FAILED_MARK
+from web.chat import FAILED_MARK, NO_GPU_SHORT, is_failure
 from web.config import AppConfig, parse_config
 from web.errors import GENERIC_ERROR
 from web.panel import branch_choices
@@ -48,9 +49,10 @@ def run_chat(web: WebApp, history, *, system="", prefix="", values=None, seed=No
 
 
 def refusal(updates: list) -> str:
-    """The message on the stats line of a reply that was not answered ('' if it was)."""
-    stats = updates[-1][1] if updates else ""
-    return stats if isinstance(stats, str) and stats.startswith(FAILED_MARK) else ""
+    """The failure bubble's text of a reply that was not answered ('' if it was)."""
+    chat = updates[-1][0] if updates else []
+    last = chat[-1] if chat else None
+    return last["content"] if is_failure(last) else ""
 
 
 def resolved(folder: str = "/models/sc2", branch: str | None = "4_25"):
@@ -190,8 +192,7 @@ def test_without_a_gpu_the_api_answers_with_the_cuda_message():
     engine = FakeEngine(gpu=None)
     with serve(engine) as (url, _), pytest.raises(AppError) as raised:
         Client(url, verbose=False).predict("Hi", api_name="/generate")
-    assert str(raised.value) == NO_GPU_MESSAGE
-    assert "pick GPU hardware in Settings" in NO_GPU_MESSAGE
+    assert str(raised.value) == no_gpu_here()
     assert engine.calls == []
 
 
@@ -295,16 +296,19 @@ def test_chat_shows_domain_errors_as_their_message_and_keeps_the_question():
     web = build_app(FakeEngine(error=error))
     updates = run_chat(web, [user("Hi")])
     assert refusal(updates) == f"{FAILED_MARK} {error}"
-    assert updates[-1][0] == [user("Hi")]  # the question stays; Send or Retry asks it again
+    # The question stays, answered by the failure; Send or Retry asks it again.
+    assert updates[-1][0][:-1] == [user("Hi")]
+    assert chat_module.plain_history(updates[-1][0]) == [user("Hi")]  # the model never sees it
 
 
 def test_chat_without_a_gpu_answers_with_the_cuda_message():
     engine = FakeEngine(gpu=None)
     web = build_app(engine)
-    assert refusal(run_chat(web, [user("Hi")])) == f"{FAILED_MARK} {NO_GPU_MESSAGE}"
+    # Short in the chat; the banner at the top holds the cause and the remedy, once.
+    assert refusal(run_chat(web, [user("Hi")])) == f"{FAILED_MARK} {NO_GPU_SHORT}"
     assert engine.calls == []
     banners = [b for b in web.demo.blocks.values() if isinstance(b, gr.HTML) and b.visible]
-    assert any(NO_GPU_MESSAGE in str(b.value) for b in banners)
+    assert any(no_gpu_here() in str(b.value) for b in banners)
 
 
 def test_without_a_gpu_bad_input_still_gets_its_own_message_first():
@@ -321,7 +325,7 @@ def test_without_a_gpu_bad_input_still_gets_its_own_message_first():
             client.predict("", api_name="/generate")
         with pytest.raises(AppError, match="temperature must be between 0 and 2"):
             client.predict("Hi", temperature=-1, api_name="/generate")
-        with pytest.raises(AppError, match="A CUDA GPU is required"):
+        with pytest.raises(AppError, match="No GPU to run the model"):
             client.predict("Hi", api_name="/generate")
 
 
@@ -332,10 +336,27 @@ def test_chat_before_a_model_is_loaded_says_to_load_one():
     )
 
 
+@pytest.mark.parametrize(
+    ("engine", "state", "words"),
+    [
+        (FakeEngine(gpu=None, loaded=False), "no_gpu", "No GPU to run the model"),
+        (FakeEngine(loaded=False), "empty", "press Load on the page"),
+        (FakeEngine(), "ready", "The model serves."),
+    ],
+)
+def test_health_says_the_state_with_a_reason_a_person_can_act_on(engine, state, words):
+    with serve(engine) as (url, _):
+        answer = httpx.get(f"{url}health", timeout=WAIT_S)
+    assert answer.status_code == (200 if state == "ready" else 503)
+    assert answer.json()["state"] == state and words in answer.json()["message"]
+    if state == "no_gpu":
+        assert answer.json()["message"] == no_gpu_here()
+
+
 def test_the_no_gpu_banner_is_hidden_when_a_gpu_is_present():
     web = build_app(FakeEngine())
     banners = [b for b in web.demo.blocks.values() if isinstance(b, gr.HTML)]
-    assert not any(b.visible and NO_GPU_MESSAGE in str(b.value) for b in banners)
+    assert not any(b.visible and no_gpu_here() in str(b.value) for b in banners)
 
 
 def test_a_finished_reply_says_why_it_ended_in_plain_words():
@@ -578,7 +599,7 @@ def test_load_without_a_gpu_answers_with_the_cuda_message():
     web = build_app(FakeEngine(gpu=None, loaded=False))
     web.fn("load_clicked")("auto", 4096, "fp16", "")
     web.panel.last_load.join(WAIT_S)
-    assert NO_GPU_MESSAGE in web.fn("tick")()[1]
+    assert no_gpu_here() in web.fn("tick")()[1]
 
 
 def test_gpu_replies_start_at_once_and_wait_for_one_place_until_a_model_is_loaded():
@@ -720,7 +741,7 @@ def test_a_port_in_use_gives_one_line_naming_the_port_flag():
     assert "Traceback" not in result.stderr
 
 
-def test_the_terminal_says_there_is_no_gpu_and_never_suggests_a_share_link():
+def test_the_terminal_says_once_why_there_is_no_gpu_and_never_suggests_a_share_link():
     port = free_port()
     started = subprocess.Popen(
         [sys.executable, "app.py", "--port", str(port)],
@@ -740,7 +761,9 @@ def test_the_terminal_says_there_is_no_gpu_and_never_suggests_a_share_link():
         rest, _ = started.communicate(timeout=WAIT_S)
     output = "".join(lines) + (rest or "")
     assert f"The page is at http://127.0.0.1:{port}" in output
-    assert "No CUDA GPU found: the page will say so." in output
+    # One line naming this machine's cause (a CPU-only torch here), not repeating itself.
+    (said,) = [line for line in output.splitlines() if "No GPU to run the model" in line]
+    assert said.endswith(f"{no_gpu_here()} The page says so too.")
     assert "share=True" not in output and "public link" not in output
 
 

@@ -1,6 +1,6 @@
 """The page in headless Chromium: streaming, Stop, errors, the queue, the model panel, the phone.
 
-Screenshots go to test-output/ (desktop 1400 px and phone 390 px wide).
+Screenshots go to test-output/ (desktop 1400 px, laptop 1280×800 and phone 390×844).
 """
 
 from __future__ import annotations
@@ -14,12 +14,15 @@ from urllib.parse import urlsplit
 
 import pytest
 
+from model import gpu_check
 from model import loader as loader_module
 from model.errors import GenerationFailed
+from model.gpu_check import no_gpu_here
 from model.settings import SamplingSettings
 from tests.fake_engine import FakeEngine
 from tests.serving import serve
 from tests.test_app import resolved
+from web.chat import FAILED_MARK, NO_GPU_SHORT
 from web.config import AppConfig
 
 pytestmark = pytest.mark.browser
@@ -36,7 +39,10 @@ CHROMIUM_ARGS = [
 SCREENSHOTS = Path(__file__).resolve().parent.parent / "test-output"
 WAIT_MS = 15_000
 DESKTOP = {"width": 1400, "height": 1000}
+LAPTOP = {"width": 1280, "height": 800}
 PHONE = {"width": 390, "height": 844}
+SCREENS = {"laptop": LAPTOP, "phone": PHONE}
+BUBBLES = "#chatbot [data-testid=user], #chatbot [data-testid=bot]"  # one per message
 CODE_REPLY = [
     "Here is a function:\n\n",
     "```python\n",
@@ -74,9 +80,22 @@ def opened(browser, url: str, viewport: dict = DESKTOP) -> Iterator:
         page.close()
 
 
-def shot(page, name: str) -> None:
+def shot(page, name: str, *, whole: bool = True) -> None:
+    """The whole page, or (whole=False) what the screen shows."""
     SCREENSHOTS.mkdir(exist_ok=True)
-    page.screenshot(path=str(SCREENSHOTS / f"{name}.png"), full_page=True)
+    page.screenshot(path=str(SCREENSHOTS / f"{name}.png"), full_page=whole)
+
+
+def on_screen(page, selector: str) -> bool:
+    """The element lies wholly inside the window as it is scrolled now."""
+    box = page.locator(selector).last.bounding_box()
+    height, width = page.viewport_size["height"], page.viewport_size["width"]
+    return (
+        box is not None
+        and box["y"] >= 0
+        and box["y"] + box["height"] <= height + 0.5
+        and (box["x"] >= 0 and box["x"] + box["width"] <= width + 0.5)
+    )
 
 
 @pytest.fixture(scope="module")
@@ -195,8 +214,8 @@ def test_without_a_gpu_send_says_why_and_the_chat_stays_usable(browser):
         for viewport, name in ((DESKTOP, "no-gpu-reply"), (PHONE, "no-gpu-reply-phone")):
             with opened(browser, address, viewport) as page:
                 send(page, "Write a function.")
-                stats = page.locator("#reply-stats")
-                expect(stats).to_contain_text("A CUDA GPU is required", timeout=WAIT_MS)
+                failure = page.locator(BUBBLES).last
+                expect(failure).to_contain_text(NO_GPU_SHORT, timeout=WAIT_MS)
                 for button in edit_buttons(page):
                     expect(button).to_be_enabled(timeout=WAIT_MS)
                 expect(page.locator("#stop")).to_be_disabled()
@@ -216,8 +235,9 @@ def test_a_reply_failing_midway_shows_its_message_and_unlocks_the_chat(browser):
             with opened(browser, address, viewport) as page:
                 send(page, "Explain recursion.")
                 expect(page.locator("#chatbot")).to_contain_text("Partial answer", timeout=WAIT_MS)
+                failure = page.locator(BUBBLES).last
+                expect(failure).to_contain_text("out of GPU memory", timeout=WAIT_MS)
                 stats = page.locator("#reply-stats")
-                expect(stats).to_contain_text("out of GPU memory", timeout=WAIT_MS)
                 for button in edit_buttons(page):
                     expect(button).to_be_enabled(timeout=WAIT_MS)
                 shot(page, name)
@@ -360,3 +380,172 @@ def test_a_reply_cannot_make_the_browser_fetch_another_origin(browser):
         outside.shutdown()
     assert Counter.hits == []
     assert [url for url in answered if urlsplit(url).netloc not in (origin, "")] == []
+
+
+# ---- the first minutes: the screen, the errors, the font, the message box -----------------------
+
+
+@pytest.mark.parametrize("screen", SCREENS)
+def test_the_message_box_is_on_screen_without_scrolling_at_every_step(browser, screen):
+    engine = FakeEngine(["word "] * 200, chunk_delay_s=0.03)
+    with serve(engine) as (address, _), opened(browser, address, SCREENS[screen]) as page:
+        assert page.evaluate("window.scrollY") == 0
+        assert on_screen(page, "#message textarea")
+        shot(page, f"first-empty-{screen}", whole=False)
+
+        page.get_by_text("palindrome").first.click()  # an example: it must not push the box away
+        expect(page.locator("#chatbot")).to_contain_text("word word word", timeout=WAIT_MS)
+        assert on_screen(page, "#message textarea") and on_screen(page, BUBBLES)
+        shot(page, f"first-streaming-{screen}", whole=False)
+        page.locator("#stop").click()
+        expect(page.locator("#send")).to_be_enabled(timeout=WAIT_MS)
+
+        engine.chunks, engine.chunk_delay_s = ["Half an ", "answer"], 0.0
+        engine.fail_next(GenerationFailed("Generation failed (out of GPU memory)."), after_chunks=1)
+        send(page, "Explain recursion.")
+        failure = page.locator(BUBBLES).last
+        expect(failure).to_contain_text("out of GPU memory", timeout=WAIT_MS)
+        assert on_screen(page, "#message textarea") and on_screen(page, BUBBLES)
+        shot(page, f"first-failed-{screen}", whole=False)
+
+        page.locator("#load").scroll_into_view_if_needed()  # the model panel (below, on a phone)
+        assert on_screen(page, "#load") and on_screen(page, "#message textarea")
+        shot(page, f"first-model-panel-{screen}", whole=False)
+
+
+@pytest.mark.parametrize("screen", SCREENS)
+def test_a_new_message_comes_into_view_when_sent_from_further_down(browser, screen):
+    engine = FakeEngine(["An answer."])
+    with serve(engine) as (address, _), opened(browser, address, SCREENS[screen]) as page:
+        page.get_by_text("Sampling").click()  # a longer page, scrolled to its end
+        page.evaluate("window.scrollTo(0, document.body.scrollHeight)")
+        send(page, "Are you there?")
+        expect(page.locator("#chatbot")).to_contain_text("An answer.", timeout=WAIT_MS)
+        expect(page.locator(BUBBLES).last).to_be_in_viewport(ratio=1)
+        assert on_screen(page, "#message textarea")
+
+
+@pytest.mark.parametrize("screen", SCREENS)
+def test_a_failed_reply_says_why_in_the_answers_place_without_repeating_the_banner(browser, screen):
+    engine = FakeEngine(gpu=None, loaded=False)
+    with serve(engine) as (address, _), opened(browser, address, SCREENS[screen]) as page:
+        banner = page.locator("#no-gpu")
+        expect(banner).to_have_text(no_gpu_here())
+        send(page, "Write a function.")
+        bubbles = page.locator(BUBBLES)
+        expect(bubbles).to_have_count(2, timeout=WAIT_MS)  # the question, and why no answer
+        expect(bubbles.last).to_have_text(f"{FAILED_MARK} {NO_GPU_SHORT}".replace("**", ""))
+        expect(page.locator("#reply-stats")).to_have_text("")
+        body = page.locator("body").inner_text()
+        assert body.count(no_gpu_here()) == 1  # the banner only
+        send(page, "Another try.")  # the unanswered question and its failure are replaced
+        expect(page.locator("#chatbot")).to_contain_text("Another try.", timeout=WAIT_MS)
+        expect(bubbles).to_have_count(2, timeout=WAIT_MS)
+        expect(page.locator("#chatbot")).not_to_contain_text("Write a function.")
+
+
+def test_the_model_never_sees_a_failure_and_retry_asks_the_question_again(page, engine):
+    engine.chunks, engine.chunk_delay_s = ["Fine ", "now."], 0.0
+    engine.calls.clear()
+    engine.fail_next(GenerationFailed("Generation failed (out of GPU memory)."), after_chunks=0)
+    send(page, "First question")
+    expect(page.locator(BUBBLES).last).to_contain_text("out of GPU memory")
+    page.locator("#retry").click()
+    expect(page.locator(BUBBLES).last).to_have_text("Fine now.", timeout=WAIT_MS)
+    expect(page.locator("#send")).to_be_enabled(timeout=WAIT_MS)
+    send(page, "Second question")
+    expect(page.locator(BUBBLES)).to_have_count(4, timeout=WAIT_MS)
+    expect(page.locator(BUBBLES).last).to_have_text("Fine now.", timeout=WAIT_MS)
+    prompts = ["".join(segment.text for segment in call.segments) for call in engine.calls]
+    sent = prompts[-1]
+    assert "First question" in sent and "Fine now." in sent and "Not answered" not in sent
+
+
+@pytest.mark.parametrize("screen", SCREENS)
+def test_the_busy_state_ends_in_the_same_update_as_a_failed_reply(browser, screen):
+    with serve(FakeEngine(gpu=None, loaded=False)) as (address, _):
+        with opened(browser, address, SCREENS[screen]) as page:
+            # At the first change that shows the failure, is Stop already off and Send on?
+            page.evaluate(
+                """() => {
+                  window.seen = [];
+                  const chat = document.querySelector("#chatbot");
+                  let last = "";
+                  new MutationObserver(() => {
+                    const shown = chat.textContent;
+                    if (!shown.includes("Not answered") || shown === last) return;
+                    last = shown;  // a new failure on screen: how do the buttons stand?
+                    window.seen.push([document.querySelector("#stop").disabled,
+                                      document.querySelector("#send").disabled]);
+                  }).observe(chat, { childList: true, subtree: true, characterData: true });
+                }"""
+            )
+            for attempt in range(5):
+                send(page, f"Attempt {attempt}")
+                expect(page.locator("#chatbot")).to_contain_text(
+                    f"Attempt {attempt}", timeout=WAIT_MS
+                )
+                expect(page.locator("#send")).to_be_enabled(timeout=WAIT_MS)
+            seen = page.evaluate("window.seen")
+    assert len(seen) >= 5 and all(
+        seen_stop_off and not send_off for seen_stop_off, send_off in seen
+    )
+
+
+def test_bold_headings_draw_every_letter_from_one_font_served_by_the_app(browser):
+    fonts: list[str] = []
+    with serve(FakeEngine(gpu=None, loaded=False)) as (address, _):
+        with opened(browser, address, LAPTOP) as page:
+            page.on("request", lambda request: fonts.append(request.url))
+            page.reload()
+            page.locator("#message textarea").wait_for(timeout=WAIT_MS)
+            page.evaluate("document.fonts.ready")
+            cdp = page.context.new_cdp_session(page)
+            cdp.send("DOM.enable")
+            cdp.send("CSS.enable")
+            root = cdp.send("DOM.getDocument", {"depth": -1})["root"]["nodeId"]
+            used = {}
+            for selector in ("#title h1", "#no-gpu .banner"):
+                node = cdp.send("DOM.querySelector", {"nodeId": root, "selector": selector})
+                platform = cdp.send("CSS.getPlatformFontsForNode", {"nodeId": node["nodeId"]})
+                used[selector] = {font["familyName"] for font in platform["fonts"]}
+            origin = urlsplit(address).netloc
+    # The files are Source Sans 3, the font's current name; one family for every letter.
+    assert used == {"#title h1": {"Source Sans 3"}, "#no-gpu .banner": {"Source Sans 3"}}, used
+    font_files = [url for url in fonts if url.endswith((".woff2", ".woff", ".ttf"))]
+    assert font_files and all(urlsplit(url).netloc == origin for url in font_files)
+    assert not any("SemiBold" in url for url in font_files)  # the 5 KB subset
+
+
+@pytest.mark.parametrize("screen", SCREENS)
+def test_the_message_box_is_named_focused_and_tells_how_to_stop(browser, screen):
+    with serve(FakeEngine()) as (address, _), opened(browser, address, SCREENS[screen]) as page:
+        box = page.get_by_role("textbox", name="Message to the model")
+        expect(box).to_be_focused(timeout=WAIT_MS)
+        assert "Escape stops a reply" in box.get_attribute("placeholder")
+        assert page.evaluate("window.scrollY") == 0  # focusing did not scroll the page
+
+
+@pytest.mark.parametrize("screen", SCREENS)
+def test_load_says_why_it_is_off_without_a_gpu(browser, screen):
+    with serve(FakeEngine(gpu=None, loaded=False)) as (address, _):
+        with opened(browser, address, SCREENS[screen]) as page:
+            expect(page.locator("#load")).to_be_disabled()
+            note = page.locator("#load-note")
+            expect(note).to_contain_text("Load is off: there is no GPU here")
+            expect(note).not_to_contain_text("take effect when you press")
+
+
+def test_on_a_space_the_banner_names_the_spaces_settings_tab_not_the_pages(browser, monkeypatch):
+    monkeypatch.setenv("SPACE_ID", "someone/starcoder2")
+    gpu_check.no_gpu_here.cache_clear()
+    try:
+        with serve(FakeEngine(gpu=None, loaded=False)) as (address, _):
+            with opened(browser, address, PHONE) as page:
+                banner = page.locator("#no-gpu")
+                expect(banner).to_contain_text("on the Space's page, open the Settings tab")
+                expect(banner).to_contain_text("under Space hardware")
+                shot(page, "first-space-banner-phone", whole=False)
+    finally:
+        monkeypatch.delenv("SPACE_ID")
+        gpu_check.no_gpu_here.cache_clear()

@@ -13,6 +13,7 @@ import time
 import httpx
 import pytest
 
+from model.gpu_check import no_gpu_here
 from model.prompt import FIM_MIDDLE, FIM_PREFIX, FIM_SUFFIX, build_prompt
 from model.settings import FIELDS
 from tests.fake_engine import FakeEngine
@@ -183,6 +184,19 @@ def test_models_lists_the_one_model_served():
     assert [model.id for model in models.data] == [MODEL_ID]
 
 
+def test_models_says_why_nothing_can_serve_instead_of_listing_the_model():
+    with serve(FakeEngine(gpu=None, loaded=False)) as (url, _):
+        no_gpu = httpx.get(f"{url}v1/models")
+    with serve(FakeEngine(loaded=False)) as (url, _):
+        no_model = httpx.get(f"{url}v1/models")
+    assert no_gpu.status_code == 503 and error_of(no_gpu)["message"] == no_gpu_here()
+    assert no_gpu.headers["x-should-retry"] == "false"  # clients fail at once, not in 20 s
+    assert (
+        no_model.status_code == 503
+        and "Load one in the Model panel" in error_of(no_model)["message"]
+    )
+
+
 # ---- errors -------------------------------------------------------------------------------------
 
 
@@ -285,7 +299,7 @@ def test_without_a_gpu_or_a_model_it_answers_503_with_the_reason_but_bad_input_f
         bad = httpx.post(f"{url}v1/chat/completions", json={"messages": [user("Hi")], "n": 3})
     with serve(FakeEngine(loaded=False)) as (url, _):
         no_model = httpx.post(f"{url}v1/completions", json={"prompt": "def"})
-    assert no_gpu.status_code == 503 and "A CUDA GPU is required" in error_of(no_gpu)["message"]
+    assert no_gpu.status_code == 503 and "No GPU to run the model" in error_of(no_gpu)["message"]
     assert bad.status_code == 400
     assert no_model.status_code == 503 and "not ready" in error_of(no_model)["message"]
 

@@ -36,6 +36,7 @@ from tests.fake_engine import FakeEngine
 from tests.serving import free_port, serve
 from tests.test_app import refusal, resolved
 from web import chat as chat_module
+from web.chat import plain_history
 from web.config import AppConfig, parse_config
 from web.errors import GENERIC_ERROR
 from web.limits import MAX_PROMPT_CHARS, RateLimiter, client_address
@@ -330,11 +331,15 @@ def test_a_fault_mid_reply_fails_only_that_request_and_health_goes_degraded_then
             client.predict("Hi", api_name="/generate")
         assert str(raised.value) == OOM_MESSAGE
         health = httpx.get(f"{url}health")
-        assert (health.status_code, health.json()) == (200, {"state": "degraded"})
+        assert (health.status_code, health.json()["state"]) == (200, "degraded")
+        assert "a recent reply failed and the engine recovered" in health.json()["message"]
         started = time.perf_counter()
         assert client.predict("Again", api_name="/generate") == "abc"
         assert time.perf_counter() - started < 5
-        assert httpx.get(f"{url}health").json() == {"state": "ready"}
+        assert httpx.get(f"{url}health").json() == {
+            "state": "ready",
+            "message": "The model serves.",
+        }
 
 
 def test_a_fault_in_the_chat_shows_its_message_and_the_next_message_is_answered():
@@ -343,7 +348,9 @@ def test_a_fault_in_the_chat_shows_its_message_and_the_next_message_is_answered(
     engine.fail_next(RuntimeError("CUDA error: an illegal memory access at 0xdead"), after_chunks=1)
     updates = run_chat(web, [user("Hi")])
     assert refusal(updates).endswith(GENERIC_ERROR)  # no internals shown to the user
-    assert updates[-1][0] == [user("Hi"), assistant("a")]  # what was written stays visible
+    # What was written stays visible, the failure after it; the model sees only what it wrote.
+    assert updates[-1][0][:-1] == [user("Hi"), assistant("a")]
+    assert plain_history(updates[-1][0]) == [user("Hi"), assistant("a")]
     assert engine.calls[0].finished.is_set()
     assert run_chat(web, [user("Hi")])[-1][0][-1] == assistant("ab")
 
@@ -745,7 +752,7 @@ def test_rate_limit_is_set_by_flag_or_env_and_must_not_be_negative(capsys):
 def test_health_answers_200_only_while_a_model_serves(engine, status, state):
     with serve(engine) as (url, _):
         response = httpx.get(f"{url}health")
-    assert (response.status_code, response.json()) == (status, {"state": state})
+    assert (response.status_code, response.json()["state"]) == (status, state)
 
 
 def test_health_answers_503_while_a_model_loads(monkeypatch):
@@ -763,5 +770,6 @@ def test_health_answers_503_while_a_model_loads(monkeypatch):
             engine.load_gate.set()
             thread.join(WAIT_S)
         ready = httpx.get(f"{url}health")
-    assert (loading.status_code, loading.json()) == (503, {"state": "loading"})
-    assert (ready.status_code, ready.json()) == (200, {"state": "ready"})
+    assert (loading.status_code, loading.json()["state"]) == (503, "loading")
+    assert loading.json()["message"].startswith("The model is loading; replies start when")
+    assert (ready.status_code, ready.json()["state"]) == (200, "ready")

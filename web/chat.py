@@ -8,13 +8,14 @@ from collections.abc import Sequence
 
 import gradio as gr
 
-from model.errors import ChatError, InvalidMessages, InvalidSetting
+from model.errors import ChatError, InvalidMessages, InvalidSetting, NoGPU
 from model.protocol import Finished, GenerationRequest
 from model.settings import FIELDS, SamplingSettings, validate_settings
 from web.errors import http_status, user_message
 from web.gate import GpuGate
 from web.limits import Message, check_history, check_text, within_chars
 
+CONTROLS = ("busy", "send", "retry", "undo", "clear", "stop")  # the order chat_controls gives
 BUSY_MESSAGE = "A reply is still being written: press Stop, or wait for it to finish."
 SETTING_NAMES = tuple(spec.name for spec in FIELDS)
 # Why a reply ended, in the words the page uses.
@@ -60,7 +61,7 @@ def add_user_message(
 
 
 def chat_controls(busy: bool) -> tuple:
-    """(busy, Send, Retry, Undo, Clear, Stop): edits wait while a reply streams; Stop only then."""
+    """The CONTROLS' updates: edits wait while a reply streams; Stop works only then."""
     edit = gr.Button(interactive=not busy)
     return busy, edit, edit, edit, edit, gr.Button(interactive=busy)
 
@@ -96,6 +97,8 @@ def plain_history(chat: object) -> list[Message]:
         return check_history(chat)
     plain = []
     for message in chat:
+        if is_failure(message):
+            continue
         if isinstance(message, dict) and "role" in message and "content" in message:
             content = message["content"]
             if isinstance(content, list):  # Gradio 6 may send [{"type": "text", "text": …}]
@@ -152,12 +155,29 @@ def waiting_line(ahead: int) -> str:
     return f"⏳ **Waiting for the GPU:** {ahead:,} {replies} ahead of yours."
 
 
+# A reply that could not be written shows why in its own bubble, marked so that it never
+# becomes part of the conversation the model sees (plain_history drops it).
+FAILED_ID = "not-answered"
 FAILED_MARK = "⚠️ **Not answered:**"
+NO_GPU_SHORT = "there is no GPU here to run the model (the note at the top says what to do)."
 
 
-def failed_line(message: str) -> str:
-    """The line when a reply could not be written; the chat stays usable."""
-    return f"{FAILED_MARK} {message}"
+def failure_bubble(error: Exception) -> dict:
+    """Where the answer would be: why there is none, in one short line."""
+    message = NO_GPU_SHORT if isinstance(error, NoGPU) else user_message(error)
+    return {
+        "role": "assistant",
+        "content": f"{FAILED_MARK} {message}",
+        "metadata": {"id": FAILED_ID},
+    }
+
+
+def is_failure(message: object) -> bool:
+    """A bubble that failure_bubble made (the page sends it back with the chat)."""
+    if not isinstance(message, dict):
+        return False
+    metadata = message.get("metadata")
+    return isinstance(metadata, dict) and metadata.get("id") == FAILED_ID
 
 
 def context_meter(request: GenerationRequest, context_tokens: int) -> str:
@@ -194,9 +214,11 @@ class Chat:
         self.gate = gate
 
     def respond(self, chat: list[Message], system: str | None, prefix: str | None, *values):
-        """Stream an answer to the last user message: (chat, stats, meter, prompt) per update.
+        """Stream an answer to the last user message: (chat, stats, meter, prompt, *controls)
+        per update, the controls as chat_controls gives them.
 
-        Failures end the stream with their message on the stats line (the chat stays usable);
+        The last update unlocks the chat in the same stream, so the busy state ends with it.
+        Failures end the stream with their message in the answer's place (the chat stays usable);
         they are not raised, so the page unlocks the chat the same way as after an answer.
         """
         shown: list[Message] = chat if isinstance(chat, list) else []
@@ -224,28 +246,35 @@ class Chat:
             meter = context_meter(request, self.gate.context_tokens)
             with self.gate.enter() as ticket:
                 for ahead in ticket.wait():
-                    yield history, waiting_line(ahead), meter, shown_prompt
+                    yield (
+                        *(history, waiting_line(ahead), meter, shown_prompt),
+                        *_unchanged(len(CONTROLS)),
+                    )
                 # closing(): Stop closes this generator, which must close the engine's (the job).
                 with contextlib.closing(self.gate.stream(request)) as events:
-                    yield history, "Generating…", meter, shown_prompt
+                    yield *(history, "Generating…", meter, shown_prompt), *_unchanged(len(CONTROLS))
                     text = ""
                     for event in events:
                         if isinstance(event, Finished):
                             shown = [*history, _answer(prefix + event.text)]
                             self.gate.metrics.request("chat", 200)
                             answered = True
-                            yield shown, format_stats(event), gr.skip(), gr.skip()
+                            yield shown, format_stats(event), *_unchanged(2), *chat_controls(False)
                         else:
                             text += event.text
                             shown = [*history, _answer(prefix + text)]
-                            yield shown, gr.skip(), gr.skip(), gr.skip()
+                            yield shown, *_unchanged(3 + len(CONTROLS))
         except GeneratorExit:  # Stop, or a closed tab
             if not answered:
                 self.gate.metrics.request("chat", 499)
             raise
         except Exception as error:
             self.gate.metrics.request("chat", http_status(error))
-            yield shown, failed_line(user_message(error)), gr.skip(), gr.skip()
+            yield [*shown, failure_bubble(error)], "", *_unchanged(2), *chat_controls(False)
+
+
+def _unchanged(count: int) -> tuple:
+    return tuple(gr.skip() for _ in range(count))
 
 
 def _answer(text: str) -> Message:

@@ -11,7 +11,8 @@ from collections.abc import Callable, Sequence
 
 from gradio.context import LocalContext
 
-from model.errors import NO_GPU_MESSAGE, ContextTooLong, NoGPU, NoListener, NotReady
+from model.errors import ContextTooLong, NoGPU, NoListener, NotReady
+from model.gpu_check import no_gpu_here
 from model.prompt import STOP_STRINGS, Segment, fit_to_context
 from model.protocol import EngineClient, EngineStatus, EventStream, Finished, GenerationRequest
 from model.settings import SamplingSettings
@@ -53,7 +54,7 @@ class GpuGate:
     def ready(self) -> EngineStatus:
         """The engine's status if it can take a job; NoGPU or NotReady (with the remedy) if not."""
         if self.engine.gpu_info() is None:
-            raise NoGPU(NO_GPU_MESSAGE)
+            raise NoGPU(no_gpu_here())
         status = self.engine.status
         if status.state != "ready":
             raise NotReady(

@@ -136,8 +136,9 @@ class OpenAIRoutes:
     async def models(self, request: Request) -> Response:
         try:
             self._authorize(request)
-        except ApiError as error:
-            return error.response()
+            self.gate.ready()  # no GPU, or no model: say why instead of listing what cannot serve
+        except Exception as error:
+            return ApiError.of(error).response()
         model = {"id": MODEL_ID, "object": "model", "created": 0, "owned_by": "bigcode"}
         return JSONResponse({"object": "list", "data": [model]})
 

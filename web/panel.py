@@ -21,6 +21,7 @@ from web.limits import client_address
 LOADING_TICK_S = 1.0
 IDLE_TICK_S = 5.0
 LOAD_NOTE = "Branch, context and cache take effect when you press **Load**."
+LOAD_NEEDS_GPU = "**Load** is off: there is no GPU here (the note at the top says why)."
 LOADING_OFF = (
     "Loading from this page is off: the app is public (a Space, or listening beyond this "
     "machine). The operator can set SC2_ADMIN_TOKEN to allow it with that token."
@@ -106,6 +107,12 @@ class ModelPanel:
     @property
     def can_load(self) -> bool:
         return self.config.loading_open or self.config.admin_token is not None
+
+    def load_note(self, has_gpu: bool) -> str:
+        """The line under Load: when it applies the settings, or why it is off."""
+        if not has_gpu:
+            return LOAD_NEEDS_GPU
+        return LOAD_NOTE if self.can_load else LOADING_OFF
 
     def model_line(self) -> str:
         """Loading progress, else the loaded model (with the last load's error, if it failed)."""

@@ -23,7 +23,7 @@ from web.metrics import Metrics, metrics_route
 from web.openai_api import OpenAIRoutes
 from web.panel import ModelPanel
 from web.sessions import SessionSweeper
-from web.ui import CSS, JS, build_demo
+from web.ui import CSS, JS, THEME, build_demo
 
 # Worker threads beyond the GPU's places and the queue: page events (panel, send, stop) need some.
 SPARE_THREADS = 16
@@ -76,6 +76,7 @@ class WebApp:
             "run_history": False,  # Gradio would keep every prompt and answer for replay
             "css": CSS,
             "js": JS,
+            "theme": THEME,
             "app_kwargs": {
                 # Routes and middleware given here come before Gradio's own.
                 "routes": [

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import gradio as gr
 
 from model.branches import CACHE_MODES, CONTEXT_STEP, MAX_CONTEXT, MIN_CONTEXT
-from model.errors import NO_GPU_MESSAGE
+from model.gpu_check import no_gpu_here
 from model.settings import FIELDS
 from web.api import GenerateApi
 from web.chat import (
@@ -20,8 +22,6 @@ from web.chat import (
 from web.limits import MAX_PROMPT_CHARS
 from web.panel import (
     IDLE_TICK_S,
-    LOAD_NOTE,
-    LOADING_OFF,
     ModelPanel,
     branch_choices,
     gpu_markdown,
@@ -29,32 +29,17 @@ from web.panel import (
 
 BANNER_STYLE = (
     "background:#fee2e2;color:#7f1d1d;border:1px solid #fca5a5;border-radius:8px;"
-    "padding:10px 14px;font-weight:600"
+    "padding:8px 12px;font-weight:600"
 )
-CSS = """
-#reply-stats { min-height: 1.6em; }
-#reply-stats p { margin: 0; }
-#chatbot pre { overflow-x: auto; max-width: 100%; }
-#chatbot pre code { white-space: pre; }
-#input-row { flex-wrap: nowrap; }
-@media (max-width: 640px) {
-  #input-row { flex-wrap: wrap; }
-  #input-row > * { min-width: 100% !important; flex: 1 1 100% !important; }
-  #send-stop { flex-direction: row !important; }
-  #send-stop > *, #edit-row > * { flex: 1 1 0; min-width: 0 !important; }
-  #edit-row { flex-wrap: nowrap; }
-}
-"""
-# Escape stops a streaming reply, as in other chat apps (Stop is enabled only while one streams).
-JS = """
-() => {
-  document.addEventListener("keydown", (event) => {
-    if (event.key !== "Escape") return;
-    const stop = document.querySelector("#stop");
-    if (stop && !stop.disabled) stop.click();
-  });
-}
-"""
+# One face for every weight, served by the app: Gradio's own theme asks for a SemiBold (600) file
+# that holds only a few glyphs, so bold headings drew other letters from a fallback font. With
+# Regular and Bold only, every bold text takes the whole Bold file.
+THEME = gr.themes.Default(
+    font=[gr.themes.LocalFont("Source Sans Pro", weights=(400, 700)), "ui-sans-serif", "sans-serif"]
+)
+PAGE = Path(__file__).resolve().parent
+CSS = (PAGE / "page.css").read_text(encoding="utf-8")
+JS = (PAGE / "page.js").read_text(encoding="utf-8")  # runs once, when the page has loaded
 PRIVATE = "private"  # hidden from the API page (the handlers still check everything)
 
 
@@ -67,14 +52,17 @@ def build_demo(
     with gr.Blocks(
         title="StarCoder2-15B-Instruct (EXL2)", analytics_enabled=False, delete_cache=(3600, 3600)
     ) as demo:
-        gr.Markdown("# StarCoder2-15B-Instruct · EXL2 chat")
-        gr.HTML(f"<div style='{BANNER_STYLE}'>{NO_GPU_MESSAGE}</div>", visible=not has_gpu)
+        gr.Markdown("# StarCoder2-15B-Instruct · EXL2 chat", elem_id="title")
+        gr.HTML(
+            f"<div class='banner' style='{BANNER_STYLE}'>{no_gpu_here()}</div>",
+            visible=not has_gpu,
+            elem_id="no-gpu",
+        )
         busy = gr.State(False)  # this chat has a reply streaming
         with gr.Row(equal_height=False):
-            with gr.Column(scale=3):
+            with gr.Column(scale=3, elem_id="chat-column"):
                 chatbot = gr.Chatbot(
                     label="Chat",
-                    height=520,
                     buttons=["copy", "copy_all"],
                     render_markdown=True,
                     allow_tags=False,
@@ -87,8 +75,12 @@ def build_demo(
                 meter = gr.HTML("", elem_id="context-meter")
                 with gr.Row(elem_id="input-row"):
                     message = gr.Textbox(
+                        label="Message to the model",
                         show_label=False,
-                        placeholder="Write an instruction (Enter sends, Shift+Enter adds a line)",
+                        placeholder=(
+                            "Write an instruction (Enter sends, Shift+Enter adds a line, "
+                            "Escape stops a reply)"
+                        ),
                         lines=1,
                         max_lines=12,
                         max_length=MAX_PROMPT_CHARS,
@@ -102,30 +94,6 @@ def build_demo(
                     retry = gr.Button("Retry", size="sm", elem_id="retry")
                     undo = gr.Button("Undo", size="sm", elem_id="undo")
                     clear = gr.Button("Clear", size="sm", elem_id="clear")
-                with gr.Accordion("Prompt options", open=False):
-                    system = gr.Textbox(
-                        label="System text",
-                        info="Optional; placed before your first instruction.",
-                        lines=2,
-                    )
-                    prefix = gr.Textbox(
-                        label="Response prefix",
-                        info="The answer starts with this text, e.g. ```python",
-                    )
-                    show_prompt_box = gr.Checkbox(
-                        label="Show the exact prompt of the last reply", elem_id="show-prompt"
-                    )
-                    # A textbox keeps the prompt's trailing newline, which gr.Code strips.
-                    prompt_view = gr.Textbox(
-                        label="Prompt sent to the model",
-                        lines=6,
-                        max_lines=30,
-                        visible=False,
-                        interactive=False,
-                        buttons=["copy"],
-                        autoscroll=False,
-                        elem_id="prompt-view",
-                    )
             with gr.Column(scale=2):
                 with gr.Accordion("Model", open=True):
                     gpu_line = gr.Markdown(gpu_markdown(initial_gpu), elem_id="gpu-line")
@@ -170,7 +138,7 @@ def build_demo(
                         interactive=has_gpu and panel.can_load,
                         elem_id="load",
                     )
-                    gr.Markdown(LOAD_NOTE if panel.can_load else LOADING_OFF, elem_id="load-note")
+                    gr.Markdown(panel.load_note(has_gpu), elem_id="load-note")
                 with gr.Accordion("Sampling", open=False):
                     sliders = [
                         gr.Slider(
@@ -189,6 +157,30 @@ def build_demo(
                         placeholder="random",
                         info="Blank for a random seed; a number repeats an answer.",
                         elem_id="seed",
+                    )
+                with gr.Accordion("Prompt options", open=False):
+                    system = gr.Textbox(
+                        label="System text",
+                        info="Optional; placed before your first instruction.",
+                        lines=2,
+                    )
+                    prefix = gr.Textbox(
+                        label="Response prefix",
+                        info="The answer starts with this text, e.g. ```python",
+                    )
+                    show_prompt_box = gr.Checkbox(
+                        label="Show the exact prompt of the last reply", elem_id="show-prompt"
+                    )
+                    # A textbox keeps the prompt's trailing newline, which gr.Code strips.
+                    prompt_view = gr.Textbox(
+                        label="Prompt sent to the model",
+                        lines=6,
+                        max_lines=30,
+                        visible=False,
+                        interactive=False,
+                        buttons=["copy"],
+                        autoscroll=False,
+                        elem_id="prompt-view",
                     )
         timer = gr.Timer(IDLE_TICK_S, active=False)  # page_opened starts it
 
@@ -210,11 +202,12 @@ def build_demo(
             streamed = locked.then(
                 chat.respond,
                 respond_inputs,
-                chat_outputs,
+                [*chat_outputs, *controls],
                 concurrency_limit=None,
                 show_progress="hidden",
                 api_visibility=PRIVATE,
             )
+            # Stopped or failed in Gradio itself: the stream's last update never came.
             streamed.then(unlock, None, controls, queue=False, api_visibility=PRIVATE)
             streamed.failure(unlock, None, controls, queue=False, api_visibility=PRIVATE)
             return streamed  # what Stop cancels
