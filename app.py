@@ -1,7 +1,7 @@
 """Chat with StarCoder2-15B-Instruct (EXL2) on one NVIDIA GPU: `python app.py --help`.
 
 The web server (this process) never imports torch or exllamav2: the engine runs in a process of
-its own per GPU (model.client). An engine process re-imports this module, so it imports only
+its own per GPU (engine.client). An engine process re-imports this module, so it imports only
 what it needs at the top.
 """
 
@@ -9,16 +9,13 @@ from __future__ import annotations
 
 import errno
 import logging
-import os
 import socket
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from model.gpu_check import no_gpu_here
-
 if TYPE_CHECKING:
-    from model.protocol import EngineClient
+    from engine.api import EngineClient
     from web.config import AppConfig
     from web.server import WebApp
 
@@ -42,43 +39,22 @@ def port_problem(host: str, port: int) -> str | None:
     return None
 
 
-def device_names(gpus: Sequence[str] | None, environ: Mapping[str, str]) -> list[str | None]:
-    """CUDA_VISIBLE_DEVICES for each engine process: --gpus counts among the GPUs this process
-    may see (CUDA_VISIBLE_DEVICES, if set); None leaves the first visible GPU."""
-    if not gpus:
-        return [None]
-    visible = [d.strip() for d in environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
-    if not visible:
-        return list(gpus)
-    missing = [gpu for gpu in gpus if int(gpu) >= len(visible)]
-    if missing:
-        raise SystemExit(
-            f"--gpus {','.join(gpus)} names GPU {missing[0]}, but CUDA_VISIBLE_DEVICES shows only "
-            f"{len(visible)} ({','.join(visible)}); count from 0 among those."
-        )
-    return [visible[int(gpu)] for gpu in gpus]
-
-
 def start_engines(config: AppConfig) -> EngineClient:
     """One engine process per GPU, behind one client."""
-    from model.client import EngineProcess
-    from model.pool import EnginePool
+    from engine.api import engine_processes
 
-    options = {"cuda_graphs": config.cuda_graphs, "stall_timeout_s": config.stall_timeout}
-    engines = [
-        EngineProcess(
-            device=device,
-            max_jobs=config.max_jobs,
-            options=options,
-            stall_timeout_s=config.stall_timeout,
-        )
-        for device in device_names(config.gpus, os.environ)
-    ]
-    return engines[0] if len(engines) == 1 else EnginePool(engines)
+    return engine_processes(
+        config.gpus,
+        max_jobs=config.max_jobs,
+        cuda_graphs=config.cuda_graphs,
+        stall_timeout_s=config.stall_timeout,
+    )
 
 
 def start(web: WebApp, config: AppConfig) -> None:
     """Say what will happen with the GPU and the model, and start loading it if asked."""
+    from engine.api import no_gpu_here
+
     gpu = web.engine.gpu_info()
     if gpu is None:
         logger.warning("%s The page says so too.", no_gpu_here())

@@ -4,7 +4,7 @@ Usage (GPU): python bench/app_bench.py --model DIR --out bench/results/app-4_25.
 Three variants in one run, each with the same clients and prompt:
 - "engine": the engine alone, in this process (no web server);
 - "app, engine in the web process": the previous path, the engine's thread beside Gradio's;
-- "app, engine process": the engine in its own process (model.client), as the app runs now;
+- "app, engine process": the engine in its own process (engine.client), as the app runs now;
 - "OpenAI API, engine process": the same, streaming /v1/chat/completions.
 Clients run in their own process, as real clients do, and speak HTTP + server-sent events to
 /gradio_api/call/generate, so the numbers are the server's, not a client library's.
@@ -35,7 +35,7 @@ def clients_main(url: str, clients: int, route: str = "generate") -> None:
     """Client process: `clients` concurrent streams over HTTP; prints their timings."""
     import httpx
 
-    from model.settings import FIELDS
+    from starcoder2.settings import FIELDS
 
     values = {spec.name: spec.default for spec in FIELDS} | {"max_new_tokens": NEW_TOKENS}
     data = [TEXT, *(values[spec.name] for spec in FIELDS), None]
@@ -89,7 +89,7 @@ class InWebProcess:
     """The previous path: the in-process engine behind the EngineClient protocol."""
 
     def __init__(self, engine) -> None:
-        from model.tokens import PromptEncoder
+        from starcoder2.tokens import PromptEncoder
 
         self.engine = engine
         self.encoder = PromptEncoder.for_model(engine.status.model_dir)
@@ -114,7 +114,7 @@ class Recorded:
         return getattr(self.client, name)
 
     def stream(self, request):
-        from model.protocol import Finished
+        from engine.api import Finished
 
         for event in self.client.stream(request):
             if isinstance(event, Finished):
@@ -124,9 +124,9 @@ class Recorded:
 
 def engine_alone(engine, clients: int) -> dict:
     """The same job straight on the engine, timed the way a client sees it (first text shown)."""
-    from model.prompt import prompt_segments
-    from model.protocol import Finished
-    from model.settings import SamplingSettings
+    from engine.api import Finished
+    from starcoder2.prompt import prompt_segments
+    from starcoder2.settings import SamplingSettings
 
     segments = prompt_segments([{"role": "user", "content": TEXT}])
     settings = SamplingSettings(max_new_tokens=NEW_TOKENS)
@@ -182,9 +182,9 @@ def through_the_app(client, clients: int, route: str = "generate") -> dict:
 
 def scripted_rows() -> dict:
     """The web process's overhead on CPU: the same scripted pace in-process and across the pipe."""
-    from model.client import EngineProcess
-    from tests.fake_engine import FakeEngine
-    from tests.tiny_starcoder2 import write_tokenizer
+    from engine.client import EngineProcess
+    from tests.fakes.fake_engine import FakeEngine
+    from tests.fakes.tiny_starcoder2 import write_tokenizer
 
     step_s, tokens = 0.01, NEW_TOKENS
     rows: dict = {"gpu": None, "engine": f"scripted, {1 / step_s:.0f} tokens/s per reply"}
@@ -193,7 +193,7 @@ def scripted_rows() -> dict:
     folder = Path(tempfile.mkdtemp(prefix="scripted-"))
     write_tokenizer(folder)  # the edge tokenizes with it, as with a real model
     process = EngineProcess(
-        backend="tests.fake_backend:ScriptedBackend",
+        backend="tests.fakes.fake_backend:ScriptedBackend",
         options={"chunks": ["tok "] * tokens, "step_s": step_s, "max_jobs": 16},
     )
     try:
@@ -228,8 +228,8 @@ def main() -> None:
             args.out.write_text(json.dumps(rows, indent=1))
         return
 
-    from model.client import EngineProcess
-    from model.engine import Engine
+    from engine.client import EngineProcess
+    from engine.gpu.engine import Engine
 
     engine = Engine(max_jobs=16)
     engine.load(str(args.model), max_seq_len=4096)

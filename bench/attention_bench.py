@@ -54,7 +54,7 @@ def main() -> None:
     import torch
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from model import compat
+    from engine.gpu import compat
 
     torch.manual_seed(0)
     half = dict(device="cuda", dtype=torch.float16)

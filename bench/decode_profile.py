@@ -146,7 +146,7 @@ def main() -> None:
     args = parser.parse_args()
     import torch
 
-    from model.engine import Engine
+    from engine.gpu.engine import Engine
 
     weights = weight_bytes_per_token(args.model)
     results: dict = {"model": str(args.model), "gpu": torch.cuda.get_device_name(0)}

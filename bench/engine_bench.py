@@ -3,8 +3,8 @@
 Usage: python bench/engine_bench.py --model /dev/shm/sc2-6_5 --out results-6_5.json
 
 Variants: stock exllamav2 (dynamic generator, defaults: torch SDPA, unpaged without flash-attn),
-stock with `no_sdpa=True` (its correct but slow attention), and ours (model.engine.Engine: fixes
-applied, paged) four ways: "ours-graph" (decode steps replayed as CUDA graphs, sampling on the
+stock with `no_sdpa=True` (its correct but slow attention), and ours (engine.gpu.engine.Engine:
+fixes applied, paged) four ways: "ours-graph" (decode steps replayed as CUDA graphs, sampling on the
 GPU, each step enqueued before the previous step's tokens are read; the default),
 "ours-graph-sync" (the same, but reading each step's tokens before enqueuing the next),
 "ours-eager" (`cuda_graphs=False`: exllamav2's decode loop, our Triton decode kernel) and
@@ -132,14 +132,14 @@ def run_stock(folder: Path, no_sdpa: bool) -> dict:
 
 
 def run_ours(folder: Path, variant: str) -> dict:
-    from model import compat
-    from model.engine import Engine, Finished
-    from model.settings import SamplingSettings
+    from engine.gpu import compat
+    from engine.gpu.engine import Engine, Finished
+    from starcoder2.settings import SamplingSettings
 
     if variant == "ours-previous":
         compat.decode_backend = compat.attention_backend  # type: ignore[assignment]
     if variant == "ours-graph-sync":
-        from model.generator import Generator
+        from engine.gpu.generator import Generator
 
         Generator.look_ahead = False
     engine = Engine(max_jobs=16, cuda_graphs=variant.startswith("ours-graph"))
@@ -184,8 +184,8 @@ def measure_contexts(one) -> dict:
 
 def consume(engine, ids, max_new_tokens, arrivals=None):
     """Run one job to the end; returns (Finished, seconds). Appends token arrival times if asked."""
-    from model.engine import Finished
-    from model.settings import SamplingSettings
+    from engine.gpu.engine import Finished
+    from starcoder2.settings import SamplingSettings
 
     started = time.perf_counter()
     for event in engine.stream_tokens(ids, SamplingSettings(max_new_tokens=max_new_tokens)):
@@ -288,7 +288,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     if args.stall_only:
-        from model.engine import Engine
+        from engine.gpu.engine import Engine
 
         engine = Engine(max_jobs=16)
         engine.load(str(args.model), max_seq_len=MAX_SEQ_LEN)

@@ -40,7 +40,7 @@ def main() -> None:
     parser.add_argument("--switch-ms", type=float, nargs="+", default=[5.0, 0.5])
     args = parser.parse_args()
 
-    from tests.fake_engine import FakeEngine
+    from tests.fakes.fake_engine import FakeEngine
     from web.config import AppConfig
     from web.server import build_app
 

@@ -43,8 +43,8 @@ def main() -> None:
     args = parser.parse_args()
     import torch
 
-    from model.engine import Engine
-    from model.generator import Generator
+    from engine.gpu.engine import Engine
+    from engine.gpu.generator import Generator
 
     engine = Engine(max_jobs=8)
     status = engine.load(str(args.model), max_seq_len=4096)

@@ -28,7 +28,7 @@ def main() -> None:
     from exllamav2 import ExLlamaV2, ExLlamaV2Cache, ExLlamaV2Config, ExLlamaV2Tokenizer
     from exllamav2.generator import ExLlamaV2DynamicGenerator, ExLlamaV2DynamicJob, ExLlamaV2Sampler
 
-    from model import compat
+    from engine.gpu import compat
 
     compat.apply_all()
     config = ExLlamaV2Config(str(args.model))

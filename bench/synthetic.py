@@ -32,7 +32,7 @@ LAYERS = 40
 
 def build_fp16_source(folder: Path, layers: int = 2, shape: dict | None = None) -> Path:
     """A `layers`-deep fp16 StarCoder2 of the given width (default: the 15B's), random weights."""
-    from tests.tiny_starcoder2 import real_config, write_tokenizer, write_weights
+    from tests.fakes.tiny_starcoder2 import real_config, write_tokenizer, write_weights
 
     folder.mkdir(parents=True, exist_ok=True)
     config = real_config(num_hidden_layers=layers, **(shape or SHAPE_15B))
@@ -104,7 +104,7 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=None, help="scratch folder")
     parser.add_argument("--measurement", type=Path, default=None, help="reuse a measurement.json")
     args = parser.parse_args()
-    from tests.tiny_starcoder2 import quantize_exl2
+    from tests.fakes.tiny_starcoder2 import quantize_exl2
 
     head_bits = args.head_bits or (8 if args.bits >= 6.5 else 6)
     work = args.work or args.out.with_name(args.out.name + "-work")

@@ -25,7 +25,7 @@ def run_variant(folder: str, variant: str, tokens: int) -> float:
     from exllamav2.generator import ExLlamaV2DynamicGenerator, ExLlamaV2DynamicJob, ExLlamaV2Sampler
 
     if variant.startswith("ours"):
-        from model import compat
+        from engine.gpu import compat
 
         compat.apply_all()
     config = ExLlamaV2Config(folder)
@@ -64,7 +64,7 @@ def main() -> None:
     if args.variant:
         print(json.dumps({"tok_s": run_variant(args.folder, args.variant, args.tokens)}))
         return
-    from tests.tiny_starcoder2 import build_tiny_starcoder2
+    from tests.fakes.tiny_starcoder2 import build_tiny_starcoder2
 
     work = Path(tempfile.mkdtemp())
     ours = build_tiny_starcoder2(work / "tiny")

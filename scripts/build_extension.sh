@@ -18,7 +18,7 @@ export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
 PATH="$(dirname "$("$PYTHON" -c 'import sys; print(sys.executable)')"):$PATH"
 export PATH
 
-CUDA_HOME="${CUDA_HOME:-$("$PYTHON" -m model.toolchain)}"
+CUDA_HOME="${CUDA_HOME:-$("$PYTHON" -m engine.gpu.toolchain)}"
 export CUDA_HOME
 echo "CUDA_HOME=$CUDA_HOME ($("$CUDA_HOME/bin/nvcc" --version | tail -n 2 | head -n 1))"
 echo "TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST MAX_JOBS=$MAX_JOBS"

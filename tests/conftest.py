@@ -9,7 +9,7 @@ import pytest
 if shutil.which("nvidia-smi") is None:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from tests.tiny_starcoder2 import build_tiny_starcoder2, quantize_exl2
+from tests.fakes.tiny_starcoder2 import build_tiny_starcoder2, quantize_exl2
 
 
 @pytest.fixture(scope="session")

@@ -8,12 +8,12 @@ from collections.abc import Sequence
 
 import gradio as gr
 
-from model.errors import ChatError, InvalidMessages, InvalidSetting, NoGPU
-from model.protocol import Finished, GenerationRequest
-from model.settings import FIELDS, SamplingSettings, validate_settings
+from engine.api import Finished, GenerationRequest
+from starcoder2.errors import ChatError, InvalidMessages, InvalidSetting, NoGPU
+from starcoder2.settings import FIELDS, SamplingSettings, validate_settings
 from web.errors import http_status, user_message
 from web.gate import GpuGate
-from web.limits import Message, check_history, check_text, within_chars
+from web.guard.limits import Message, check_history, check_text, within_chars
 
 CONTROLS = ("busy", "send", "retry", "undo", "clear", "stop")  # the order chat_controls gives
 BUSY_MESSAGE = "A reply is still being written: press Stop, or wait for it to finish."

@@ -10,7 +10,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from model.branches import (
+from engine.api import DEFAULT_STALL_TIMEOUT_S
+from starcoder2.branches import (
     AUTO,
     BRANCHES,
     CACHE_MODES,
@@ -20,8 +21,7 @@ from model.branches import (
     MIN_CONTEXT,
     validate_context,
 )
-from model.errors import ChatError
-from model.stall import DEFAULT_STALL_TIMEOUT_S
+from starcoder2.errors import ChatError
 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 TRUE_WORDS = ("1", "true", "yes", "on")
@@ -118,7 +118,7 @@ def _plain(markdown: str) -> str:
 
 
 _BASE = AppConfig()
-# The one table behind --help and the README's Settings table (tests/test_readme.py keeps them
+# The one table behind --help and the README's Settings table (tests/docs/test_readme.py keeps them
 # equal). Its order is theirs.
 OPTIONS = (
     Option("--model-dir", ("SC2_MODEL_DIR",), str, _BASE.model_dir,

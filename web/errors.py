@@ -6,7 +6,7 @@ import logging
 
 import gradio as gr
 
-from model.errors import (
+from starcoder2.errors import (
     ChatError,
     ContextTooLong,
     InvalidMessages,

@@ -2,7 +2,7 @@
 
 In order: the request was validated by its caller; then there must be a GPU and a loaded model;
 the client's rate limit counts it; the prompt is fitted to the context; the client must be
-listening; and the reply waits for a free place (`web.admission`).
+listening; and the reply waits for a free place (`web.guard.admission`).
 """
 
 from __future__ import annotations
@@ -11,14 +11,20 @@ from collections.abc import Callable, Sequence
 
 from gradio.context import LocalContext
 
-from model.errors import ContextTooLong, NoGPU, NoListener, NotReady
-from model.gpu_check import no_gpu_here
-from model.prompt import STOP_STRINGS, Segment, fit_to_context
-from model.protocol import EngineClient, EngineStatus, EventStream, Finished, GenerationRequest
-from model.settings import SamplingSettings
-from web.admission import Admission, Ticket
-from web.guards import StreamWatch
-from web.limits import Message, RateLimiter, client_address
+from engine.api import (
+    EngineClient,
+    EngineStatus,
+    EventStream,
+    Finished,
+    GenerationRequest,
+    no_gpu_here,
+)
+from starcoder2.errors import ContextTooLong, NoGPU, NoListener, NotReady
+from starcoder2.prompt import STOP_STRINGS, Segment, fit_to_context
+from starcoder2.settings import SamplingSettings
+from web.guard.admission import Admission, Ticket
+from web.guard.guards import StreamWatch
+from web.guard.limits import Message, RateLimiter, client_address
 from web.metrics import Metrics
 
 # How long a reply waits for its client to open the stream that reads it.

@@ -6,7 +6,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from model.gpu_check import no_gpu_here
+from engine.api import no_gpu_here
 
 HEALTHY_STATES = ("ready", "degraded")  # /health answers 200 for these, 503 otherwise
 # What each state means for a person reading /health; loading, failed and restarting add the

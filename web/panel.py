@@ -8,14 +8,20 @@ import threading
 import gradio as gr
 from gradio.context import LocalContext
 
-from model.branches import AUTO, BRANCHES, estimate_vram_gb, pick_branch
-from model.errors import LoadingOff
-from model.loader import LoadProgressState, ModelLoader, available_vram_gb
-from model.protocol import EngineClient, EngineStatus, GpuInfo
+from engine.api import (
+    EngineClient,
+    EngineStatus,
+    GpuInfo,
+    LoadProgressState,
+    ModelLoader,
+    available_vram_gb,
+)
+from starcoder2.branches import AUTO, BRANCHES, estimate_vram_gb, pick_branch
+from starcoder2.errors import LoadingOff
 from web.config import AppConfig
 from web.errors import user_message
-from web.guards import LoginThrottle
-from web.limits import client_address
+from web.guard.guards import LoginThrottle
+from web.guard.limits import client_address
 
 # How often an open page asks what the model is doing: while loading, and otherwise.
 LOADING_TICK_S = 1.0

@@ -9,20 +9,19 @@ from typing import Any
 import gradio as gr
 from starlette.middleware import Middleware
 
-from model.loader import ModelLoader
-from model.protocol import EngineClient
-from web.admission import Admission
-from web.api import GenerateApi
+from engine.api import EngineClient, ModelLoader
 from web.chat import Chat
 from web.config import AppConfig
 from web.gate import GpuGate
-from web.guards import Guards, LoginThrottle, StreamWatch
+from web.gradio_api import GenerateApi
+from web.guard.admission import Admission
+from web.guard.guards import Guards, LoginThrottle, StreamWatch
+from web.guard.limits import RateLimiter
+from web.guard.sessions import SessionSweeper
 from web.health import health_route
-from web.limits import RateLimiter
 from web.metrics import Metrics, metrics_route
-from web.openai_api import OpenAIRoutes
+from web.openai.routes import OpenAIRoutes
 from web.panel import ModelPanel
-from web.sessions import SessionSweeper
 from web.ui import CSS, JS, THEME, build_demo
 
 # Worker threads beyond the GPU's places and the queue: page events (panel, send, stop) need some.

@@ -6,10 +6,9 @@ from pathlib import Path
 
 import gradio as gr
 
-from model.branches import CACHE_MODES, CONTEXT_STEP, MAX_CONTEXT, MIN_CONTEXT
-from model.gpu_check import no_gpu_here
-from model.settings import FIELDS
-from web.api import GenerateApi
+from engine.api import no_gpu_here
+from starcoder2.branches import CACHE_MODES, CONTEXT_STEP, MAX_CONTEXT, MIN_CONTEXT
+from starcoder2.settings import FIELDS
 from web.chat import (
     EXAMPLES,
     Chat,
@@ -19,7 +18,8 @@ from web.chat import (
     stop_pressed,
     undo_history,
 )
-from web.limits import MAX_PROMPT_CHARS
+from web.gradio_api import GenerateApi
+from web.guard.limits import MAX_PROMPT_CHARS
 from web.panel import (
     IDLE_TICK_S,
     ModelPanel,
@@ -197,7 +197,7 @@ def build_demo(
         def answer(event):
             """Lock the chat, stream the reply, unlock after it ends, fails or is stopped."""
             locked = event.success(lock, None, controls, queue=False, api_visibility=PRIVATE)
-            # Every reply starts at once and waits for the GPU inside (web.admission), so the
+            # Every reply starts at once and waits for the GPU inside (web.guard.admission), so the
             # chat, /generate and the OpenAI routes share one queue and the page shows its place.
             streamed = locked.then(
                 chat.respond,

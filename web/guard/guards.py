@@ -1,0 +1,315 @@
+"""What the open internet may do to the server: HTTP rules around Gradio's app, as ASGI middleware.
+
+- Every page forbids loading anything from other origins (a reply's image or CSS `url()` must not
+  make a visitor's browser call a third party, carrying the conversation in its address).
+- Routes the app does not use are not served: uploads, recordings, Gradio's monitoring pages.
+- A call naming an event the app does not have gets a 404, not a 500 with a traceback in the log;
+  a body past the size limit gets a 413 before it is read (or as soon as it passes the limit),
+  and JSON nesting too deep to parse a 400.
+- Failed logins are slowed per client address; with a login set, the login page does not carry
+  the API's description.
+- Open reply streams are counted, so a reply nobody reads is never run (see `StreamWatch`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import threading
+import time
+from collections import Counter, OrderedDict, deque
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any
+from urllib.parse import parse_qs
+
+from web.guard.limits import MAX_BODY_BYTES, NESTS_TOO_DEEP, forwarded_client
+
+Scope = dict[str, Any]
+Receive = Callable[[], Awaitable[dict]]
+Send = Callable[[dict], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+CONTENT_SECURITY_POLICY = "; ".join(
+    (
+        "default-src 'self'",
+        "script-src 'self' 'unsafe-inline' 'unsafe-eval'",  # Gradio's page starts inline
+        "style-src 'self' 'unsafe-inline'",
+        "img-src 'self' data: blob:",
+        "media-src 'self' data: blob:",
+        "font-src 'self' data:",
+        "connect-src 'self'",
+        "object-src 'none'",
+        "base-uri 'self'",
+        "form-action 'self'",
+    )
+)
+SECURITY_HEADERS = [
+    (b"content-security-policy", CONTENT_SECURITY_POLICY.encode()),
+    (b"x-content-type-options", b"nosniff"),
+    (b"referrer-policy", b"no-referrer"),
+]
+# Gradio routes this app has no use for; anything that writes files is among them.
+REFUSED_ROUTES = re.compile(
+    r"^/(gradio_api/)?("
+    r"upload|upload_progress|process_recording|stream/|vibe-|undo-vibe-edit|run-history|runs"
+    r"|monitoring|dev/reload|proxy=|custom_component/"
+    r")"
+)
+# Bodies naming an event (fn_index) by number; a bad number makes Gradio raise a KeyError.
+EVENT_ROUTES = re.compile(r"^/gradio_api/(queue/join|run/[^/]+|api/[^/]+)/?$")
+LOGIN_ROUTE = re.compile(r"^/login/?$")
+PAGE_ROUTE = re.compile(r"^/$")
+API_INFO_SCRIPT = re.compile(rb"window\.gradio_api_info = .*?;</script>", re.S)
+TOO_LARGE = "The request body is larger than the limit, 16 MB."
+QUEUE_STREAM = re.compile(r"^/gradio_api/queue/data/?$")
+CALL_STREAM = re.compile(r"^/gradio_api/call/(?:v2/)?[^/]+/([0-9a-f]+)/?$")
+
+
+class StreamWatch:
+    """Counts open reply streams by session (or event) id; replies check theirs before running."""
+
+    def __init__(self) -> None:
+        self._open: Counter[str] = Counter()
+        self._changed = threading.Condition()
+
+    def opened(self, key: str) -> None:
+        with self._changed:
+            self._open[key] += 1
+            self._changed.notify_all()
+
+    def closed(self, key: str) -> None:
+        with self._changed:
+            self._open[key] -= 1
+            if self._open[key] <= 0:
+                del self._open[key]
+
+    def is_open(self, keys: Iterable[str | None]) -> bool:
+        with self._changed:
+            return any(key is not None and self._open[key] > 0 for key in keys)
+
+    def wait_open(self, keys: Iterable[str | None], timeout_s: float) -> bool:
+        """True once a stream for one of the keys is open; False after timeout_s without one."""
+        keys = list(keys)
+        deadline = time.monotonic() + timeout_s
+        with self._changed:
+            while not any(key is not None and self._open[key] > 0 for key in keys):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._changed.wait(left)
+            return True
+
+
+class LoginThrottle:
+    """After `max_failures` failed logins in `window_s`, a client waits until the oldest expires."""
+
+    MAX_CLIENTS = 10_000
+
+    def __init__(
+        self, max_failures: int = 5, window_s: float = 300.0, clock=time.monotonic
+    ) -> None:
+        self.max_failures = max_failures
+        self.window_s = window_s
+        self._clock = clock
+        self._failures: OrderedDict[str, deque[float]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def wait_s(self, client: str) -> int:
+        """Seconds this client must wait before trying again (0: it may try now)."""
+        now = self._clock()
+        with self._lock:
+            times = self._failures.get(client)
+            if not times:
+                return 0
+            while times and now - times[0] >= self.window_s:
+                times.popleft()
+            if len(times) < self.max_failures:
+                return 0
+            return max(1, math.ceil(self.window_s - (now - times[0])))
+
+    def failed(self, client: str) -> None:
+        with self._lock:
+            times = self._failures.pop(client, None) or deque()
+            self._failures[client] = times
+            if len(self._failures) > self.MAX_CLIENTS:
+                self._failures.popitem(last=False)
+            times.append(self._clock())
+
+
+def _client(scope: Scope, proxy_hops: int) -> str:
+    headers = dict(scope.get("headers", []))
+    forwarded = headers.get(b"x-forwarded-for", b"").decode("latin-1") or None
+    peer = scope.get("client")
+    return forwarded_client(forwarded, peer[0] if peer else None, proxy_hops) or "unknown"
+
+
+async def _answer(send: Send, status: int, body: dict, headers: Iterable = ()) -> None:
+    payload = json.dumps(body).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(payload)).encode()),
+                *SECURITY_HEADERS,
+                *headers,
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": payload})
+
+
+class Guards:
+    """One ASGI middleware holding the rules above; `event_ids()` names the app's events."""
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        event_ids: Callable[[], Iterable[int]],
+        streams: StreamWatch,
+        logins: LoginThrottle,
+        proxy_hops: int = 0,
+        hide_api_info: bool = False,
+    ) -> None:
+        self.app = app
+        self.event_ids = event_ids
+        self.streams = streams
+        self.logins = logins
+        self.proxy_hops = proxy_hops
+        self.hide_api_info = hide_api_info
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path, method = scope.get("path", ""), scope.get("method", "GET")
+        send = self._with_headers(send)
+        if REFUSED_ROUTES.match(path):
+            await _answer(send, 404, {"detail": "Not Found"})
+            return
+        if method == "POST" and LOGIN_ROUTE.match(path):
+            await self._throttled_login(scope, receive, send)
+            return
+        if method == "POST" and not path.startswith("/v1/"):  # /v1 reads its own, in its shape
+            await self._checked_post(scope, receive, send, path)
+            return
+        if method == "GET" and self.hide_api_info and PAGE_ROUTE.match(path):
+            await self._login_page_without_api(scope, receive, send)
+            return
+        key = self._stream_key(scope, path)
+        if key is None:
+            await self.app(scope, receive, send)
+            return
+        self.streams.opened(key)
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.streams.closed(key)
+
+    @staticmethod
+    def _with_headers(send: Send) -> Send:
+        async def sending(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                names = {name.lower() for name, _ in message.get("headers", [])}
+                extra = [header for header in SECURITY_HEADERS if header[0] not in names]
+                message = {**message, "headers": [*message.get("headers", []), *extra]}
+            await send(message)
+
+        return sending
+
+    @staticmethod
+    def _stream_key(scope: Scope, path: str) -> str | None:
+        if scope.get("method") != "GET":
+            return None
+        if QUEUE_STREAM.match(path):
+            query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
+            return (query.get("session_hash") or [None])[0]
+        match = CALL_STREAM.match(path)
+        return match.group(1) if match else None
+
+    async def _checked_post(self, scope: Scope, receive: Receive, send: Send, path: str) -> None:
+        """Read a body no further than the limit, refuse JSON nested too deep for Gradio to parse
+        and an event (fn_index) the app does not have; pass the rest on."""
+        announced = dict(scope.get("headers", [])).get(b"content-length", b"")
+        if announced.isdigit() and int(announced) > MAX_BODY_BYTES:
+            await _answer(send, 413, {"detail": TOO_LARGE})
+            return
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > MAX_BODY_BYTES:
+                await _answer(send, 413, {"detail": TOO_LARGE})
+                return
+            if not message.get("more_body"):
+                break
+        body = b"".join(chunks)
+        try:
+            parsed = json.loads(body) if body else None
+        except RecursionError:
+            await _answer(send, 400, {"detail": NESTS_TOO_DEEP})
+            return
+        except ValueError:
+            parsed = None  # not JSON: Gradio answers it with a 4xx itself
+        fn_index = parsed.get("fn_index") if isinstance(parsed, dict) else None
+        known = isinstance(fn_index, int) and not isinstance(fn_index, bool)
+        if EVENT_ROUTES.match(path) and fn_index is not None:
+            if not (known and fn_index in set(self.event_ids())):
+                await _answer(send, 404, {"detail": f"There is no event {fn_index!r} in this app."})
+                return
+        replayed = [False]
+
+        async def replay() -> dict:
+            if not replayed[0]:
+                replayed[0] = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _login_page_without_api(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """The login page (Gradio's page before a login) with its API description left out."""
+        start: dict = {}
+        chunks: list[bytes] = []
+
+        async def holding(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                start.update(message)
+                return
+            chunks.append(message.get("body", b""))
+            if message.get("more_body"):
+                return
+            body = b"".join(chunks)
+            if b'"auth_required":true' in body:
+                body = API_INFO_SCRIPT.sub(b"window.gradio_api_info = null;</script>", body)
+            headers = [(k, v) for k, v in start.get("headers", []) if k != b"content-length"]
+            headers.append((b"content-length", str(len(body)).encode()))
+            await send({**start, "headers": headers})
+            await send({"type": "http.response.body", "body": body})
+
+        await self.app(scope, receive, holding)
+
+    async def _throttled_login(self, scope: Scope, receive: Receive, send: Send) -> None:
+        client = _client(scope, self.proxy_hops)
+        wait = self.logins.wait_s(client)
+        if wait:
+            await _answer(
+                send,
+                429,
+                {"detail": f"Too many failed logins; try again in {wait} s."},
+                [(b"retry-after", str(wait).encode())],
+            )
+            return
+
+        async def watching(message: dict) -> None:
+            if message["type"] == "http.response.start" and message["status"] in (400, 401):
+                self.logins.failed(client)
+            await send(message)
+
+        await self.app(scope, receive, watching)

@@ -1,0 +1,1 @@
+"""The OpenAI API: requests read and checked (requests), the routes and their replies (routes)."""
