@@ -54,7 +54,7 @@ def main() -> None:
     import torch
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from engine.gpu import compat
+    from engine.gpu import attention
 
     torch.manual_seed(0)
     half = dict(device="cuda", dtype=torch.float16)
@@ -92,7 +92,7 @@ def main() -> None:
 
         def decode(i, q=q, k=k, v=v, context=context):
             n = context + i % 64
-            return compat._decode_attention(q, k[:, :n], v[:, :n], 0.088, None)
+            return attention.dense_decode(q, k[:, :n], v[:, :n], 0.088, None)
 
         for backend in backends:
             cell(f"decode unpaged b{batch} ctx{context}", backend, decode, 64)
@@ -114,14 +114,14 @@ def main() -> None:
                    for i in range(64)]  # fmt: skip
         size = (window - 1, window - 1) if window else (-1, -1)
         name = f"paged b{batch} ctx{context} q{q_len} window{window} (per layer)"
-        for backend in compat.BACKENDS:
+        for backend in attention.BACKENDS:
 
             def paged(
                 i, q=q, k=k_new, kc=k_cache, vc=v_cache, t=table, n=lengths, b=backend, w=size
             ):
                 seqlens = n[(i // 40) % 64]
                 args = (q, kc, vc, k, k, seqlens, t, 0.088)
-                return compat.paged_attention(*args, window_size=w, backend=b)
+                return attention.paged_attention(*args, window_size=w, backend=b)
 
             cell(name, backend, paged, 160 if q_len == 1 else 40)
             if results["cells"][-1]["ms"] is not None:

@@ -132,12 +132,12 @@ def run_stock(folder: Path, no_sdpa: bool) -> dict:
 
 
 def run_ours(folder: Path, variant: str) -> dict:
-    from engine.gpu import compat
+    from engine.gpu import attention
     from engine.gpu.engine import Engine, Finished
     from starcoder2.settings import SamplingSettings
 
     if variant == "ours-previous":
-        compat.decode_backend = compat.attention_backend  # type: ignore[assignment]
+        attention.decode_backend = attention.attention_backend  # type: ignore[assignment]
     if variant == "ours-graph-sync":
         from engine.gpu.generator import Generator
 

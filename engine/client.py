@@ -28,6 +28,7 @@ from engine.gpu_check import no_gpu_here
 from engine.process import main as process_main
 from engine.stall import DEFAULT_STALL_TIMEOUT_S, ProgressClock
 from engine.types import (
+    ALIVE_CHECK_S,
     EngineClient,
     EngineStatus,
     EventStream,
@@ -37,7 +38,8 @@ from engine.types import (
     GpuInfo,
     LoadProgress,
 )
-from starcoder2.errors import GenerationFailed, NoGPU, NotReady
+from starcoder2.branches import DEFAULT_CACHE_MODE, DEFAULT_CONTEXT
+from starcoder2.errors import NO_MODEL_LOADED, GenerationFailed, NoGPU, NotReady
 from starcoder2.prompt import Segment
 from starcoder2.tokens import PromptEncoder
 
@@ -47,7 +49,6 @@ REAL_ENGINE = "engine.gpu.engine:Engine"
 START_TIMEOUT_S = 300.0  # importing torch and probing the GPU; a cold disk can be slow
 CALL_TIMEOUT_S = 5.0
 WATCH_EVERY_S = 0.1  # how often the web side checks that an engine with replies still moves
-CHECK_EVERY_S = 0.5  # how often a reply waiting for its next token checks the process is alive
 RESTART_DELAYS_S = (0.0, 1.0, 5.0, 30.0)  # after one, two, three and more deaths in a row
 
 
@@ -303,15 +304,15 @@ class EngineProcess(EngineClient):
 
     def encode(self, segments: Sequence[Segment]) -> list[int]:
         if self._encoder is None:
-            raise NotReady("No model is loaded yet; load one in the Model panel first.")
+            raise NotReady(NO_MODEL_LOADED)
         return self._encoder.encode(segments)
 
     def load(
         self,
         model_dir: str,
         *,
-        max_seq_len: int = 4096,
-        cache_mode: str = "fp16",
+        max_seq_len: int = DEFAULT_CONTEXT,
+        cache_mode: str = DEFAULT_CACHE_MODE,
         on_progress: LoadProgress | None = None,
     ) -> EngineStatus:
         """Load (or reload) in the engine process; replies in flight end with a clear error."""
@@ -347,7 +348,7 @@ class EngineProcess(EngineClient):
         try:
             while True:
                 try:
-                    event = events.get(timeout=CHECK_EVERY_S)
+                    event = events.get(timeout=ALIVE_CHECK_S)
                 except queue.Empty:
                     if process.is_alive():
                         continue

@@ -21,10 +21,10 @@ from engine.types import (
     GpuInfo,
     LoadProgress,
 )
-from starcoder2.errors import NotReady
+from starcoder2.branches import DEFAULT_CACHE_MODE, DEFAULT_CONTEXT, PAGE_TOKENS
+from starcoder2.errors import NO_MODEL_LOADED, NotReady
 from starcoder2.prompt import Segment
 
-PAGE_TOKENS = 256  # exllamav2's cache page: prefixes are reused in whole pages
 REMEMBERED_PAGES = 100_000  # prefix pages whose engine the pool remembers (least recent go first)
 
 
@@ -112,8 +112,8 @@ class EnginePool(EngineClient):
         self,
         model_dir: str,
         *,
-        max_seq_len: int = 4096,
-        cache_mode: str = "fp16",
+        max_seq_len: int = DEFAULT_CONTEXT,
+        cache_mode: str = DEFAULT_CACHE_MODE,
         on_progress: LoadProgress | None = None,
     ) -> EngineStatus:
         """Load every engine at once; the first engine's progress stands for all."""
@@ -135,7 +135,7 @@ class EnginePool(EngineClient):
         for engine in self.engines:
             if engine.status.state == "ready":
                 return engine.encode(segments)
-        raise NotReady("No model is loaded yet; load one in the Model panel first.")
+        raise NotReady(NO_MODEL_LOADED)
 
     # ---- routing ----
 

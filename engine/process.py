@@ -17,11 +17,9 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from engine import wire
-from engine.types import Finished
+from engine.types import ALIVE_CHECK_S, Finished
 from starcoder2 import errors
 
-# How often the engine process checks, between messages, that its generator thread still runs.
-CHECK_EVERY_S = 0.5
 BEAT_S = 0.25  # how often the engine process says how far it has come
 GPU_EVERY_S = 1.0  # how often a beat carries a fresh reading of free GPU memory
 
@@ -104,7 +102,7 @@ def main(conn: Connection, backend: str, device: str | None, options: dict) -> N
 
     try:
         while True:
-            if not conn.poll(CHECK_EVERY_S):
+            if not conn.poll(ALIVE_CHECK_S):
                 if handles and engine.health == "failed":  # the generator thread is gone
                     for request_id in list(handles):
                         sink_for(request_id)(errors.GenerationFailed("The engine stopped."))

@@ -6,9 +6,13 @@ from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from starcoder2.branches import DEFAULT_CACHE_MODE, DEFAULT_CONTEXT
+from starcoder2.errors import NO_MODEL_LOADED
 from starcoder2.prompt import STOP_STRINGS, Segment
 from starcoder2.settings import SamplingSettings
 
+# How often a wait for the next message or event looks whether what sends it still runs.
+ALIVE_CHECK_S = 0.5
 HEALTH_STATES = ("empty", "loading", "ready", "degraded", "failed", "restarting", "stalled")
 # Why a reply ended: "eos" | "stop_string" | "max_new_tokens" | "cancelled"
 STOP_REASONS = ("eos", "stop_string", "max_new_tokens", "cancelled")
@@ -71,12 +75,12 @@ class EngineStatus:
     state: str = "empty"  # "empty" | "loading" | "ready" | "failed" | "restarting"
     model_dir: str | None = None
     max_seq_len: int = 0
-    cache_mode: str = "fp16"
+    cache_mode: str = DEFAULT_CACHE_MODE
     batching: str = "unpaged"  # "paged" (continuous batching) | "unpaged" (one job at a time)
     max_concurrency: int = 1
     load_seconds: float = 0.0
     vram_used_gb: float = 0.0
-    message: str = "No model loaded."
+    message: str = NO_MODEL_LOADED
     cache_tokens: int = 0
     attention: str = ""  # which attention kernel serves the model
     decode: str = ""  # how decode steps run: CUDA graphs or eager
@@ -125,8 +129,8 @@ class EngineClient(Protocol):
         self,
         model_dir: str,
         *,
-        max_seq_len: int = 4096,
-        cache_mode: str = "fp16",
+        max_seq_len: int = DEFAULT_CONTEXT,
+        cache_mode: str = DEFAULT_CACHE_MODE,
         on_progress: LoadProgress | None = None,
     ) -> EngineStatus: ...
 

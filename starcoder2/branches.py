@@ -8,10 +8,13 @@ from dataclasses import dataclass
 from starcoder2.errors import InvalidSetting, UnknownBranch
 
 DEFAULT_REPO = "bartowski/starcoder2-15b-instruct-v0.1-exl2"
+PAGE_TOKENS = 256  # exllamav2's cache page: prefixes are cached and reused in whole pages
 MAX_CONTEXT = 16384
-MIN_CONTEXT = 256
-CONTEXT_STEP = 256
+MIN_CONTEXT = PAGE_TOKENS
+CONTEXT_STEP = PAGE_TOKENS  # a context is whole pages
+DEFAULT_CONTEXT = 4096
 CACHE_MODES = ("fp16", "q8", "q6", "q4")
+DEFAULT_CACHE_MODE = "fp16"
 AUTO = "auto"  # the branch value that picks the largest branch that fits the GPU
 
 
@@ -124,7 +127,9 @@ def cache_bytes_per_token(
     return elements * CACHE_BYTES_PER_ELEMENT[check_cache_mode(cache_mode)]
 
 
-def estimate_vram_gb(branch: str, context_tokens: int, cache_mode: str = "fp16") -> float:
+def estimate_vram_gb(
+    branch: str, context_tokens: int, cache_mode: str = DEFAULT_CACHE_MODE
+) -> float:
     """Estimated GPU memory (GB = 1e9 bytes) to load a branch with a cache of context_tokens."""
     context_tokens = validate_context(context_tokens)
     cache = context_tokens * cache_bytes_per_token(cache_mode)
@@ -134,7 +139,9 @@ def estimate_vram_gb(branch: str, context_tokens: int, cache_mode: str = "fp16")
     return (weight_bytes(branch) + cache + scratch + CUDA_CONTEXT_BYTES) / GB
 
 
-def pick_branch(free_vram_gb: float, context_tokens: int, cache_mode: str = "fp16") -> str | None:
+def pick_branch(
+    free_vram_gb: float, context_tokens: int, cache_mode: str = DEFAULT_CACHE_MODE
+) -> str | None:
     """The largest branch whose estimate plus a safety margin fits into free_vram_gb, or None."""
     best = None
     for name in BRANCHES:

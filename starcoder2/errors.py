@@ -1,5 +1,7 @@
 """Domain errors. Each message states the numbers involved and what to do about it."""
 
+NO_MODEL_LOADED = "No model is loaded yet; load one in the Model panel first."
+
 
 class ChatError(Exception):
     """Base class: the message is safe and useful to show to a user as is."""

@@ -184,6 +184,24 @@ def _check_count(name: str, value: object) -> int:
     return value
 
 
+def check_fits(
+    prompt_tokens: int,
+    max_new_tokens: int,
+    context_tokens: int,
+    *,
+    text: str = "the message",
+    limit: str = "max new tokens",
+) -> None:
+    """ContextTooLong unless the prompt and the longest reply fit into the context together;
+    the message names what the user can shorten (`text`) and lower (`limit`) in their words."""
+    if prompt_tokens + max_new_tokens > context_tokens:
+        raise ContextTooLong(
+            f"The prompt is {prompt_tokens:,} tokens and {limit} is {max_new_tokens:,}, but the "
+            f"context is {context_tokens:,} tokens; shorten {text}, lower {limit} or raise the "
+            "context size."
+        )
+
+
 def fit_to_context(
     messages: Sequence[Mapping[str, str]],
     *,
@@ -215,13 +233,7 @@ def fit_to_context(
 
     if len(render(0)[1]) <= budget:
         return result(0)
-    current_only = len(render(total_turns)[1])
-    if current_only > budget:
-        raise ContextTooLong(
-            f"The prompt is {current_only:,} tokens and max new tokens is {max_new_tokens:,}, "
-            f"but the context is {context_tokens:,} tokens; shorten the message, lower max new "
-            "tokens or raise the context size."
-        )
+    check_fits(len(render(total_turns)[1]), max_new_tokens, context_tokens)
     # Dropping turns only shortens the prompt, so binary search keeps the encodings logarithmic.
     too_long, fits = 0, total_turns
     while fits - too_long > 1:

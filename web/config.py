@@ -16,6 +16,8 @@ from starcoder2.branches import (
     BRANCHES,
     CACHE_MODES,
     CONTEXT_STEP,
+    DEFAULT_CACHE_MODE,
+    DEFAULT_CONTEXT,
     DEFAULT_REPO,
     MAX_CONTEXT,
     MIN_CONTEXT,
@@ -35,8 +37,8 @@ class AppConfig:
     model_dir: str | None = None
     repo: str = DEFAULT_REPO
     branch: str = AUTO
-    context: int = 4096
-    cache_mode: str = "fp16"
+    context: int = DEFAULT_CONTEXT
+    cache_mode: str = DEFAULT_CACHE_MODE
     host: str = "127.0.0.1"
     port: int = 7860
     queue_size: int = 32

@@ -19,8 +19,8 @@ from engine.api import (
     GenerationRequest,
     no_gpu_here,
 )
-from starcoder2.errors import ContextTooLong, NoGPU, NoListener, NotReady
-from starcoder2.prompt import STOP_STRINGS, Segment, fit_to_context
+from starcoder2.errors import NoGPU, NoListener, NotReady
+from starcoder2.prompt import STOP_STRINGS, Segment, check_fits, fit_to_context
 from starcoder2.settings import SamplingSettings
 from web.guard.admission import Admission, Ticket
 from web.guard.guards import StreamWatch
@@ -114,12 +114,13 @@ class GpuGate:
         status = self.ready()
         self.limiter.check(client)
         ids = self.engine.encode(segments)
-        if len(ids) + settings.max_new_tokens > status.max_seq_len:
-            raise ContextTooLong(
-                f"The prompt is {len(ids):,} tokens and max tokens is {settings.max_new_tokens:,}, "
-                f"but the context is {status.max_seq_len:,} tokens; shorten the prompt or lower "
-                "max tokens."
-            )
+        check_fits(
+            len(ids),
+            settings.max_new_tokens,
+            status.max_seq_len,
+            text="the prompt",
+            limit="max tokens",
+        )
         return GenerationRequest(tuple(ids), settings, tuple(segments), stop=tuple(stop))
 
     def enter(

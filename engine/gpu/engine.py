@@ -22,6 +22,7 @@ from engine.gpu_check import no_gpu_here
 from engine.hub import check_model_dir
 from engine.stall import DEFAULT_STALL_TIMEOUT_S, ProgressClock
 from engine.types import (
+    ALIVE_CHECK_S,
     EngineStatus,
     Finished,
     GpuInfo,
@@ -31,13 +32,16 @@ from engine.types import (
     TextDelta,
 )
 from starcoder2.branches import (
+    DEFAULT_CACHE_MODE,
+    DEFAULT_CONTEXT,
     MAX_CONTEXT,
+    PAGE_TOKENS,
     cache_bytes_per_token,
     check_cache_mode,
     validate_context,
 )
 from starcoder2.errors import (
-    ContextTooLong,
+    NO_MODEL_LOADED,
     DoesNotFit,
     GenerationFailed,
     GraphCaptureFailed,
@@ -50,15 +54,10 @@ from starcoder2.tokens import PromptEncoder
 
 logger = logging.getLogger(__name__)
 
-PAGE_SIZE = 256  # exllamav2's cache page, in tokens
 DEFAULT_MAX_JOBS = 8
 # Kept free after weights and cache: scratch buffers, logits, CUDA context growth.
 RESERVE_BYTES = 1_200_000_000
 GB = 1e9
-
-
-# How often a caller waiting for tokens checks that the worker is still alive.
-_WORKER_CHECK_S = 0.5
 
 
 # Where the worker sends a job's events (TextDelta, Finished, or an exception that ends it).
@@ -171,8 +170,8 @@ class Engine:
         self,
         model_dir: str,
         *,
-        max_seq_len: int = 4096,
-        cache_mode: str = "fp16",
+        max_seq_len: int = DEFAULT_CONTEXT,
+        cache_mode: str = DEFAULT_CACHE_MODE,
         on_progress: LoadProgress | None = None,
     ) -> EngineStatus:
         """Load (or reload) a model; in-flight jobs are ended with a clear error first."""
@@ -265,7 +264,7 @@ class Engine:
             from engine.gpu.graphs import DecodeGraphs
 
             report(LoadStep("graphs", 0, jobs))
-            self._graphs = DecodeGraphs(self._model, self._cache, jobs, max_seq_len, PAGE_SIZE)
+            self._graphs = DecodeGraphs(self._model, self._cache, jobs, max_seq_len, PAGE_TOKENS)
             try:
                 self._graphs.capture()
             except Exception as error:
@@ -292,7 +291,7 @@ class Engine:
         )
         free = self._free_gb() * GB
         budget = free - weights - RESERVE_BYTES
-        fits = int(budget // per_token) // PAGE_SIZE * PAGE_SIZE if budget > 0 else 0
+        fits = int(budget // per_token) // PAGE_TOKENS * PAGE_TOKENS if budget > 0 else 0
         if fits < max_seq_len:
             needed = weights + RESERVE_BYTES + max_seq_len * per_token
             raise DoesNotFit(
@@ -305,18 +304,18 @@ class Engine:
     def _ready_status(self, folder, max_seq_len, cache_mode, started, used_gb) -> EngineStatus:
         import torch
 
-        from engine.gpu import compat
+        from engine.gpu import attention, compat
 
         if not self._paged:
-            attention = "PyTorch SDPA"
+            kernels = "PyTorch SDPA"
         elif compat.has_real_flash_attn():
-            attention = "flash-attn (paged)"
+            kernels = "flash-attn (paged)"
         else:
             config = self._model.config
             heads = (config.num_attention_heads, config.num_key_value_heads, config.head_dim)
-            backend = compat.attention_backend("cuda:0", torch.half, *heads)
-            decode = compat.decode_backend("cuda:0", torch.half, *heads)
-            attention = f"PyTorch attention ({backend}; decode: {decode})"
+            backend = attention.attention_backend("cuda:0", torch.half, *heads)
+            decode = attention.decode_backend("cuda:0", torch.half, *heads)
+            kernels = f"PyTorch attention ({backend}; decode: {decode})"
         decode_path = self._decode_path(cache_mode)
         batching = "paged" if self._paged else "unpaged"
         seconds = time.perf_counter() - started
@@ -332,10 +331,10 @@ class Engine:
             message=(
                 f"Loaded {folder.name} in {seconds:.1f} s: "
                 f"{max_seq_len:,}-token context, {cache_mode} cache, {batching} batching of up to "
-                f"{self._jobs} jobs, {attention}, {decode_path}, {used_gb:.1f} GB of VRAM."
+                f"{self._jobs} jobs, {kernels}, {decode_path}, {used_gb:.1f} GB of VRAM."
             ),
             cache_tokens=self._cache_total,
-            attention=attention,
+            attention=kernels,
             decode=decode_path,
         )
 
@@ -388,7 +387,7 @@ class Engine:
     def encode(self, segments: Sequence[Segment]) -> list[int]:
         """Token ids of a prompt (see PromptEncoder)."""
         if self._encoder is None:
-            raise NotReady("No model is loaded yet; load one in the Model panel first.")
+            raise NotReady(NO_MODEL_LOADED)
         return self._encoder.encode(segments)
 
     def count_tokens(self, segments: Sequence[Segment]) -> int:
@@ -425,13 +424,7 @@ class Engine:
         """
         if self._status.state != "ready":
             raise NotReady(f"The model is not ready ({self._status.state}); load one first.")
-        context = self._status.max_seq_len
-        if len(ids) + settings.max_new_tokens > context:
-            raise ContextTooLong(
-                f"The prompt is {len(ids):,} tokens and max new tokens is "
-                f"{settings.max_new_tokens:,}, but the context is {context:,} tokens; shorten the "
-                "prompt, lower max new tokens or raise the context size."
-            )
+        # The web side fitted the prompt and max_new_tokens to this context (starcoder2.prompt).
         request = _Request(list(ids), settings, sink, tuple(stop))
         request.worker = self._worker
         self._commands.put(("submit", request))
@@ -453,7 +446,7 @@ class Engine:
         try:
             while True:
                 try:
-                    event = events.get(timeout=_WORKER_CHECK_S)
+                    event = events.get(timeout=ALIVE_CHECK_S)
                 except queue.Empty:
                     # A worker that stopped (reload) or died never answers: fail, do not hang.
                     if request.worker is None or not request.worker.is_alive():
@@ -659,7 +652,7 @@ def _sampler_settings(settings: SamplingSettings):
     """A fresh exllamav2 sampler settings object per job (some samplers keep state in it)."""
     from exllamav2.generator import ExLlamaV2Sampler
 
-    if settings.temperature == 0:
+    if settings.greedy:
         return ExLlamaV2Sampler.Settings.greedy(
             token_repetition_penalty=settings.repetition_penalty
         )

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from engine.gpu import compat
+from engine.gpu import attention
 
 AUTOTUNE_CALLS = 201  # exllamav2's AT_NUM_MEASURE (200) timed calls per matmul shape, then one
 
@@ -58,20 +58,21 @@ class DecodeGraphs:
         started = time.perf_counter()
         pool = torch.cuda.graph_pool_handle()
         for batch in range(self.max_jobs, 0, -1):
-            with compat.graph_steps(), torch.cuda.stream(self.stream):
+            with attention.graph_steps(), torch.cuda.stream(self.stream):
                 self._tune(batch)
                 self._forward(batch)  # warm-up: compiles kernels, runs the attention checks
             self.stream.synchronize()
-            compat.forget_plan()  # the graph must compute its own indices, not reuse the warm-up's
+            # The graph must compute its own indices, not reuse the warm-up's.
+            attention.forget_plan()
             graph = torch.cuda.CUDAGraph()
             with (
-                compat.graph_steps(),
+                attention.graph_steps(),
                 torch.cuda.graph(
                     graph, pool=pool, stream=self.stream, capture_error_mode="thread_local"
                 ),
             ):
                 self._logits[batch] = self._forward(batch)
-            compat.forget_plan()
+            attention.forget_plan()
             self._graphs[batch] = graph
         torch.cuda.synchronize(self.device)
         self.capture_seconds = time.perf_counter() - started

@@ -10,11 +10,12 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from engine.gpu import compat  # noqa: E402
+from engine.gpu import attention  # noqa: E402
 
 NO_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-CASES = [("cpu", backend) for backend in compat.BACKENDS] + [
-    pytest.param("cuda", backend, marks=[pytest.mark.gpu, NO_CUDA]) for backend in compat.BACKENDS
+CASES = [("cpu", backend) for backend in attention.BACKENDS] + [
+    pytest.param("cuda", backend, marks=[pytest.mark.gpu, NO_CUDA])
+    for backend in attention.BACKENDS
 ]
 
 
@@ -43,10 +44,10 @@ def dtype_for(device):
 @pytest.mark.parametrize("window", [0, 40])
 def test_paged_attention_writes_new_keys_and_equals_plain_attention(device, backend, q_len, window):
     dtype = dtype_for(device)
-    if backend != "sdpa" and not compat._passes_check(
+    if backend != "sdpa" and not attention._passes_check(
         backend, torch.device(device), dtype, 8, 2, 64
     ):
-        chosen = compat.attention_backend(device, dtype, 8, 2, 64)
+        chosen = attention.attention_backend(device, dtype, 8, 2, 64)
         pytest.skip(f"{backend!r} does not run here; {chosen!r} serves")
     torch.manual_seed(q_len * 100 + window)
     page, pages, heads, kv_heads, dim = 256, 64, 8, 2, 64
@@ -59,7 +60,7 @@ def test_paged_attention_writes_new_keys_and_equals_plain_attention(device, back
     q = torch.randn(batch, q_len, heads, dim, device=device, dtype=dtype)
     k_new = torch.randn(batch, q_len, kv_heads, dim, device=device, dtype=dtype)
     v_new = torch.randn_like(k_new)
-    out = compat.paged_attention(
+    out = attention.paged_attention(
         q,
         k_cache,
         v_cache,
@@ -88,16 +89,18 @@ def test_the_plan_is_computed_once_per_forward_and_renewed_for_the_next():
     calls = []
     for seqlens in (torch.tensor([5], dtype=torch.int32), torch.tensor([6], dtype=torch.int32)):
         for _layer in range(3):
-            compat.paged_attention(q, k_cache, k_cache, None, None, seqlens, table, backend="sdpa")
-            calls.append(compat._last_plan[0])
+            attention.paged_attention(
+                q, k_cache, k_cache, None, None, seqlens, table, backend="sdpa"
+            )
+            calls.append(attention._last_plan[0])
     assert calls[0] is calls[1] is calls[2]
     assert calls[3] is not calls[2] and calls[3] is calls[5]
     assert calls[3].totals.tolist() == [6]
 
 
 def test_without_a_flash_kernel_the_check_falls_back_to_sdpa():
-    assert compat.attention_backend("cpu", torch.float32, 8, 2, 64) == "sdpa"
-    assert not compat._passes_check("flash, paged", torch.device("cpu"), torch.float32, 8, 2, 64)
+    assert attention.attention_backend("cpu", torch.float32, 8, 2, 64) == "sdpa"
+    assert not attention._passes_check("flash, paged", torch.device("cpu"), torch.float32, 8, 2, 64)
 
 
 def varlen_flash(q, k, v, cu_q, cu_k, max_q, max_k, dropout, causal, debug, *, scale,
@@ -137,7 +140,7 @@ def varlen_flash(q, k, v, cu_q, cu_k, max_q, max_k, dropout, causal, debug, *, s
 @pytest.mark.parametrize(("q_len", "window"), [(1, 0), (1, 40), (5, 0), (5, 40)])
 def test_flash_backends_pass_the_kernel_the_right_ranges(monkeypatch, backend, q_len, window):
     """The flash paths' index bookkeeping, with the kernel replaced by varlen_flash (CPU)."""
-    monkeypatch.setattr(compat, "_flash_forward", varlen_flash)
+    monkeypatch.setattr(attention, "flash_forward", varlen_flash)
     torch.manual_seed(q_len + window)
     page, pages, heads, kv_heads, dim = 256, 40, 6, 2, 16
     lengths = [0, 1, 39, 300, 700] if q_len == 1 else [0, 300]
@@ -148,7 +151,7 @@ def test_flash_backends_pass_the_kernel_the_right_ranges(monkeypatch, backend, q
     k_new, v_new = torch.randn(2, batch, q_len, kv_heads, dim)
     seqlens = torch.tensor(lengths, dtype=torch.int32)
     size = (window - 1, window - 1) if window else (-1, -1)
-    out = compat.paged_attention(
+    out = attention.paged_attention(
         q, k_cache, v_cache, k_new, v_new, seqlens, table, dim**-0.5, window_size=size,
         backend=backend,
     )  # fmt: skip

@@ -11,7 +11,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("triton")
 
-from engine.gpu import compat  # noqa: E402
+from engine.gpu import attention  # noqa: E402
 from engine.gpu.decode_attention import decode_attention, grid_for  # noqa: E402
 from tests.engine.test_compat import plain_attention  # noqa: E402
 
@@ -93,7 +93,7 @@ def test_paged_attention_appends_then_runs_the_kernel_for_one_token_steps():
     q = torch.randn(2, 1, heads, dim).half()
     k_new, v_new = torch.randn(2, 1, kv_heads, dim).half(), torch.randn(2, 1, kv_heads, dim).half()
     args = (q, k_cache, v_cache, k_new, v_new, seqlens, table, dim**-0.5)
-    out = compat.paged_attention(*args, window_size=(99, 99), backend=compat.DECODE_KERNEL)
+    out = attention.paged_attention(*args, window_size=(99, 99), backend=attention.DECODE_KERNEL)
     assert torch.equal(k_cache[2, 0], k_new[0, 0]) and torch.equal(v_cache[0, 40], v_new[1, 0])
     for b, n in enumerate((257, 41)):
         keys = k_cache[table[b].long()].flatten(0, 1)[:n]
@@ -103,7 +103,7 @@ def test_paged_attention_appends_then_runs_the_kernel_for_one_token_steps():
 
 
 def test_without_a_gpu_one_token_steps_use_the_checked_backend():
-    assert compat.decode_backend("cpu", torch.float32, 8, 2, 64) == "sdpa"
+    assert attention.decode_backend("cpu", torch.float32, 8, 2, 64) == "sdpa"
 
 
 @pytest.mark.gpu
@@ -119,28 +119,28 @@ def test_on_the_gpu_the_kernel_equals_plain_attention_at_page_and_window_edges(b
 @pytest.mark.gpu
 @NO_CUDA
 def test_on_the_gpu_the_kernel_passes_the_start_up_check():
-    assert compat.decode_backend("cuda", torch.half, 48, 4, 128) == compat.DECODE_KERNEL
+    assert attention.decode_backend("cuda", torch.half, 48, 4, 128) == attention.DECODE_KERNEL
 
 
 @pytest.mark.parametrize(
     ("pages", "for_graphs", "expected"),
-    [(8, False, "sdpa"), (9, False, compat.DECODE_KERNEL), (8, True, compat.DECODE_KERNEL)],
+    [(8, False, "sdpa"), (9, False, attention.DECODE_KERNEL), (8, True, attention.DECODE_KERNEL)],
 )
 def test_eager_steps_over_few_keys_take_the_prefill_backend_but_graph_steps_never(
     monkeypatch, pages, for_graphs, expected
 ):
-    compat.attention_backend("cpu", torch.float32, 8, 2, 32)  # its check runs once, first
+    attention.attention_backend("cpu", torch.float32, 8, 2, 32)  # its check runs once, first
     chosen = []
-    monkeypatch.setattr(compat, "decode_backend", lambda *args: compat.DECODE_KERNEL)
-    monkeypatch.setattr(compat, "_attend", lambda backend, *args: chosen.append(backend))
+    monkeypatch.setattr(attention, "decode_backend", lambda *args: attention.DECODE_KERNEL)
+    monkeypatch.setattr(attention, "_attend", lambda backend, *args: chosen.append(backend))
     q = torch.zeros(1, 1, 8, 32)
     cache = torch.zeros(pages, PAGE, 2, 32)
     table = torch.arange(pages, dtype=torch.int32)[None]
     seqlens = torch.tensor([5], dtype=torch.int32)
     if for_graphs:
-        with compat.graph_steps():
-            compat.paged_attention(q, cache, cache, None, None, seqlens, table, 1.0)
+        with attention.graph_steps():
+            attention.paged_attention(q, cache, cache, None, None, seqlens, table, 1.0)
     else:
-        compat.paged_attention(q, cache, cache, None, None, seqlens, table, 1.0)
-    assert compat.EAGER_KERNEL_MIN_KEYS == 8 * PAGE and chosen == [expected]
-    assert not compat._for_graphs[0]
+        attention.paged_attention(q, cache, cache, None, None, seqlens, table, 1.0)
+    assert attention.EAGER_KERNEL_MIN_KEYS == 8 * PAGE and chosen == [expected]
+    assert not attention._for_graphs[0]

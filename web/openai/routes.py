@@ -49,6 +49,7 @@ COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions (chat: the re
 FINISH_REASONS = {"max_new_tokens": "length"}  # everything else ended at a stop: "stop"
 ALL_METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 _DONE = object()
+DISCONNECT_CHECK_S = 0.5  # how often a reply waiting for the GPU or a token looks for its client
 
 
 @dataclasses.dataclass(frozen=True)
@@ -353,11 +354,11 @@ class Job:
             self._put(_DONE)
 
     async def events(self, request: Request) -> AsyncIterator[Any]:
-        """Waiting markers, then the engine's events; checks every half second that the client
-        is still there."""
+        """Waiting markers, then the engine's events; checks every DISCONNECT_CHECK_S that the
+        client is still there."""
         while True:
             try:
-                item = await asyncio.wait_for(self._queue.get(), timeout=0.5)
+                item = await asyncio.wait_for(self._queue.get(), timeout=DISCONNECT_CHECK_S)
             except TimeoutError:
                 if await request.is_disconnected():
                     self.cancel()
