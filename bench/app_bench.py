@@ -85,24 +85,6 @@ def summary(ttfts: list[float], rates: list[float], tokens: int, wall: float) ->
     }
 
 
-class InWebProcess:
-    """The previous path: the in-process engine behind the EngineClient protocol."""
-
-    def __init__(self, engine) -> None:
-        from starcoder2.tokens import PromptEncoder
-
-        self.engine = engine
-        self.encoder = PromptEncoder.for_model(engine.status.model_dir)
-        self.status, self.health = engine.status, "ready"
-        self.gpu_info, self.close = engine.gpu_info, engine.close
-
-    def encode(self, segments):
-        return self.encoder.encode(segments)
-
-    def stream(self, request):
-        yield from self.engine.stream_tokens(list(request.ids), request.settings)
-
-
 class Recorded:
     """An EngineClient that keeps every Finished event (the tokens each reply really had)."""
 
@@ -124,16 +106,17 @@ class Recorded:
 
 def engine_alone(engine, clients: int) -> dict:
     """The same job straight on the engine, timed the way a client sees it (first text shown)."""
-    from engine.api import Finished
+    from engine.api import Finished, GenerationRequest
     from starcoder2.prompt import prompt_segments
     from starcoder2.settings import SamplingSettings
 
     segments = prompt_segments([{"role": "user", "content": TEXT}])
     settings = SamplingSettings(max_new_tokens=NEW_TOKENS)
+    request = GenerationRequest(tuple(engine.encode(segments)), settings, tuple(segments))
 
     def one(_):
         started, first = time.perf_counter(), None
-        for event in engine.stream(segments, settings):
+        for event in engine.stream(request):
             if first is None and event.text:
                 first = time.perf_counter()
             if isinstance(event, Finished):
@@ -229,18 +212,17 @@ def main() -> None:
         return
 
     from engine.client import EngineProcess
-    from engine.gpu.engine import Engine
+    from engine.inproc import InProcessEngine
 
-    engine = Engine(max_jobs=16)
+    engine = InProcessEngine(max_jobs=16)
     engine.load(str(args.model), max_seq_len=4096)
     gpu = engine.gpu_info()
     rows: dict = {"gpu": gpu.name if gpu else None, "new_tokens": NEW_TOKENS}
     engine_alone(engine, 1)  # warm-up
     try:
         rows["engine"] = {str(n): engine_alone(engine, n) for n in CLIENTS}
-        previous = InWebProcess(engine)
         rows["app, engine in the web process"] = {
-            str(n): through_the_app(previous, n) for n in CLIENTS
+            str(n): through_the_app(engine, n) for n in CLIENTS
         }
     finally:
         engine.close()

@@ -132,8 +132,9 @@ def run_stock(folder: Path, no_sdpa: bool) -> dict:
 
 
 def run_ours(folder: Path, variant: str) -> dict:
+    from engine.api import Finished, GenerationRequest
     from engine.gpu import attention
-    from engine.gpu.engine import Engine, Finished
+    from engine.inproc import InProcessEngine
     from starcoder2.settings import SamplingSettings
 
     if variant == "ours-previous":
@@ -142,12 +143,13 @@ def run_ours(folder: Path, variant: str) -> dict:
         from engine.gpu.generator import Generator
 
         Generator.look_ahead = False
-    engine = Engine(max_jobs=16, cuda_graphs=variant.startswith("ours-graph"))
+    engine = InProcessEngine(max_jobs=16, cuda_graphs=variant.startswith("ours-graph"))
     status = engine.load(str(folder), max_seq_len=MAX_SEQ_LEN)
     settings = SamplingSettings(max_new_tokens=NEW_TOKENS)
 
     def one(ids):
-        final = [e for e in engine.stream_tokens(ids, settings) if isinstance(e, Finished)][-1]
+        events = engine.stream(GenerationRequest(tuple(ids), settings))
+        final = [e for e in events if isinstance(e, Finished)][-1]
         return {
             "prefill_tok_s": len(ids) / final.time_to_first_token_s,
             "decode_tok_s": final.decode_tokens_per_s,
@@ -184,11 +186,12 @@ def measure_contexts(one) -> dict:
 
 def consume(engine, ids, max_new_tokens, arrivals=None):
     """Run one job to the end; returns (Finished, seconds). Appends token arrival times if asked."""
-    from engine.gpu.engine import Finished
+    from engine.api import Finished, GenerationRequest
     from starcoder2.settings import SamplingSettings
 
     started = time.perf_counter()
-    for event in engine.stream_tokens(ids, SamplingSettings(max_new_tokens=max_new_tokens)):
+    request = GenerationRequest(tuple(ids), SamplingSettings(max_new_tokens=max_new_tokens))
+    for event in engine.stream(request):
         if arrivals is not None:
             arrivals.append(time.perf_counter())
         if isinstance(event, Finished):
@@ -234,7 +237,7 @@ def prefill_while_decoding(engine) -> dict:
     """
     single, _ = consume(engine, prompt(2048, 7), 1)  # one prefill chunk, alone
     steps = []
-    iterate = engine._generator.iterate
+    iterate = engine.engine._generator.iterate
 
     def timed():
         started = time.perf_counter()
@@ -242,7 +245,7 @@ def prefill_while_decoding(engine) -> dict:
         steps.append((started, time.perf_counter()))
         return result
 
-    engine._generator.iterate = timed
+    engine.engine._generator.iterate = timed
     arrivals = [[] for _ in range(7)]
     window = []
 
@@ -260,7 +263,7 @@ def prefill_while_decoding(engine) -> dict:
     try:
         finals = in_threads(8, lambda i: decoder(i) if i < 7 else newcomer())
     finally:
-        engine._generator.iterate = iterate
+        engine.engine._generator.iterate = iterate
     newcomer_final, _ = finals[7]
     start = window[0]
     end = start + newcomer_final.time_to_first_token_s
@@ -288,9 +291,9 @@ def main() -> None:
     )
     args = parser.parse_args()
     if args.stall_only:
-        from engine.gpu.engine import Engine
+        from engine.inproc import InProcessEngine
 
-        engine = Engine(max_jobs=16)
+        engine = InProcessEngine(max_jobs=16)
         engine.load(str(args.model), max_seq_len=MAX_SEQ_LEN)
         consume(engine, prompt(64, 0), 8)  # warm-up
         args.out.write_text(json.dumps(prefill_while_decoding(engine), indent=1))

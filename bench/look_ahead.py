@@ -43,10 +43,10 @@ def main() -> None:
     args = parser.parse_args()
     import torch
 
-    from engine.gpu.engine import Engine
     from engine.gpu.generator import Generator
+    from engine.inproc import InProcessEngine
 
-    engine = Engine(max_jobs=8)
+    engine = InProcessEngine(max_jobs=8)
     status = engine.load(str(args.model), max_seq_len=4096)
     one_round(engine)  # warm-up: the first 8-job round ran 13% slower than the rest
     rounds: dict[str, list] = {"look-ahead": [], "sync": []}
@@ -55,9 +55,9 @@ def main() -> None:
     for _ in range(args.rounds):
         for mode in rounds:
             Generator.look_ahead = mode == "look-ahead"
-            ahead_before = engine._generator.ahead_steps
+            ahead_before = engine.engine._generator.ahead_steps
             row = one_round(engine)
-            row["ahead_steps"] = engine._generator.ahead_steps - ahead_before
+            row["ahead_steps"] = engine.engine._generator.ahead_steps - ahead_before
             rounds[mode].append(row)
             args.out.write_text(json.dumps(results, indent=1))  # partial results survive
     engine.close()

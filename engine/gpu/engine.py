@@ -1,8 +1,9 @@
-"""The GPU engine: the only module that imports exllamav2 (lazily, on first load).
+"""The GPU engine: loads a model with exllamav2 (imported on the first load) and runs its jobs.
 
-One worker thread owns exllamav2's dynamic generator. Callers submit jobs through a queue and read
-an iterator of small frozen events: `TextDelta`s, then one `Finished`. Closing the iterator cancels
-the job.
+One worker thread owns exllamav2's dynamic generator. Callers submit token ids through a queue
+with a sink that receives small frozen events, `TextDelta`s then one `Finished`; `cancel` ends a
+job early. The engine process (engine.process) and the in-process client (engine.inproc) are its
+callers; both take prompts already fitted to the context by the web side.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import queue
 import secrets
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,13 +23,11 @@ from engine.gpu_check import no_gpu_here
 from engine.hub import check_model_dir
 from engine.stall import DEFAULT_STALL_TIMEOUT_S, ProgressClock
 from engine.types import (
-    ALIVE_CHECK_S,
     EngineStatus,
     Finished,
     GpuInfo,
     LoadProgress,
     LoadStep,
-    StreamEvent,
     TextDelta,
 )
 from starcoder2.branches import (
@@ -41,16 +40,14 @@ from starcoder2.branches import (
     validate_context,
 )
 from starcoder2.errors import (
-    NO_MODEL_LOADED,
     DoesNotFit,
     GenerationFailed,
     GraphCaptureFailed,
     NoGPU,
     NotReady,
 )
-from starcoder2.prompt import EOS_TOKEN_ID, STOP_STRINGS, Segment
+from starcoder2.prompt import EOS_TOKEN_ID, STOP_STRINGS
 from starcoder2.settings import SamplingSettings
-from starcoder2.tokens import PromptEncoder
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +62,7 @@ Sink = Callable[[object], None]
 
 
 @dataclass(eq=False)
-class _Request:
+class Job:
     """One job in flight: the worker hands its events to `deliver`."""
 
     input_ids: list[int]
@@ -117,10 +114,9 @@ class Engine:
         self._generator_class: Any = None
         self._generator_args: dict = {}
         self._graphs: Any = None  # engine.gpu.graphs.DecodeGraphs while they serve
-        self._encoder: PromptEncoder | None = None
         self._degraded = False  # a job failed and was recovered from; cleared by the next success
         self._steps = 0  # generator steps finished
-        self._reply_clock: ProgressClock[_Request] = ProgressClock(stall_timeout_s)
+        self._reply_clock: ProgressClock[Job] = ProgressClock(stall_timeout_s)
         self.stuck_replies = 0  # replies ended alone because they stopped moving
 
     # ---- GPU and status ----
@@ -279,7 +275,6 @@ class Engine:
             self._generator_args["graphs"] = self._graphs
         self._generator = self._generator_class(**self._generator_args)
         self._degraded = False
-        self._encoder = PromptEncoder(folder / "tokenizer.json")
         self._jobs, self._paged, self._cache_total = jobs, paged, cache_tokens
         torch.cuda.synchronize()
 
@@ -368,7 +363,6 @@ class Engine:
             self._model.unload()
         self._model = self._cache = self._generator = self._graphs = None
         self._generator_args = {}
-        self._encoder = None
         gc.collect()
         try:
             import torch
@@ -382,34 +376,7 @@ class Engine:
         """Unload and stop; the engine can be loaded again afterwards."""
         self.unload()
 
-    # ---- tokens and streaming ----
-
-    def encode(self, segments: Sequence[Segment]) -> list[int]:
-        """Token ids of a prompt (see PromptEncoder)."""
-        if self._encoder is None:
-            raise NotReady(NO_MODEL_LOADED)
-        return self._encoder.encode(segments)
-
-    def count_tokens(self, segments: Sequence[Segment]) -> int:
-        return len(self.encode(segments))
-
-    def stream(
-        self, segments: Sequence[Segment], settings: SamplingSettings
-    ) -> Iterator[StreamEvent]:
-        """Yield TextDelta events then one Finished; closing the iterator cancels the GPU job."""
-        if self._status.state != "ready":
-            if self.gpu_info() is None:
-                raise NoGPU(no_gpu_here())
-            raise NotReady(f"The model is not ready ({self._status.state}); load one first.")
-        return self.stream_tokens(self.encode(segments), settings)
-
-    def stream_tokens(
-        self, ids: list[int], settings: SamplingSettings, stop: Sequence[str] = STOP_STRINGS
-    ) -> Iterator[StreamEvent]:
-        """Like `stream`, for a prompt that is already token ids."""
-        events: queue.SimpleQueue = queue.SimpleQueue()
-        request = self.submit(ids, settings, events.put, stop)
-        return self._events(request, events)
+    # ---- jobs ----
 
     def submit(
         self,
@@ -417,7 +384,7 @@ class Engine:
         settings: SamplingSettings,
         sink: Sink,
         stop: Sequence[str] = STOP_STRINGS,
-    ) -> _Request:
+    ) -> Job:
         """Start a job; its events go to sink(event) from the worker thread. `cancel` ends it.
 
         It ends at the end-of-text token or at any of the `stop` strings (left out of its text).
@@ -425,7 +392,7 @@ class Engine:
         if self._status.state != "ready":
             raise NotReady(f"The model is not ready ({self._status.state}); load one first.")
         # The web side fitted the prompt and max_new_tokens to this context (starcoder2.prompt).
-        request = _Request(list(ids), settings, sink, tuple(stop))
+        request = Job(list(ids), settings, sink, tuple(stop))
         request.worker = self._worker
         self._commands.put(("submit", request))
         return request
@@ -437,36 +404,20 @@ class Engine:
             return 0, 0
         return len(generator.referenced_pages), generator.max_pages
 
-    def cancel(self, request: _Request) -> None:
+    def cancel(self, request: Job) -> None:
         """End a job early (its caller went away); the worker drops it before its next step."""
         if not request.done:
             self._commands.put(("cancel", request))
 
-    def _events(self, request: _Request, events: queue.SimpleQueue) -> Iterator[StreamEvent]:
-        try:
-            while True:
-                try:
-                    event = events.get(timeout=ALIVE_CHECK_S)
-                except queue.Empty:
-                    # A worker that stopped (reload) or died never answers: fail, do not hang.
-                    if request.worker is None or not request.worker.is_alive():
-                        raise GenerationFailed(
-                            "The model was reloaded or stopped; send the message again."
-                        ) from None
-                    continue
-                if isinstance(event, Exception):
-                    raise event
-                yield event
-                if isinstance(event, Finished):
-                    return
-        finally:
-            self.cancel(request)
+    def serving(self, request: Job) -> bool:
+        """The worker that took the job still runs: its events may yet come."""
+        return request.worker is not None and request.worker.is_alive()
 
     # ---- the worker ----
 
     def _run(self) -> None:
         """Own the generator: take commands, step the generator, route results to their callers."""
-        active: dict[object, _Request] = {}
+        active: dict[object, Job] = {}
         while True:
             block = not active
             try:
@@ -535,7 +486,7 @@ class Engine:
             except Exception as error:  # keep the worker alive; start clean
                 self._recover(active, error)
 
-    def _submit(self, request: _Request, active: dict) -> None:
+    def _submit(self, request: Job, active: dict) -> None:
         try:
             request.job = new_job(request.input_ids, request.settings, request.stop)
             self._generator.enqueue(request.job)
@@ -545,7 +496,7 @@ class Engine:
             return
         active[request.job] = request
 
-    def _deliver(self, request: _Request, result: dict, active: dict) -> None:
+    def _deliver(self, request: Job, result: dict, active: dict) -> None:
         text = result.get("text", "")
         if text:
             request.text.append(text)

@@ -7,10 +7,13 @@ import time
 import pytest
 import torch
 
-from engine.gpu.engine import Engine, PromptEncoder, validate_load_args
-from starcoder2.errors import InvalidSetting, ModelFolderInvalid, NoGPU
+from engine.api import GenerationRequest
+from engine.gpu.engine import Engine, validate_load_args
+from engine.inproc import InProcessEngine
+from starcoder2.errors import InvalidSetting, ModelFolderInvalid, NoGPU, NotReady
 from starcoder2.prompt import prompt_segments
 from starcoder2.settings import SamplingSettings
+from starcoder2.tokens import PromptEncoder
 
 
 @pytest.mark.parametrize("context", [255, 300, 16640, 0, -256])
@@ -52,13 +55,13 @@ def test_assistant_turns_end_with_the_real_end_of_text_token(fp16_dir):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the behaviour without a GPU")
-def test_without_a_gpu_load_and_stream_say_why_there_is_none(fp16_dir):
-    engine = Engine()
+def test_without_a_gpu_load_says_why_there_is_none_and_a_reply_is_refused_at_once(fp16_dir):
+    engine = InProcessEngine()
     assert engine.gpu_info() is None
     with pytest.raises(NoGPU, match="No GPU to run the model"):
         engine.load(str(fp16_dir))
-    with pytest.raises(NoGPU, match="No GPU to run the model"):
-        engine.stream(prompt_segments([{"role": "user", "content": "x"}]), SamplingSettings())
+    with pytest.raises(NotReady, match="not ready"):
+        engine.stream(GenerationRequest((0, 1), SamplingSettings()))
     assert "exllamav2" not in sys.modules
 
 

@@ -12,9 +12,12 @@ torch = pytest.importorskip("torch")
 if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU (run `pytest -m gpu` on a GPU machine)", allow_module_level=True)
 
-from engine.gpu.engine import Engine, Finished, TextDelta  # noqa: E402
+from engine.api import Finished, TextDelta  # noqa: E402
+from engine.gpu.engine import Engine  # noqa: E402
+from engine.inproc import InProcessEngine  # noqa: E402
 from starcoder2.prompt import Segment  # noqa: E402
 from starcoder2.settings import SamplingSettings  # noqa: E402
+from tests.fakes.prompts import ask  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 
@@ -234,7 +237,7 @@ def instruction(text: str) -> list[Segment]:
 
 @pytest.fixture(scope="module")
 def engine():
-    engine = Engine()
+    engine = InProcessEngine()
     yield engine
     engine.close()
 
@@ -243,7 +246,7 @@ def engine():
 def test_exl2_model_streams_in_every_cache_mode(engine, exl2_dir, cache_mode):
     status = engine.load(str(exl2_dir), max_seq_len=2048, cache_mode=cache_mode)
     assert status.state == "ready" and status.batching == "paged"
-    events = list(engine.stream(instruction("Write a sort."), SamplingSettings(max_new_tokens=24)))
+    events = list(ask(engine, instruction("Write a sort."), SamplingSettings(max_new_tokens=24)))
     assert isinstance(events[-1], Finished)
     assert all(isinstance(e, TextDelta) for e in events[:-1])
     final = events[-1]
@@ -263,11 +266,9 @@ def test_seed_makes_sampling_repeatable(engine, fp16_dir):
     # FP16 weights: EXL2 matmuls reduce with atomics, so their sampled text may drift by a token.
     engine.load(str(fp16_dir), max_seq_len=2048)
     settings = SamplingSettings(temperature=1.5, top_k=0, top_p=1.0, max_new_tokens=32, seed=7)
-    runs = [list(engine.stream(instruction("Hi"), settings))[-1].text for _ in range(2)]
+    runs = [list(ask(engine, instruction("Hi"), settings))[-1].text for _ in range(2)]
     other = list(
-        engine.stream(
-            instruction("Hi"), SamplingSettings(temperature=1.5, max_new_tokens=32, seed=8)
-        )
+        ask(engine, instruction("Hi"), SamplingSettings(temperature=1.5, max_new_tokens=32, seed=8))
     )[-1].text
     assert runs[0] == runs[1]
     assert other != runs[0]
@@ -275,29 +276,29 @@ def test_seed_makes_sampling_repeatable(engine, fp16_dir):
 
 def test_closing_the_stream_cancels_the_job_and_the_next_one_runs(engine, exl2_dir):
     engine.load(str(exl2_dir), max_seq_len=2048)
-    stream = engine.stream(instruction("Count"), SamplingSettings(max_new_tokens=1500))
+    stream = ask(engine, instruction("Count"), SamplingSettings(max_new_tokens=1500))
     for _ in range(3):
         assert isinstance(next(stream), TextDelta)
     stream.close()
     deadline = time.monotonic() + 1.0
-    while engine._generator.num_remaining_jobs() and time.monotonic() < deadline:
+    while engine.engine._generator.num_remaining_jobs() and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert engine._generator.num_remaining_jobs() == 0
-    events = list(engine.stream(instruction("Next"), SamplingSettings(max_new_tokens=8)))
+    assert engine.engine._generator.num_remaining_jobs() == 0
+    events = list(ask(engine, instruction("Next"), SamplingSettings(max_new_tokens=8)))
     assert isinstance(events[-1], Finished)
 
 
 def test_reload_with_other_context_and_cache_returns_vram_to_baseline(engine, exl2_dir):
-    engine.unload()
+    engine.engine.unload()
     total = torch.cuda.mem_get_info()[1]
     baseline = torch.cuda.mem_get_info()[0]
     engine.load(str(exl2_dir), max_seq_len=2048, cache_mode="fp16")
     loaded = torch.cuda.mem_get_info()[0]
     engine.load(str(exl2_dir), max_seq_len=4096, cache_mode="q4")
-    list(engine.stream(instruction("x"), SamplingSettings(max_new_tokens=8)))
+    list(ask(engine, instruction("x"), SamplingSettings(max_new_tokens=8)))
     engine.load(str(exl2_dir), max_seq_len=2048, cache_mode="fp16")
     assert abs(torch.cuda.mem_get_info()[0] - loaded) < 0.02 * total
-    engine.unload()
+    engine.engine.unload()
     assert abs(torch.cuda.mem_get_info()[0] - baseline) < 0.02 * total
 
 
@@ -333,13 +334,14 @@ sys.modules.update({"xformers": pkg, "xformers.ops": ops, "xformers.ops.fmha": f
                     "xformers.ops.fmha.attn_bias": bias})
 import exllamav2.attn
 assert exllamav2.attn.has_xformers  # exllamav2 would route attention through it
-from engine.gpu.engine import Engine
+from engine.api import GenerationRequest
+from engine.inproc import InProcessEngine
 from starcoder2.prompt import prompt_segments
 from starcoder2.settings import SamplingSettings
-engine = Engine(paged=False)
+engine = InProcessEngine(paged=False)
 engine.load(sys.argv[1], max_seq_len=1024)
-events = list(engine.stream(prompt_segments([{"role": "user", "content": "hi"}]),
-                            SamplingSettings(max_new_tokens=8)))
+ids = tuple(engine.encode(prompt_segments([{"role": "user", "content": "hi"}])))
+events = list(engine.stream(GenerationRequest(ids, SamplingSettings(max_new_tokens=8))))
 print("new tokens", events[-1].new_tokens)
 """
 

@@ -12,9 +12,11 @@ torch = pytest.importorskip("torch")
 if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU (run `pytest -m gpu` on a GPU machine)", allow_module_level=True)
 
-from engine.gpu.engine import Engine, Finished, TextDelta  # noqa: E402
+from engine.api import Finished, TextDelta  # noqa: E402
+from engine.inproc import InProcessEngine  # noqa: E402
 from starcoder2.settings import SamplingSettings  # noqa: E402
 from tests.engine.test_engine_gpu import PROMPT, instruction, load_exllamav2, prompt_ids  # noqa: E402
+from tests.fakes.prompts import ask  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 PAGE = 256
@@ -82,7 +84,7 @@ def run_jobs(engine, jobs):
 
     def run(i, text, new_tokens, delay, cancel_after):
         time.sleep(delay)
-        stream = engine.stream(instruction(text), SamplingSettings(max_new_tokens=new_tokens))
+        stream = ask(engine, instruction(text), SamplingSettings(max_new_tokens=new_tokens))
         seen = []
         for event in stream:
             if isinstance(event, TextDelta):
@@ -113,35 +115,35 @@ def test_graph_engine_streams_what_the_eager_engine_streams_as_jobs_come_and_go(
     long_text = PROMPT * 12  # about 1,500 tokens: several prefill chunks among decoding jobs
     jobs = [(f"Write function number {i}." * (i + 1), 24 + 9 * i, 0.02 * i, None) for i in range(6)]
     jobs += [(long_text, 40, 0.15, None), ("Count to a thousand.", 200, 0.0, 5)]
-    eager = Engine(max_jobs=8, cuda_graphs=False)
+    eager = InProcessEngine(max_jobs=8, cuda_graphs=False)
     eager.load(str(decisive_dir), max_seq_len=4096)
     assert eager.status.decode == "decode: eager (CUDA graphs off)"
     alone = [run_jobs(eager, [(text, n, 0.0, None)])[0] for text, n, _, _ in jobs[:-1]]
     eager.close()
 
-    engine = Engine(max_jobs=8)
+    engine = InProcessEngine(max_jobs=8)
     status = engine.load(str(decisive_dir), max_seq_len=4096)
     assert re.search(r"CUDA graphs for 1–8 jobs .*captured in [\d.]+ s, [\d.]+ GB", status.decode)
     assert status.decode in status.message
     together = run_jobs(engine, jobs)
     # How many steps the jobs share depends on the GPU's pace (75 graph steps on an H100 shared
     # with other work, over 100 alone): graphs must serve, and look-ahead most of their steps.
-    generator = engine._generator
+    generator = engine.engine._generator
     assert generator.graph_steps > 50
     assert (generator.ahead_steps > generator.graph_steps // 3) == look_ahead
     assert together[:-1] == alone
-    assert 0 < len(together[-1]) and engine._generator.num_remaining_jobs() == 0
+    assert 0 < len(together[-1]) and engine.engine._generator.num_remaining_jobs() == 0
 
     status = engine.load(str(decisive_dir), max_seq_len=2048)  # reload: graphs captured again
-    assert "CUDA graphs" in status.decode and engine._generator.graph_steps == 0
+    assert "CUDA graphs" in status.decode and engine.engine._generator.graph_steps == 0
     assert run_jobs(engine, jobs[:2]) == alone[:2]
     engine.close()
 
 
 def test_a_quantized_cache_decodes_eagerly_and_says_so(exl2_dir):
-    engine = Engine(max_jobs=2)
+    engine = InProcessEngine(max_jobs=2)
     status = engine.load(str(exl2_dir), max_seq_len=2048, cache_mode="q4")
     assert status.decode == "decode: eager (CUDA graphs need the fp16 cache, not q4)"
-    events = list(engine.stream(instruction("Hi"), SamplingSettings(max_new_tokens=8)))
+    events = list(ask(engine, instruction("Hi"), SamplingSettings(max_new_tokens=8)))
     assert isinstance(events[-1], Finished) and events[-1].new_tokens >= 1
     engine.close()

@@ -19,9 +19,10 @@ if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU (run `pytest -m gpu` on a GPU machine)", allow_module_level=True)
 
 from engine.api import Finished  # noqa: E402
-from engine.gpu.engine import Engine  # noqa: E402
+from engine.inproc import InProcessEngine  # noqa: E402
 from starcoder2.errors import GenerationFailed  # noqa: E402
 from starcoder2.settings import SamplingSettings  # noqa: E402
+from tests.fakes.prompts import ask  # noqa: E402
 from tests.fakes.schedules import (  # noqa: E402
     Reference,
     describe,
@@ -51,8 +52,8 @@ def seeds() -> range:
     return range(int(first), int(last or first) + 1)
 
 
-def loaded(folder, **options) -> Engine:
-    engine = Engine(**options)
+def loaded(folder, **options) -> InProcessEngine:
+    engine = InProcessEngine(**options)
     engine.load(str(folder), max_seq_len=CONTEXT)
     return engine
 
@@ -68,9 +69,11 @@ def invariants(generator) -> None:
 def test_random_schedules_end_every_job_with_the_tokens_it_gets_alone_on_the_gpu(model, request):
     folder = request.getfixturevalue(model.replace("-", "_") + "_dir")
     eager = loaded(folder, max_jobs=1, cuda_graphs=False)
-    reference = Reference(eager._generator, CHUNK)  # the worker idles: no reply goes through it
+    reference = Reference(
+        eager.engine._generator, CHUNK
+    )  # the worker idles: no reply goes through it
     engine = loaded(folder, max_jobs=16)
-    generator = engine._generator
+    generator = engine.engine._generator
     failures, compared, total, jobs_run, started = [], 0, 0, 0, time.perf_counter()
     try:
         for seed in seeds():
@@ -114,7 +117,7 @@ def test_a_reply_stranded_by_exllamav2_alone_ends_by_itself_on_the_gpu(decisive_
 
     def reply(name: str, ids: list[int], new_tokens: int) -> None:
         try:
-            *_, last = engine.stream_tokens(ids, SamplingSettings(max_new_tokens=new_tokens), ())
+            *_, last = ask(engine, ids, SamplingSettings(max_new_tokens=new_tokens), stop=())
             outcomes[name] = (last, time.perf_counter())
         except GenerationFailed as error:
             outcomes[name] = (error, time.perf_counter())
@@ -130,6 +133,6 @@ def test_a_reply_stranded_by_exllamav2_alone_ends_by_itself_on_the_gpu(decisive_
         assert isinstance(stuck, GenerationFailed) and "made no progress for 2 s" in str(stuck)
         assert isinstance(outcomes["first"][0], Finished)
         assert isinstance(outcomes["long"][0], Finished)
-        assert engine.stuck_replies == 1
+        assert engine.faults.stuck_replies == 1
     finally:
         engine.close()

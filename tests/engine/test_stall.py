@@ -1,5 +1,5 @@
 """Stalls on the CPU: an engine process that stops moving under replies, and one reply that stops
-moving among others (the real Engine's worker over exllamav2's scheduler, tests/scripted_exllamav2).
+moving among others (the real Engine over exllamav2's scheduler, tests/fakes/scripted_exllamav2).
 """
 
 from __future__ import annotations
@@ -17,11 +17,12 @@ from gradio_client.exceptions import AppError
 
 from engine.api import EngineStatus, Finished, GpuInfo
 from engine.client import EngineProcess
-from engine.gpu.engine import Engine
+from engine.inproc import InProcessEngine
 from engine.stall import ProgressClock
 from starcoder2.errors import GenerationFailed
 from starcoder2.settings import SamplingSettings
 from tests.engine.test_engine_process import SCRIPTED, model_dir  # noqa: F401  (a fixture)
+from tests.fakes.prompts import ask
 from tests.fakes.scripted_exllamav2 import VOCAB, exllamav2_on_cpu, scripted_generator
 from tests.fakes.serving import serve
 from tests.web.test_reliability import until
@@ -131,9 +132,11 @@ def test_an_engine_process_that_keeps_moving_is_never_taken_for_stalled(model_di
 # ---- one reply stuck among others, in the real Engine's worker ----------------------------------
 
 
-def scripted_engine(monkeypatch, stall_timeout_s: float) -> Engine:
-    """The real Engine, its generator exllamav2's over the scripted model (no GPU needed)."""
-    engine = Engine(max_jobs=4, stall_timeout_s=stall_timeout_s)
+def scripted_engine(monkeypatch, stall_timeout_s: float) -> InProcessEngine:
+    """The real Engine through the in-process client, its generator exllamav2's over the
+    scripted model (no GPU needed)."""
+    client = InProcessEngine(max_jobs=4, stall_timeout_s=stall_timeout_s)
+    engine = client.engine
 
     def load(folder, max_seq_len, cache_mode, on_progress) -> None:
         engine._generator = scripted_generator(graphs=True, max_jobs=4, pages=64, chunk=512)
@@ -146,7 +149,7 @@ def scripted_engine(monkeypatch, stall_timeout_s: float) -> Engine:
         "_ready_status",
         lambda folder, max_seq_len, *rest: EngineStatus(state="ready", max_seq_len=max_seq_len),
     )
-    return engine
+    return client
 
 
 def test_a_reply_that_stops_moving_ends_alone_while_the_others_finish(monkeypatch, fp16_dir):
@@ -162,7 +165,7 @@ def test_a_reply_that_stops_moving_ends_alone_while_the_others_finish(monkeypatc
             def reply(name: str, ids: list[int], new_tokens: int) -> None:
                 settings = SamplingSettings(max_new_tokens=new_tokens, seed=0)
                 try:
-                    *_, last = engine.stream_tokens(ids, settings, stop=())
+                    *_, last = ask(engine, ids, settings, stop=())
                     outcomes[name] = (last, time.perf_counter())
                 except GenerationFailed as error:
                     outcomes[name] = (error, time.perf_counter())
@@ -185,8 +188,8 @@ def test_a_reply_that_stops_moving_ends_alone_while_the_others_finish(monkeypatc
             for name in ("first", "long"):
                 finished, _ = outcomes[name]
                 assert isinstance(finished, Finished) and finished.stop_reason == "max_new_tokens"
-            assert engine.stuck_replies == 1 and engine.health == "ready"
-            again = list(engine.stream_tokens([5, 6, 7], SamplingSettings(max_new_tokens=5)))
+            assert engine.faults.stuck_replies == 1 and engine.health == "ready"
+            again = list(ask(engine, [5, 6, 7], SamplingSettings(max_new_tokens=5)))
             assert isinstance(again[-1], Finished) and again[-1].new_tokens == 5
         finally:
             engine.close()

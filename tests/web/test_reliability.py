@@ -25,14 +25,15 @@ from gradio_client import Client
 from gradio_client.exceptions import AppError
 
 import app
+from engine import inproc
 from engine import loading as loader_module
 from engine.api import EngineStatus, Finished, TextDelta
-from engine.gpu import engine as engine_module
-from engine.gpu.engine import Engine
+from engine.inproc import InProcessEngine
 from engine.loading import ModelLoader
 from starcoder2.errors import GenerationFailed, NotReady, TooManyRequests
 from starcoder2.settings import FIELDS, SamplingSettings
 from tests.fakes.fake_engine import FakeEngine
+from tests.fakes.prompts import ask
 from tests.fakes.serving import free_port, serve
 from tests.web.test_app import refusal, resolved
 from web import chat as chat_module
@@ -420,9 +421,11 @@ class StubGenerator:
 
 @pytest.fixture
 def stub_engine(monkeypatch):
-    """The real Engine's worker and recovery code around a StubGenerator (no GPU needed)."""
-    monkeypatch.setattr(engine_module, "_WORKER_CHECK_S", 0.05)
-    engine = Engine()
+    """The real Engine's worker and recovery code around a StubGenerator, through the in-process
+    client (no GPU needed)."""
+    monkeypatch.setattr(inproc, "ALIVE_CHECK_S", 0.05)
+    client = InProcessEngine()
+    engine = client.engine
     generator = StubGenerator()
 
     def submit(request, active) -> None:
@@ -435,7 +438,7 @@ def stub_engine(monkeypatch):
     engine._status = EngineStatus(state="ready", max_seq_len=4096)
     engine._worker = threading.Thread(target=engine._run, daemon=True)
     engine._worker.start()
-    yield engine, generator
+    yield client, generator
     engine._commands.put(("stop", None))
     engine._worker.join(WAIT_S)
 
@@ -448,10 +451,10 @@ def test_engine_recovers_from_an_exception_in_the_generator_loop(stub_engine):
     engine, generator = stub_engine
     generator.fail_step = RuntimeError("kernel launch failed")
     with pytest.raises(GenerationFailed, match="RuntimeError: kernel launch failed"):
-        list(engine.stream_tokens([1, 2, 3], settings(4)))
+        list(ask(engine, [1, 2, 3], settings(4)))
     assert engine.health == "degraded"
     started = time.perf_counter()
-    events = list(engine.stream_tokens([1, 2, 3], settings(4)))
+    events = list(ask(engine, [1, 2, 3], settings(4)))
     assert time.perf_counter() - started < 5
     assert isinstance(events[-1], Finished) and events[-1].text == "tttt"
     assert engine.health == "ready"
@@ -459,26 +462,26 @@ def test_engine_recovers_from_an_exception_in_the_generator_loop(stub_engine):
 
 def test_an_oom_in_prefill_fails_only_the_new_request_while_others_keep_streaming(stub_engine):
     engine, generator = stub_engine
-    streaming = engine.stream_tokens([1, 2, 3], settings(3000))
+    streaming = ask(engine, [1, 2, 3], settings(3000))
     assert isinstance(next(streaming), TextDelta)  # this one is past its prefill
     generator.fail_prefill = RuntimeError("CUDA out of memory. Tried to allocate 2 GiB (test)")
     with pytest.raises(GenerationFailed, match=r"out of GPU memory"):
-        list(engine.stream_tokens(list(range(500)), settings(4)))
+        list(ask(engine, list(range(500)), settings(4)))
     assert engine.health == "degraded"
     assert all(isinstance(next(streaming), TextDelta) for _ in range(5))  # still streaming
     streaming.close()
-    events = list(engine.stream_tokens([1, 2, 3], settings(2)))
+    events = list(ask(engine, [1, 2, 3], settings(2)))
     assert events[-1].text == "tt" and engine.health == "ready"
 
 
 def test_a_caller_is_told_within_a_second_when_the_worker_is_gone_instead_of_hanging(stub_engine):
     engine, _ = stub_engine
-    engine._commands.put(("stop", None))
-    engine._worker.join(WAIT_S)
+    engine.engine._commands.put(("stop", None))
+    engine.engine._worker.join(WAIT_S)
     assert engine.health == "failed"
     started = time.perf_counter()
     with pytest.raises(GenerationFailed, match="send the message again"):
-        list(engine.stream_tokens([1, 2, 3], settings(4)))
+        list(ask(engine, [1, 2, 3], settings(4)))
     assert time.perf_counter() - started < FAST_S
 
 

@@ -18,10 +18,12 @@ torch = pytest.importorskip("torch")
 if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU (run `pytest -m gpu` on a GPU machine)", allow_module_level=True)
 
-from engine.gpu.engine import Engine, Finished, TextDelta  # noqa: E402
+from engine.api import Finished, TextDelta  # noqa: E402
+from engine.inproc import InProcessEngine  # noqa: E402
 from starcoder2.errors import GenerationFailed  # noqa: E402
 from starcoder2.prompt import Segment, prompt_segments  # noqa: E402
 from starcoder2.settings import SamplingSettings  # noqa: E402
+from tests.fakes.prompts import ask  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 
@@ -50,7 +52,7 @@ def rss_bytes() -> int:
 
 @pytest.fixture
 def engine(exl2_dir):
-    engine = Engine()
+    engine = InProcessEngine()
     engine.load(str(exl2_dir), max_seq_len=2048)
     yield engine
     engine.close()
@@ -59,7 +61,7 @@ def engine(exl2_dir):
 def test_an_exception_in_the_generator_loop_fails_that_request_and_the_engine_recovers(
     engine, monkeypatch
 ):
-    generator = engine._generator
+    generator = engine.engine._generator
     original = generator.iterate
     fired = threading.Event()
 
@@ -71,14 +73,14 @@ def test_an_exception_in_the_generator_loop_fails_that_request_and_the_engine_re
 
     monkeypatch.setattr(generator, "iterate", iterate_failing_once)
     with pytest.raises(GenerationFailed, match="RuntimeError: injected fault"):
-        list(engine.stream(instruction("Fail."), SamplingSettings(max_new_tokens=16)))
+        list(ask(engine, instruction("Fail."), SamplingSettings(max_new_tokens=16)))
     assert fired.is_set() and engine.health == "degraded"
     started = time.monotonic()
-    events = list(engine.stream(instruction("Recover."), SamplingSettings(max_new_tokens=16)))
+    events = list(ask(engine, instruction("Recover."), SamplingSettings(max_new_tokens=16)))
     assert time.monotonic() - started < 5
     assert isinstance(events[-1], Finished) and events[-1].new_tokens >= 1
     assert engine.health == "ready"
-    assert engine._generator.num_remaining_jobs() == 0
+    assert engine.engine._generator.num_remaining_jobs() == 0
 
 
 def test_a_cuda_oom_during_prefill_fails_only_that_request(engine, monkeypatch):
@@ -96,21 +98,21 @@ def test_a_cuda_oom_during_prefill_fails_only_that_request(engine, monkeypatch):
         return original(job, results)
 
     monkeypatch.setattr(ExLlamaV2DynamicJob, "prefill", prefill)
-    list(engine.stream(instruction("Warm up."), SamplingSettings(max_new_tokens=8)))
+    list(ask(engine, instruction("Warm up."), SamplingSettings(max_new_tokens=8)))
     torch.cuda.synchronize()
     allocated = torch.cuda.memory_allocated()
-    survivor = engine.stream(instruction("Keep going."), SamplingSettings(max_new_tokens=400))
+    survivor = ask(engine, instruction("Keep going."), SamplingSettings(max_new_tokens=400))
     seen = [next(survivor)]
     assert isinstance(seen[0], TextDelta)  # past its prefill, streaming
     armed.set()
     with pytest.raises(GenerationFailed, match=r"out of GPU memory\); the engine recovered"):
-        list(engine.stream(instruction("Big prompt. " * 100), SamplingSettings(max_new_tokens=8)))
+        list(ask(engine, instruction("Big prompt. " * 100), SamplingSettings(max_new_tokens=8)))
     assert not armed.is_set() and engine.health == "degraded"
     seen += list(survivor)  # the job that was streaming is untouched and ends normally
     assert isinstance(seen[-1], Finished)
     assert seen[-1].text == "".join(event.text for event in seen[:-1])
     started = time.monotonic()
-    events = list(engine.stream(instruction("Next."), SamplingSettings(max_new_tokens=8)))
+    events = list(ask(engine, instruction("Next."), SamplingSettings(max_new_tokens=8)))
     assert time.monotonic() - started < 5 and isinstance(events[-1], Finished)
     assert engine.health == "ready"
     torch.cuda.synchronize()
@@ -118,14 +120,15 @@ def test_a_cuda_oom_during_prefill_fails_only_that_request(engine, monkeypatch):
 
 
 def test_a_broken_generator_is_rebuilt_and_serves_again(engine, monkeypatch):
-    generator = engine._generator
+    generator = engine.engine._generator
     fail = RuntimeError("generator state is inconsistent")
     monkeypatch.setattr(generator, "iterate", lambda: (_ for _ in ()).throw(fail))
     monkeypatch.setattr(generator, "clear_queue", lambda: (_ for _ in ()).throw(fail))
     with pytest.raises(GenerationFailed, match="generator state is inconsistent"):
-        list(engine.stream(instruction("Fail."), SamplingSettings(max_new_tokens=8)))
-    assert engine._generator is not generator  # a fresh generator on the same model and cache
-    events = list(engine.stream(instruction("Again."), SamplingSettings(max_new_tokens=8)))
+        list(ask(engine, instruction("Fail."), SamplingSettings(max_new_tokens=8)))
+    # A fresh generator on the same model and cache.
+    assert engine.engine._generator is not generator
+    events = list(ask(engine, instruction("Again."), SamplingSettings(max_new_tokens=8)))
     assert isinstance(events[-1], Finished) and engine.health == "ready"
 
 
@@ -143,11 +146,11 @@ def consume(stream, outcomes: list, index: int, first: threading.Event) -> None:
 
 
 def test_reload_under_load_ends_in_flight_jobs_cleanly_and_returns_vram_to_baseline(exl2_dir):
-    engine = Engine()
+    engine = InProcessEngine()
     try:
         total = torch.cuda.mem_get_info()[1]
         engine.load(str(exl2_dir), max_seq_len=2048)
-        list(engine.stream(instruction("Warm up."), SamplingSettings(max_new_tokens=8)))
+        list(ask(engine, instruction("Warm up."), SamplingSettings(max_new_tokens=8)))
         loaded = torch.cuda.mem_get_info()[0]
         for context in (4096, 2048):
             outcomes: list = [None] * 3
@@ -156,8 +159,10 @@ def test_reload_under_load_ends_in_flight_jobs_cleanly_and_returns_vram_to_basel
                 threading.Thread(
                     target=consume,
                     args=(
-                        engine.stream(
-                            instruction(f"Stream {n}."), SamplingSettings(max_new_tokens=1500)
+                        ask(
+                            engine,
+                            instruction(f"Stream {n}."),
+                            SamplingSettings(max_new_tokens=1500),
                         ),
                         outcomes,
                         n,
@@ -176,7 +181,7 @@ def test_reload_under_load_ends_in_flight_jobs_cleanly_and_returns_vram_to_basel
             for outcome in outcomes:
                 assert isinstance(outcome, Finished) or "reloaded" in str(outcome)
             assert status.state == "ready" and status.max_seq_len == context
-            events = list(engine.stream(instruction("After."), SamplingSettings(max_new_tokens=8)))
+            events = list(ask(engine, instruction("After."), SamplingSettings(max_new_tokens=8)))
             assert isinstance(events[-1], Finished) and engine.health == "ready"
         assert abs(torch.cuda.mem_get_info()[0] - loaded) < 0.02 * total
     finally:
