@@ -135,13 +135,17 @@ class ModelPanel:
         return line
 
     def refresh(self, branch: str, context_tokens: float, cache_mode: str) -> tuple:
-        """(GPU line, branch dropdown, model line) for the chosen context and cache."""
-        choices = branch_choices(available_vram_gb(self.engine), int(context_tokens), cache_mode)
-        return (
-            gpu_markdown(self.engine.gpu_info()),
-            gr.Dropdown(choices=choices, value=branch),
-            self.model_line(),
+        """(GPU line, branch dropdown, model line) for the chosen context and cache. The branch
+        keeps the value the page has: a new page's first context change may carry the branch
+        from before the page showed the loaded one."""
+        return self._lines(None, int(context_tokens), cache_mode)
+
+    def _lines(self, branch: str | None, context_tokens: int, cache_mode: str) -> tuple:
+        choices = branch_choices(available_vram_gb(self.engine), context_tokens, cache_mode)
+        dropdown = (
+            gr.Dropdown(choices=choices) if branch is None else gr.Dropdown(choices, value=branch)
         )
+        return gpu_markdown(self.engine.gpu_info()), dropdown, self.model_line()
 
     def shown_settings(self) -> tuple[str, int, str]:
         """(branch, context, cache) to show: what is loaded, else what the app was started with."""
@@ -155,7 +159,7 @@ class ModelPanel:
     def page_opened(self) -> tuple:
         """A new page shows what is loaded: (GPU, branch, context, cache, model line, timer)."""
         branch, context_tokens, cache_mode = self.shown_settings()
-        gpu_line, dropdown, model_line = self.refresh(branch, context_tokens, cache_mode)
+        gpu_line, dropdown, model_line = self._lines(branch, context_tokens, cache_mode)
         return gpu_line, dropdown, context_tokens, cache_mode, model_line, self._timer()
 
     def tick(self) -> tuple:
