@@ -68,67 +68,81 @@ def main(conn: Connection, backend: str, device: str | None, options: dict) -> N
         os.environ["CUDA_VISIBLE_DEVICES"] = device
     engine = load_backend(backend)(**options)
     outbox = Outbox(conn, lambda: engine.health)
-    handles: dict[int, object] = {}
     outbox.put(wire.Hello(engine.gpu_info(), engine.status, engine.health))
-    allowed = getattr(type(engine), "CALLS", wire.ENGINE_CALLS)
     stopped = threading.Event()
     threading.Thread(target=_beat, args=(engine, outbox, stopped), name="beat", daemon=True).start()
-
-    def sink_for(request_id: int) -> Callable[[object], None]:
-        def sink(event: object) -> None:
-            if isinstance(event, BaseException):
-                event = wire.Failure.of(event)
-            if isinstance(event, (Finished, wire.Failure)):
-                handles.pop(request_id, None)
-            outbox.event(request_id, event)
-
-        return sink
-
-    def call(request: wire.Call) -> None:
-        kwargs = dict(request.kwargs)
-        try:
-            if request.method not in allowed:
-                raise errors.GenerationFailed(f"The engine has no call {request.method!r}.")
-            if request.method == "load":
-                kwargs["on_progress"] = lambda step: outbox.put(
-                    wire.Progress(request.call_id, step)
-                )
-                outbox.put(wire.Status(engine.status, engine.health))
-            value = getattr(engine, request.method)(**kwargs)
-        except Exception as error:
-            value = wire.Failure.of(error)
-        outbox.put(wire.Reply(request.call_id, value))
-        outbox.put(wire.Status(engine.status, engine.health))
-
     try:
-        while True:
-            if not conn.poll(ALIVE_CHECK_S):
-                if handles and engine.health == "failed":  # the generator thread is gone
-                    for request_id in list(handles):
-                        sink_for(request_id)(errors.GenerationFailed("The engine stopped."))
-                continue
-            match conn.recv():
-                case wire.Submit(request_id, ids, settings, stop):
-                    sink = sink_for(request_id)
-                    try:
-                        handles[request_id] = engine.submit(ids, settings, sink, stop)
-                    except Exception as error:
-                        sink(error)
-                case wire.Cancel(request_id):
-                    handle = handles.pop(request_id, None)
-                    if handle is not None:
-                        engine.cancel(handle)
-                case wire.Call() as request:
-                    name = f"engine-{request.method}"
-                    threading.Thread(target=call, args=(request,), name=name).start()
-                case wire.Stop():
-                    break
+        EngineServer(engine, outbox).serve(conn)
     except (EOFError, OSError):  # the web side went away: nothing is left to serve
         pass
     finally:
         stopped.set()
         engine.close()
         outbox.close()
+
+
+class EngineServer:
+    """Answers the web side's messages with one engine backend."""
+
+    def __init__(self, engine: Any, outbox: Outbox) -> None:
+        self.engine = engine
+        self.outbox = outbox
+        self.allowed = getattr(type(engine), "CALLS", wire.ENGINE_CALLS)
+        self.handles: dict[int, object] = {}  # the replies in flight, by request id
+
+    def serve(self, conn: Connection) -> None:
+        """Until Stop: between messages, fail every reply if the generator thread is gone."""
+        while True:
+            if not conn.poll(ALIVE_CHECK_S):
+                if self.handles and self.engine.health == "failed":
+                    for request_id in list(self.handles):
+                        self.sink_for(request_id)(errors.GenerationFailed("The engine stopped."))
+                continue
+            match conn.recv():
+                case wire.Submit(request_id, ids, settings, stop):
+                    sink = self.sink_for(request_id)
+                    try:
+                        self.handles[request_id] = self.engine.submit(ids, settings, sink, stop)
+                    except Exception as error:
+                        sink(error)
+                case wire.Cancel(request_id):
+                    handle = self.handles.pop(request_id, None)
+                    if handle is not None:
+                        self.engine.cancel(handle)
+                case wire.Call() as request:  # a load takes minutes: the loop goes on meanwhile
+                    name = f"engine-{request.method}"
+                    threading.Thread(target=self.call, args=(request,), name=name).start()
+                case wire.Stop():
+                    return
+
+    def sink_for(self, request_id: int) -> Callable[[object], None]:
+        """Where a reply's events go: to the web side, exceptions as Failures."""
+
+        def sink(event: object) -> None:
+            if isinstance(event, BaseException):
+                event = wire.Failure.of(event)
+            if isinstance(event, (Finished, wire.Failure)):
+                self.handles.pop(request_id, None)
+            self.outbox.event(request_id, event)
+
+        return sink
+
+    def call(self, request: wire.Call) -> None:
+        """Run a call on the allow-list; a load reports its steps as Progress."""
+        engine, outbox = self.engine, self.outbox
+        kwargs = dict(request.kwargs)
+        try:
+            if request.method not in self.allowed:
+                raise errors.GenerationFailed(f"The engine has no call {request.method!r}.")
+            if request.method == "load":
+                call_id = request.call_id
+                kwargs["on_progress"] = lambda step: outbox.put(wire.Progress(call_id, step))
+                outbox.put(wire.Status(engine.status, engine.health))
+            value = getattr(engine, request.method)(**kwargs)
+        except Exception as error:
+            value = wire.Failure.of(error)
+        outbox.put(wire.Reply(request.call_id, value))
+        outbox.put(wire.Status(engine.status, engine.health))
 
 
 def _beat(engine: Any, outbox: Outbox, stopped: threading.Event) -> None:

@@ -105,28 +105,7 @@ def build_app(
     limiter = RateLimiter(config.rate_limit)
     streams = StreamWatch()
     logins = LoginThrottle()
-    metrics = Metrics()
-    metrics.gauge("queue_waiting", "Replies waiting for the GPU.", lambda: admission.waiting)
-    metrics.gauge("replies_running", "Replies being written.", lambda: admission.running)
-    metrics.gauge("gpu_places", "Replies that may run at once.", lambda: admission.slots)
-    metrics.gauge("kv_cache_pages_used", "K/V cache pages in use.", lambda: engine.cache_pages()[0])
-    metrics.gauge("kv_cache_pages", "K/V cache pages in all.", lambda: engine.cache_pages()[1])
-    metrics.counter(
-        "engine_stalls_total",
-        "Times an engine made no progress for --stall-timeout with replies in flight (each was "
-        "restarted).",
-        lambda: engine.faults.stalls,
-    )
-    metrics.counter(
-        "stuck_replies_total",
-        "Replies ended alone: they stopped moving while the engine went on.",
-        lambda: engine.faults.stuck_replies,
-    )
-    metrics.counter(
-        "engine_restarts_total",
-        "Engine processes started again after dying or stalling.",
-        lambda: engine.faults.restarts,
-    )
+    metrics = serving_metrics(engine, admission)
     gate = GpuGate(
         engine,
         limiter=limiter,
@@ -159,3 +138,30 @@ def build_app(
     return WebApp(
         config, engine, loader, admission, limiter, streams, logins, panel, metrics, openai, demo
     )
+
+
+def serving_metrics(engine: EngineClient, admission: Admission) -> Metrics:
+    """/metrics: the queue and the GPU's places, the K/V cache, and the engine's faults."""
+    metrics = Metrics()
+    metrics.gauge("queue_waiting", "Replies waiting for the GPU.", lambda: admission.waiting)
+    metrics.gauge("replies_running", "Replies being written.", lambda: admission.running)
+    metrics.gauge("gpu_places", "Replies that may run at once.", lambda: admission.slots)
+    metrics.gauge("kv_cache_pages_used", "K/V cache pages in use.", lambda: engine.cache_pages()[0])
+    metrics.gauge("kv_cache_pages", "K/V cache pages in all.", lambda: engine.cache_pages()[1])
+    metrics.counter(
+        "engine_stalls_total",
+        "Times an engine made no progress for --stall-timeout with replies in flight (each was "
+        "restarted).",
+        lambda: engine.faults.stalls,
+    )
+    metrics.counter(
+        "stuck_replies_total",
+        "Replies ended alone: they stopped moving while the engine went on.",
+        lambda: engine.faults.stuck_replies,
+    )
+    metrics.counter(
+        "engine_restarts_total",
+        "Engine processes started again after dying or stalling.",
+        lambda: engine.faults.restarts,
+    )
+    return metrics

@@ -256,27 +256,30 @@ class Engine:
         )
         self._generator_class = ExLlamaV2DynamicGenerator
         if graphs:
-            from engine.gpu.generator import Generator
-            from engine.gpu.graphs import DecodeGraphs
-
-            report(LoadStep("graphs", 0, jobs))
-            self._graphs = DecodeGraphs(self._model, self._cache, jobs, max_seq_len, PAGE_TOKENS)
-            try:
-                self._graphs.capture()
-            except Exception as error:
-                if _is_oom(error):
-                    raise  # reported as what does not fit
-                raise GraphCaptureFailed(
-                    f"Capturing the decode step as CUDA graphs failed ({type(error).__name__}: "
-                    f"{error}); start with --no-cuda-graphs (SC2_NO_CUDA_GRAPHS=1) to decode "
-                    "eagerly."
-                ) from error
-            self._generator_class = Generator
-            self._generator_args["graphs"] = self._graphs
+            self._capture_graphs(jobs, max_seq_len, report)
         self._generator = self._generator_class(**self._generator_args)
         self._degraded = False
         self._jobs, self._paged, self._cache_total = jobs, paged, cache_tokens
         torch.cuda.synchronize()
+
+    def _capture_graphs(self, jobs: int, max_seq_len: int, report) -> None:
+        """Capture a decode step per batch size; our generator then replays them."""
+        from engine.gpu.generator import Generator
+        from engine.gpu.graphs import DecodeGraphs
+
+        report(LoadStep("graphs", 0, jobs))
+        self._graphs = DecodeGraphs(self._model, self._cache, jobs, max_seq_len, PAGE_TOKENS)
+        try:
+            self._graphs.capture()
+        except Exception as error:
+            if _is_oom(error):
+                raise  # reported as what does not fit
+            raise GraphCaptureFailed(
+                f"Capturing the decode step as CUDA graphs failed ({type(error).__name__}: "
+                f"{error}); start with --no-cuda-graphs (SC2_NO_CUDA_GRAPHS=1) to decode eagerly."
+            ) from error
+        self._generator_class = Generator
+        self._generator_args["graphs"] = self._graphs
 
     def _cache_tokens(self, folder, config, max_seq_len, cache_mode, jobs) -> int:
         """Cache tokens: room for `jobs` full contexts, capped by the VRAM left after weights."""
