@@ -27,7 +27,8 @@ from starcoder2.prompt import Segment
 from starcoder2.tokens import PromptEncoder
 
 if TYPE_CHECKING:
-    from engine.gpu.engine import Engine, Job
+    from engine.gpu.engine import Engine
+    from engine.gpu.jobs import Job
 
 
 class InProcessEngine:

@@ -11,14 +11,14 @@ from __future__ import annotations
 import gc
 import logging
 import queue
-import secrets
 import threading
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from engine.gpu.jobs import STOP_REASONS, Job, Sink, new_job
+from engine.gpu.loading import GB, cache_tokens, import_exllamav2, is_oom, validate_load_args
 from engine.gpu_check import no_gpu_here
 from engine.hub import check_model_dir
 from engine.stall import DEFAULT_STALL_TIMEOUT_S, ProgressClock
@@ -35,9 +35,6 @@ from starcoder2.branches import (
     DEFAULT_CONTEXT,
     MAX_CONTEXT,
     PAGE_TOKENS,
-    cache_bytes_per_token,
-    check_cache_mode,
-    validate_context,
 )
 from starcoder2.errors import (
     DoesNotFit,
@@ -46,47 +43,12 @@ from starcoder2.errors import (
     NoGPU,
     NotReady,
 )
-from starcoder2.prompt import EOS_TOKEN_ID, STOP_STRINGS
+from starcoder2.prompt import STOP_STRINGS
 from starcoder2.settings import SamplingSettings
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_JOBS = 8
-# Kept free after weights and cache: scratch buffers, logits, CUDA context growth.
-RESERVE_BYTES = 1_200_000_000
-GB = 1e9
-
-
-# Where the worker sends a job's events (TextDelta, Finished, or an exception that ends it).
-Sink = Callable[[object], None]
-
-
-@dataclass(eq=False)
-class Job:
-    """One job in flight: the worker hands its events to `deliver`."""
-
-    input_ids: list[int]
-    settings: SamplingSettings
-    deliver: Sink
-    stop: tuple[str, ...] = STOP_STRINGS
-    job: object = None
-    submitted_at: float = field(default_factory=time.time)  # exllamav2 stamps jobs with time.time()
-    text: list[str] = field(default_factory=list)
-    done: bool = False
-    worker: threading.Thread | None = None  # the worker the job was handed to
-
-
-_STOP_REASONS = {
-    "stop_token": "eos",
-    "stop_string": "stop_string",
-    "max_new_tokens": "max_new_tokens",
-}
-
-
-def validate_load_args(max_seq_len: int, cache_mode: str) -> None:
-    """Raise InvalidSetting unless the context and cache mode are ones the engine supports."""
-    validate_context(max_seq_len)
-    check_cache_mode(cache_mode)
 
 
 class Engine:
@@ -191,7 +153,7 @@ class Engine:
             except BaseException as error:
                 self._free()
                 self._status = EngineStatus(state="failed", message=str(error))
-                if _is_oom(error):
+                if is_oom(error):
                     raise DoesNotFit(
                         f"The model and a {max_seq_len:,}-token {cache_mode} cache do not fit in "
                         f"{self._free_gb():.1f} GB free; lower the context, use a q4 cache "
@@ -207,7 +169,7 @@ class Engine:
 
     def _load(self, folder: Path, max_seq_len: int, cache_mode: str, on_progress) -> None:
         report = on_progress or (lambda step: None)
-        _import_exllamav2(report)
+        import_exllamav2(report)
         import torch
         from exllamav2 import (
             ExLlamaV2,
@@ -272,7 +234,7 @@ class Engine:
         try:
             self._graphs.capture()
         except Exception as error:
-            if _is_oom(error):
+            if is_oom(error):
                 raise  # reported as what does not fit
             raise GraphCaptureFailed(
                 f"Capturing the decode step as CUDA graphs failed ({type(error).__name__}: "
@@ -282,22 +244,7 @@ class Engine:
         self._generator_args["graphs"] = self._graphs
 
     def _cache_tokens(self, folder, config, max_seq_len, cache_mode, jobs) -> int:
-        """Cache tokens: room for `jobs` full contexts, capped by the VRAM left after weights."""
-        weights = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
-        per_token = cache_bytes_per_token(
-            cache_mode, config.num_hidden_layers, config.num_key_value_heads, config.head_dim
-        )
-        free = self._free_gb() * GB
-        budget = free - weights - RESERVE_BYTES
-        fits = int(budget // per_token) // PAGE_TOKENS * PAGE_TOKENS if budget > 0 else 0
-        if fits < max_seq_len:
-            needed = weights + RESERVE_BYTES + max_seq_len * per_token
-            raise DoesNotFit(
-                f"The weights ({weights / GB:.1f} GB) and a {max_seq_len:,}-token {cache_mode} "
-                f"cache need about {needed / GB:.1f} GB but {free / GB:.1f} GB is free; lower the "
-                "context, use a q4 cache or a smaller branch."
-            )
-        return min(fits, jobs * max_seq_len)
+        return cache_tokens(folder, config, max_seq_len, cache_mode, jobs, self._free_gb())
 
     def _ready_status(self, folder, max_seq_len, cache_mode, started, used_gb) -> EngineStatus:
         import torch
@@ -523,7 +470,7 @@ class Engine:
                 cached_tokens=result.get("cached_tokens", 0),
                 time_to_first_token_s=ttft,
                 decode_tokens_per_s=(new_tokens - 1) / generate_s if generate_s > 0 else 0.0,
-                stop_reason=_STOP_REASONS.get(reason, reason),
+                stop_reason=STOP_REASONS.get(reason, reason),
             )
         )
 
@@ -532,7 +479,7 @@ class Engine:
         import torch
 
         self._degraded = True
-        reason = "out of GPU memory" if _is_oom(error) else f"{type(error).__name__}: {error}"
+        reason = "out of GPU memory" if is_oom(error) else f"{type(error).__name__}: {error}"
         message = f"Generation failed ({reason}); the engine recovered, try again."
         # Prefill runs before the batch's decode step, so jobs already streaming are untouched.
         started = getattr(self._generator, "active_jobs", [])
@@ -565,59 +512,3 @@ class Engine:
         active.clear()  # before clear_queue, which may raise on a broken generator
         if self._generator is not None:
             self._generator.clear_queue()
-
-
-def _import_exllamav2(report: LoadProgress) -> None:
-    """Import exllamav2, reporting the first start's compile of its extension as it goes."""
-    from engine.gpu import toolchain
-
-    # exllamav2 compiles its extension on first import: give it PyPI's nvcc if no toolkit.
-    toolchain.ensure_cuda_home()
-    build_dir = toolchain.extension_build_dir()
-    if not toolchain.extension_needs_build(build_dir):
-        import exllamav2  # noqa: F401
-
-        return
-    stop = toolchain.watch_extension_build(
-        build_dir, lambda done, total: report(LoadStep("compiling", done, total))
-    )
-    try:
-        import exllamav2  # noqa: F401
-    finally:
-        stop()
-
-
-def new_job(ids: Sequence[int], settings: SamplingSettings, stop: Sequence[str]) -> Any:
-    """exllamav2's job for one reply: it ends at end-of-text or at any of the stop strings."""
-    import torch
-    from exllamav2.generator import ExLlamaV2DynamicJob
-
-    return ExLlamaV2DynamicJob(
-        input_ids=torch.tensor([list(ids)], dtype=torch.long),
-        max_new_tokens=settings.max_new_tokens,
-        gen_settings=_sampler_settings(settings),
-        seed=settings.seed if settings.seed is not None else secrets.randbelow(2**31),
-        stop_conditions=[EOS_TOKEN_ID, *stop],
-        decode_special_tokens=False,
-    )
-
-
-def _sampler_settings(settings: SamplingSettings):
-    """A fresh exllamav2 sampler settings object per job (some samplers keep state in it)."""
-    from exllamav2.generator import ExLlamaV2Sampler
-
-    if settings.greedy:
-        return ExLlamaV2Sampler.Settings.greedy(
-            token_repetition_penalty=settings.repetition_penalty
-        )
-    return ExLlamaV2Sampler.Settings(
-        temperature=settings.temperature,
-        top_p=settings.top_p,
-        top_k=settings.top_k,
-        min_p=settings.min_p,
-        token_repetition_penalty=settings.repetition_penalty,
-    )
-
-
-def _is_oom(error: BaseException) -> bool:
-    return "out of memory" in str(error).lower() or type(error).__name__ == "OutOfMemoryError"

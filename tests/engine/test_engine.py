@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from engine.api import GenerationRequest
-from engine.gpu.engine import Engine, validate_load_args
+from engine.gpu.engine import Engine
+from engine.gpu.loading import validate_load_args
 from engine.inproc import InProcessEngine
 from starcoder2.errors import InvalidSetting, ModelFolderInvalid, NoGPU, NotReady
 from starcoder2.prompt import prompt_segments
@@ -112,8 +113,7 @@ def test_a_first_start_reports_the_extension_compile_as_it_goes(tmp_path, monkey
     import types
 
     from engine.api import LoadStep
-    from engine.gpu import engine as engine_module
-    from engine.gpu import toolchain
+    from engine.gpu import loading, toolchain
 
     build = tmp_path / "exllamav2_ext"
     build.mkdir()
@@ -122,11 +122,11 @@ def test_a_first_start_reports_the_extension_compile_as_it_goes(tmp_path, monkey
     monkeypatch.setattr(toolchain, "extension_build_dir", lambda: build)
     monkeypatch.setitem(sys.modules, "exllamav2", types.ModuleType("exllamav2"))
     steps = []
-    engine_module._import_exllamav2(steps.append)
+    loading.import_exllamav2(steps.append)
     assert steps[0] == LoadStep("compiling", 1, toolchain.EXTENSION_SOURCES)
     (build / "exllamav2_ext.so").touch()  # built: the next start says nothing about compiling
     steps.clear()
-    engine_module._import_exllamav2(steps.append)
+    loading.import_exllamav2(steps.append)
     assert steps == []
 
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from engine.gpu.engine import new_job
+from engine.gpu.jobs import new_job
 from starcoder2.settings import SamplingSettings
 
 PAGE = 256
