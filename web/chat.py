@@ -8,11 +8,11 @@ from collections.abc import Sequence
 
 import gradio as gr
 
-from engine.api import Finished, GenerationRequest
+from engine.api import Finished, GenerationRequest, TextDelta
 from starcoder2.errors import ChatError, InvalidMessages, InvalidSetting, NoGPU
 from starcoder2.settings import FIELDS, SamplingSettings, validate_settings
 from web.errors import http_status, user_message
-from web.gate import GpuGate
+from web.gate import GpuGate, Waiting
 from web.guard.limits import Message, check_history, check_text, within_chars
 
 CONTROLS = ("busy", "send", "retry", "undo", "clear", "stop")  # the order chat_controls gives
@@ -222,55 +222,57 @@ class Chat:
         they are not raised, so the page unlocks the chat the same way as after an answer.
         """
         shown: list[Message] = chat if isinstance(chat, list) else []
-        answered = False
         try:
             history = plain_history(chat)
             if not history or history[-1]["role"] != "user":
                 return  # nothing to answer (blank message, or Retry with no question)
-            system = check_text("The system text", system or "").strip()
-            prefix = check_text("The response prefix", prefix or "")
-            question = check_text("The message", history[-1]["content"])
-            if not question.strip():
-                raise InvalidMessages("The message is empty; write an instruction to answer.")
-            settings = read_settings(values[:-1], values[-1])
-            kept, pre_dropped = within_chars(history, system, prefix)
-            request = self.gate.fit(kept, settings, system=system, prefix=prefix)
-            if pre_dropped:
-                request = dataclasses.replace(
-                    request, dropped_turns=request.dropped_turns + pre_dropped
-                )
-            prompt = "".join(segment.text for segment in request.segments)
-            shown_prompt = gr.Textbox(
-                prompt, label=f"Prompt sent to the model: {request.prompt_tokens:,} tokens"
-            )
-            meter = context_meter(request, self.gate.context_tokens)
-            with self.gate.enter() as ticket:
-                for ahead in ticket.wait():
-                    yield (
-                        *(history, waiting_line(ahead), meter, shown_prompt),
-                        *_unchanged(len(CONTROLS)),
-                    )
-                # closing(): Stop closes this generator, which must close the engine's (the job).
-                with contextlib.closing(self.gate.stream(request)) as events:
-                    yield *(history, "Generating…", meter, shown_prompt), *_unchanged(len(CONTROLS))
-                    text = ""
-                    for event in events:
-                        if isinstance(event, Finished):
-                            shown = [*history, _answer(prefix + event.text)]
-                            self.gate.metrics.request("chat", 200)
-                            answered = True
-                            yield shown, format_stats(event), *_unchanged(2), *chat_controls(False)
-                        else:
-                            text += event.text
-                            shown = [*history, _answer(prefix + text)]
-                            yield shown, *_unchanged(3 + len(CONTROLS))
-        except GeneratorExit:  # Stop, or a closed tab
-            if not answered:
-                self.gate.metrics.request("chat", 499)
-            raise
-        except Exception as error:
+            request, prefix = self._request(history, system, prefix, values)
+            ticket = self.gate.enter()
+        except Exception as error:  # refused before it had a place: counted here
             self.gate.metrics.request("chat", http_status(error))
             yield [*shown, failure_bubble(error)], "", *_unchanged(2), *chat_controls(False)
+            return
+        prompt = "".join(segment.text for segment in request.segments)
+        label = f"Prompt sent to the model: {request.prompt_tokens:,} tokens"
+        shown_prompt = gr.Textbox(prompt, label=label)
+        meter = context_meter(request, self.gate.context_tokens)
+        text = ""
+        try:
+            # Stop or a closed tab closes this generator, which closes the run (and the job).
+            with contextlib.closing(self.gate.run(request, ticket, "chat")) as events:
+                for event in events:
+                    if isinstance(event, Finished):
+                        shown = [*history, _answer(prefix + event.text)]
+                        yield shown, format_stats(event), *_unchanged(2), *chat_controls(False)
+                    elif isinstance(event, TextDelta):
+                        text += event.text
+                        shown = [*history, _answer(prefix + text)]
+                        yield shown, *_unchanged(3 + len(CONTROLS))
+                    else:  # Waiting for a place on the GPU, or Running on it
+                        ahead = event.ahead if isinstance(event, Waiting) else None
+                        line = "Generating…" if ahead is None else waiting_line(ahead)
+                        yield history, line, meter, shown_prompt, *_unchanged(len(CONTROLS))
+        except Exception as error:  # the run counted it
+            shown = shown if shown[-1:] and shown[-1]["role"] == "assistant" else history
+            yield [*shown, failure_bubble(error)], "", *_unchanged(2), *chat_controls(False)
+
+    def _request(
+        self, history: list[Message], system: str | None, prefix: str | None, values: tuple
+    ) -> tuple[GenerationRequest, str]:
+        """The checked texts and settings fitted to the context, and the response prefix."""
+        system = check_text("The system text", system or "").strip()
+        prefix = check_text("The response prefix", prefix or "")
+        question = check_text("The message", history[-1]["content"])
+        if not question.strip():
+            raise InvalidMessages("The message is empty; write an instruction to answer.")
+        settings = read_settings(values[:-1], values[-1])
+        kept, pre_dropped = within_chars(history, system, prefix)
+        request = self.gate.fit(kept, settings, system=system, prefix=prefix)
+        if pre_dropped:
+            request = dataclasses.replace(
+                request, dropped_turns=request.dropped_turns + pre_dropped
+            )
+        return request, prefix
 
 
 def _unchanged(count: int) -> tuple:

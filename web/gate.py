@@ -7,21 +7,24 @@ listening; and the reply waits for a free place (`web.guard.admission`).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+from collections.abc import Callable, Generator, Sequence
+from dataclasses import dataclass
 
 from gradio.context import LocalContext
 
 from engine.api import (
     EngineClient,
     EngineStatus,
-    EventStream,
     Finished,
     GenerationRequest,
+    TextDelta,
     no_gpu_here,
 )
 from starcoder2.errors import NoGPU, NoListener, NotReady
 from starcoder2.prompt import STOP_STRINGS, Segment, check_fits, fit_to_context
 from starcoder2.settings import SamplingSettings
+from web.errors import http_status
 from web.guard.admission import Admission, Ticket
 from web.guard.guards import StreamWatch
 from web.guard.limits import Message, RateLimiter, client_address
@@ -29,6 +32,18 @@ from web.metrics import Metrics
 
 # How long a reply waits for its client to open the stream that reads it.
 CONNECT_GRACE_S = 5.0
+
+
+@dataclass(frozen=True)
+class Waiting:
+    """The reply still waits for a place on the GPU, behind `ahead` others."""
+
+    ahead: int
+
+
+@dataclass(frozen=True)
+class Running:
+    """The reply has its place on the GPU; the engine's events follow."""
 
 
 class GpuGate:
@@ -143,16 +158,31 @@ class GpuGate:
             )
         return ticket
 
-    def stream(self, request: GenerationRequest) -> EventStream:
-        """The engine's stream of the request; closing it cancels the job. Counts its tokens."""
-        events = self.engine.stream(request)
+    def run(
+        self, request: GenerationRequest, ticket: Ticket, endpoint: str
+    ) -> Generator[Waiting | Running | TextDelta | Finished, None, None]:
+        """An admitted reply's way to its end: Waiting while others hold the GPU's places, then
+        Running and the engine's events. Closing it cancels the wait or the job. It counts the
+        reply's outcome for /metrics: 200 answered, 499 left before its end, else the error's."""
+        finished = False
         try:
-            for event in events:
-                if isinstance(event, Finished):
-                    self.metrics.finished(event)
-                yield event
-        finally:
-            events.close()
+            with ticket:
+                for ahead in ticket.wait():
+                    yield Waiting(ahead)
+                yield Running()
+                with contextlib.closing(self.engine.stream(request)) as events:
+                    for event in events:
+                        if isinstance(event, Finished):
+                            self.metrics.finished(event)
+                            finished = True
+                        yield event
+        except GeneratorExit:
+            self.metrics.request(endpoint, 200 if finished else 499)
+            raise
+        except Exception as error:
+            self.metrics.request(endpoint, http_status(error))
+            raise
+        self.metrics.request(endpoint, 200)
 
     def _gradio_client(self) -> str | None:
         return client_address(LocalContext.request.get(None), self.proxy_hops)

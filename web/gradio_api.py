@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 
-from engine.api import Finished
+from engine.api import Finished, TextDelta
 from starcoder2.errors import InvalidMessages
 from starcoder2.settings import FIELDS, validate_settings
 from web.errors import http_status, user_error
@@ -49,22 +49,20 @@ class GenerateApi:
             if not prompt.strip():
                 raise InvalidMessages("The prompt is empty; send an instruction to answer.")
             request = self.gate.fit([{"role": "user", "content": prompt}], settings)
-            with self.gate.enter() as ticket:
-                for _ahead in ticket.wait():
-                    pass  # the stream says nothing while it waits; Gradio reports the wait
-                text = ""
-                with contextlib.closing(self.gate.stream(request)) as events:
-                    for event in events:
-                        if isinstance(event, Finished):
-                            if event.text != text:
-                                yield event.text
-                        else:
-                            text += event.text
-                            yield text
-        except GeneratorExit:  # a cancel, a closed stream
-            self.gate.metrics.request("generate", 499)
-            raise
-        except Exception as error:
+            ticket = self.gate.enter()
+        except Exception as error:  # refused before it had a place: counted here
             self.gate.metrics.request("generate", http_status(error))
             raise user_error(error) from None
-        self.gate.metrics.request("generate", 200)
+        text = ""
+        try:
+            # The stream says nothing while it waits (Gradio reports the wait); a cancel or a
+            # closed stream closes this generator, which closes the run and its job.
+            with contextlib.closing(self.gate.run(request, ticket, "generate")) as events:
+                for event in events:
+                    if isinstance(event, Finished) and event.text != text:
+                        yield event.text
+                    elif isinstance(event, TextDelta):
+                        text += event.text
+                        yield text
+        except Exception as error:  # the run counted it
+            raise user_error(error) from None

@@ -28,7 +28,7 @@ from starcoder2.errors import ChatError
 from starcoder2.prompt import BOS, Segment, fim_prompt
 from starcoder2.settings import FIELDS, SamplingSettings
 from web.errors import http_status
-from web.gate import GpuGate
+from web.gate import GpuGate, Running, Waiting
 from web.guard.guards import LoginThrottle
 from web.guard.limits import client_address
 from web.metrics import Metrics
@@ -50,13 +50,6 @@ FINISH_REASONS = {"max_new_tokens": "length"}  # everything else ended at a stop
 ALL_METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 _DONE = object()
 DISCONNECT_CHECK_S = 0.5  # how often a reply waiting for the GPU or a token looks for its client
-
-
-@dataclasses.dataclass(frozen=True)
-class Waiting:
-    """The reply still waits for a place on the GPU, behind `ahead` others."""
-
-    ahead: int
 
 
 # ---- the routes ---------------------------------------------------------------------------------
@@ -223,7 +216,7 @@ class OpenAIRoutes:
             stream, include_usage = read_common(body)
             client = client_address(request, self.proxy_hops)
             generation = await asyncio.to_thread(build, body, client)
-            job = Job(self.gate, generation, client)
+            job = Job(self.gate, generation, client, endpoint)
             await job.start()  # a full queue answers 503 here, before any stream starts
         except Exception as error:
             failure = ApiError.of(error)
@@ -239,7 +232,7 @@ class OpenAIRoutes:
         return await self._whole(reply, request)
 
     async def _streamed(self, reply: Reply, request: Request) -> AsyncIterator[str]:
-        status: int = 200
+        """The reply as server-sent events (the run counts its outcome for /metrics)."""
         try:
             async for event in reply.job.events(request):
                 if isinstance(event, Waiting):  # a comment keeps proxies from cutting the wait
@@ -248,18 +241,13 @@ class OpenAIRoutes:
                 for chunk in reply.chunks(event):
                     yield f"data: {json.dumps(chunk)}\n\n"
             yield "data: [DONE]\n\n"
-        except asyncio.CancelledError:
-            status = 499
-            raise
         except Exception as error:  # after the first byte: the error goes down the stream
-            failure = ApiError.of(error)
-            status = failure.status
-            yield f"data: {json.dumps(failure.body())}\n\n"
+            yield f"data: {json.dumps(ApiError.of(error).body())}\n\n"
         finally:
             reply.job.cancel()
-            self.metrics.request(reply.endpoint, status)
 
     async def _whole(self, reply: Reply, request: Request) -> Response:
+        """The reply in one JSON body (the run counts its outcome for /metrics)."""
         finished = None
         # Tokens keep coming while the client is gone: listen for its hang-up beside them.
         hang_up = asyncio.create_task(_cancel_on_disconnect(request, reply.job))
@@ -268,16 +256,12 @@ class OpenAIRoutes:
                 if isinstance(event, Finished):
                     finished = event
         except Exception as error:
-            failure = ApiError.of(error)
-            self.metrics.request(reply.endpoint, failure.status)
-            return failure.response()
+            return ApiError.of(error).response()
         finally:
             hang_up.cancel()
             reply.job.cancel()
         if finished is None:  # the client went away; nobody reads this answer
-            self.metrics.request(reply.endpoint, 499)
             return Response(status_code=499)
-        self.metrics.request(reply.endpoint, 200)
         return JSONResponse(reply.whole(finished))
 
 
@@ -318,8 +302,11 @@ class Job:
     while it waits for the GPU; the engine's job is cancelled with it.
     """
 
-    def __init__(self, gate: GpuGate, generation: GenerationRequest, client: str | None) -> None:
+    def __init__(
+        self, gate: GpuGate, generation: GenerationRequest, client: str | None, endpoint: str
+    ) -> None:
         self.gate, self.generation, self.client = gate, generation, client
+        self.endpoint = endpoint
         self.cancelled = threading.Event()
         self._queue: asyncio.Queue = asyncio.Queue()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -340,13 +327,11 @@ class Job:
 
     def _run(self, ticket) -> None:
         try:
-            with ticket:
-                for ahead in ticket.wait():
-                    self._put(Waiting(ahead))
-                with contextlib.closing(self.gate.stream(self.generation)) as events:
-                    for event in events:
-                        if self.cancelled.is_set():
-                            return
+            with contextlib.closing(self.gate.run(self.generation, ticket, self.endpoint)) as run:
+                for event in run:
+                    if self.cancelled.is_set():
+                        return  # closing the run cancels the engine's job, and counts a 499
+                    if not isinstance(event, Running):
                         self._put(event)
         except Exception as error:
             self._put(error)
