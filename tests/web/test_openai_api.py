@@ -7,13 +7,16 @@ strings and max tokens as the real engine does.
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 
 import httpx
 import pytest
+from gradio_client import Client
 
 from engine.gpu_check import no_gpu_here
+from starcoder2.errors import GenerationFailed
 from starcoder2.prompt import FIM_MIDDLE, FIM_PREFIX, FIM_SUFFIX, build_prompt
 from starcoder2.settings import FIELDS
 from tests.fakes.fake_engine import FakeEngine
@@ -406,3 +409,45 @@ def test_metrics_count_requests_tokens_latency_queue_and_cache():
         "kv_cache_pages 64",
     ):
         assert f"sc2_{gauge}" in text
+
+
+def requests_counted(url: str) -> dict[tuple[str, str], float]:
+    """sc2_requests_total by (endpoint, status), as /metrics says it."""
+    counted = {}
+    for line in httpx.get(f"{url}metrics").text.splitlines():
+        found = re.match(r'sc2_requests_total\{endpoint="(\w+)",status="(\d+)"\} (\S+)', line)
+        if found:
+            counted[(found.group(1), found.group(2))] = float(found.group(3))
+    return counted
+
+
+def test_every_reply_is_counted_once_with_its_outcome_on_every_route():
+    engine = FakeEngine(["tok "] * 40, chunk_delay_s=0.02)
+    with serve(engine) as (url, web):
+        api = client_for(url)
+        api.chat.completions.create(model=MODEL_ID, messages=[user("Whole.")])  # 200
+        with httpx.stream(
+            "POST", f"{url}v1/completions", json={"prompt": "x", "stream": True, "max_tokens": 40}
+        ) as hung_up:
+            next(hung_up.iter_lines())  # one chunk, then the client leaves: 499
+        engine.fail_next(GenerationFailed("Generation failed (out of GPU memory)."))
+        with pytest.raises(openai.APIError):
+            list(api.completions.create(model=MODEL_ID, prompt="x", stream=True))  # 500
+        chat = web.fn("respond")(
+            [user("Stopped.")], "", "", *[spec.default for spec in FIELDS], None
+        )
+        next(chat), next(chat)  # "Generating…", a token; then Stop: 499
+        chat.close()
+        list(
+            web.fn("respond")([user("Answered.")], "", "", *[spec.default for spec in FIELDS], None)
+        )  # 200
+        Client(url, verbose=False).predict("Generated.", api_name="/generate")  # 200
+        expected = {
+            ("chat_completions", "200"): 1,
+            ("completions", "499"): 1,
+            ("completions", "500"): 1,
+            ("chat", "499"): 1,
+            ("chat", "200"): 1,
+            ("generate", "200"): 1,
+        }
+        assert until(lambda: requests_counted(url) == expected, WAIT_S), requests_counted(url)

@@ -114,7 +114,8 @@ def shown(value: Any) -> str:
 def too_large(size: int) -> ApiError:
     return ApiError(
         413,
-        f"The request body is {size:,} bytes or more; the limit is 16 MB. Send less history.",
+        f"The request body is {size:,} bytes or more; the limit is "
+        f"{MAX_BODY_BYTES // 2**20} MB. Send less history.",
         code="request_too_large",
     )
 
@@ -197,7 +198,7 @@ def read_settings(body: dict) -> SamplingSettings:
 
 
 def read_stops(body: dict) -> tuple[str, ...]:
-    """`stop`: a string or a list of up to four, each 1 to 256 characters."""
+    """`stop`: a string or a list of up to MAX_STOPS, each 1 to MAX_STOP_CHARS characters."""
     stop = body.get("stop")
     if stop is None:
         return ()
