@@ -119,8 +119,10 @@ class EngineProcess(EngineClient):
             self._start()
         except BaseException:  # Ctrl+C, or no hello in time: nothing is loaded, nothing to save
             self._closing = True
-            self._process.kill()
-            self._process.join(5)
+            process = getattr(self, "_process", None)
+            if process is not None and process.pid is not None:  # it was started
+                process.kill()
+                process.join(5)
             raise
         threading.Thread(target=self._watch, name="engine-watch", daemon=True).start()
 

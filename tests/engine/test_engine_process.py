@@ -250,3 +250,14 @@ def test_a_call_off_the_backends_list_is_refused_and_the_engine_serves_on(model_
             with pytest.raises(GenerationFailed, match=f"The engine has no call '{name}'"):
                 engine._call(name)
         assert engine.health == "ready" and engine._call("running_jobs") == 0
+
+
+def test_an_engine_process_that_cannot_be_started_raises_its_own_error(monkeypatch):
+    from multiprocessing.context import SpawnProcess
+
+    def refuse(process) -> None:
+        raise OSError("Resource temporarily unavailable (no more processes)")
+
+    monkeypatch.setattr(SpawnProcess, "start", refuse)
+    with pytest.raises(OSError, match="no more processes"):
+        EngineProcess(backend=SCRIPTED)
