@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from engine.gpu_check import no_gpu_here
 from engine.hub import DownloadProgress, ModelSource, resolve_model_dir
 from engine.types import EngineClient, EngineStatus, LoadStep
-from starcoder2.branches import validate_context
+from starcoder2.branches import check_load_settings
 from starcoder2.errors import ChatError, NoGPU, NotReady
 
 logger = logging.getLogger(__name__)
@@ -121,7 +121,7 @@ class ModelLoader:
         free_gb = available_vram_gb(self.engine)
         if free_gb is None:
             raise NoGPU(no_gpu_here())
-        context_tokens = validate_context(context_tokens)
+        context_tokens, cache_mode = check_load_settings(context_tokens, cache_mode)
 
         def downloaded(progress: DownloadProgress) -> None:
             total = progress.bytes_total or 1

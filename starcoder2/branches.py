@@ -105,6 +105,11 @@ def check_cache_mode(cache_mode: str) -> str:
     return cache_mode
 
 
+def check_load_settings(context_tokens: object, cache_mode: str) -> tuple[int, str]:
+    """A load's context and cache mode, checked once where a load is asked for."""
+    return validate_context(context_tokens), check_cache_mode(cache_mode)
+
+
 def weight_bytes(branch: str) -> float:
     """Bytes of weights on the GPU: decoder layers at `bits`, lm_head at `head_bits`."""
     spec = get_branch(branch)

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.gpu.jobs import STOP_REASONS, Job, Sink, new_job
-from engine.gpu.loading import GB, cache_tokens, import_exllamav2, is_oom, validate_load_args
+from engine.gpu.loading import GB, cache_tokens, import_exllamav2, is_oom
 from engine.gpu_check import no_gpu_here
 from engine.hub import check_model_dir
 from engine.stall import DEFAULT_STALL_TIMEOUT_S, ProgressClock
@@ -133,7 +133,6 @@ class Engine:
         on_progress: LoadProgress | None = None,
     ) -> EngineStatus:
         """Load (or reload) a model; in-flight jobs are ended with a clear error first."""
-        validate_load_args(max_seq_len, cache_mode)
         if self.gpu_info() is None:
             raise NoGPU(no_gpu_here())
         folder = check_model_dir(model_dir)

@@ -1,26 +1,16 @@
-"""Loading a model onto the GPU: the arguments checked, exllamav2 imported (its extension built on
-a first start), the cache sized to the VRAM left, and out-of-memory told apart."""
+"""Loading a model onto the GPU: exllamav2 imported (its extension built on a first start), the
+cache sized to the VRAM left, and out-of-memory told apart. The context and cache mode come
+checked (starcoder2.branches.check_load_settings, where a load is asked for)."""
 
 from __future__ import annotations
 
 from engine.types import LoadProgress, LoadStep
-from starcoder2.branches import (
-    PAGE_TOKENS,
-    cache_bytes_per_token,
-    check_cache_mode,
-    validate_context,
-)
+from starcoder2.branches import PAGE_TOKENS, cache_bytes_per_token
 from starcoder2.errors import DoesNotFit
 
 # Kept free after weights and cache: scratch buffers, logits, CUDA context growth.
 RESERVE_BYTES = 1_200_000_000
 GB = 1e9
-
-
-def validate_load_args(max_seq_len: int, cache_mode: str) -> None:
-    """Raise InvalidSetting unless the context and cache mode are ones the engine supports."""
-    validate_context(max_seq_len)
-    check_cache_mode(cache_mode)
 
 
 def cache_tokens(

@@ -9,23 +9,11 @@ import torch
 
 from engine.api import GenerationRequest
 from engine.gpu.engine import Engine
-from engine.gpu.loading import validate_load_args
 from engine.inproc import InProcessEngine
-from starcoder2.errors import InvalidSetting, ModelFolderInvalid, NoGPU, NotReady
+from starcoder2.errors import ModelFolderInvalid, NoGPU, NotReady
 from starcoder2.prompt import prompt_segments
 from starcoder2.settings import SamplingSettings
 from starcoder2.tokens import PromptEncoder
-
-
-@pytest.mark.parametrize("context", [255, 300, 16640, 0, -256])
-def test_context_outside_256_to_16384_in_steps_of_256_is_refused(context):
-    with pytest.raises(InvalidSetting, match="multiple of 256"):
-        validate_load_args(context, "fp16")
-
-
-def test_unknown_cache_mode_is_refused_with_the_valid_ones_listed():
-    with pytest.raises(InvalidSetting, match="fp16, q8, q6, q4"):
-        validate_load_args(4096, "fp8")
 
 
 def test_loading_a_folder_that_is_not_starcoder2_fails_before_any_gpu_work(tmp_path, monkeypatch):

@@ -11,6 +11,7 @@ from starcoder2.branches import (
     MIN_CONTEXT,
     Branch,
     cache_bytes_per_token,
+    check_load_settings,
     estimate_vram_gb,
     get_branch,
     pick_branch,
@@ -167,3 +168,14 @@ def test_pick_branch_keeps_five_percent_headroom_for_large_branches():
     assert need * 0.05 > 0.5
     assert pick_branch(need * 1.05 + 1e-6, 4096) == "8_0"
     assert pick_branch(need * 1.05 - 0.01, 4096) == "6_5"
+
+
+@pytest.mark.parametrize("context", [255, 300, 16640, 0, -256])
+def test_context_outside_256_to_16384_in_steps_of_256_is_refused(context):
+    with pytest.raises(InvalidSetting, match="multiple of 256"):
+        check_load_settings(context, "fp16")
+
+
+def test_unknown_cache_mode_is_refused_with_the_valid_ones_listed():
+    with pytest.raises(InvalidSetting, match="fp16, q8, q6, q4"):
+        check_load_settings(4096, "fp8")

@@ -25,7 +25,7 @@ from engine.gpu_check import no_gpu_here
 from engine.hub import DownloadProgress, ModelSource
 from engine.loading import ModelLoader
 from starcoder2.branches import BRANCHES, pick_branch
-from starcoder2.errors import ContextTooLong, GenerationFailed
+from starcoder2.errors import ContextTooLong, GenerationFailed, InvalidSetting
 from starcoder2.prompt import build_prompt
 from starcoder2.settings import FIELDS, SamplingSettings
 from tests.fakes.fake_engine import FakeEngine
@@ -463,6 +463,21 @@ def test_a_smaller_cache_lowers_the_estimates_shown():
     fp16 = dict((v, gb(label)) for label, v in branch_choices(24.0, 16384, "fp16")[1:])
     q4 = dict((v, gb(label)) for label, v in branch_choices(24.0, 16384, "q4")[1:])
     assert all(q4[name] < fp16[name] for name in fp16)
+
+
+@pytest.mark.parametrize(
+    ("context", "cache_mode", "words"),
+    [(4096, "fp8", "choose one of fp16, q8, q6, q4"), (1000, "fp16", "multiple of 256")],
+)
+def test_a_load_with_a_bad_context_or_cache_is_refused_before_any_download(
+    monkeypatch, context, cache_mode, words
+):
+    engine = FakeEngine(loaded=False)
+    loader = ModelLoader(engine, repo="someone/model-exl2")
+    monkeypatch.setattr(loader_module, "resolve_model_dir", lambda **kwargs: pytest.fail("fetched"))
+    with pytest.raises(InvalidSetting, match=words):
+        loader.load("4_25", context, cache_mode)
+    assert engine.loads == []
 
 
 def test_loader_downloads_then_loads_reporting_each_step(monkeypatch):
