@@ -225,7 +225,9 @@ class Chat:
         try:
             history = plain_history(chat)
             if not history or history[-1]["role"] != "user":
-                return  # nothing to answer (blank message, or Retry with no question)
+                # Nothing to answer (a blank message, or Retry with no question): unlock.
+                yield *_unchanged(4), *chat_controls(False)
+                return
             request, prefix = self._request(history, system, prefix, values)
             ticket = self.gate.enter()
         except Exception as error:  # refused before it had a place: counted here

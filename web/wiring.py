@@ -60,56 +60,13 @@ class PanelParts:
 
 def wire_chat(parts: ChatParts, chat: Chat) -> None:
     """Send, an example, Retry: lock, stream the reply, unlock. Stop cancels; Undo, Clear edit."""
-    controls = parts.controls
-    outputs = [parts.chatbot, parts.stats, parts.meter, parts.prompt_view, *controls]
-    inputs = [parts.chatbot, parts.system, parts.prefix, *parts.sliders, parts.seed]
-
-    def answer(event):
-        """Lock the chat, stream the reply (its last update unlocks it), unlock if it failed."""
-        locked = event.success(
-            lambda: chat_controls(True), None, controls, queue=False, api_visibility=PRIVATE
-        )
-        # Every reply starts at once and waits for the GPU inside (web.guard.admission), so the
-        # chat, /generate and the OpenAI routes share one queue and the page shows its place.
-        streamed = locked.then(
-            chat.respond,
-            inputs,
-            outputs,
-            concurrency_limit=None,
-            show_progress="hidden",
-            api_visibility=PRIVATE,
-        )
-        # Stopped or failed in Gradio itself: the stream's last update never came.
-        for after in (streamed.then, streamed.failure):
-            after(lambda: chat_controls(False), None, controls, queue=False, api_visibility=PRIVATE)
-        return streamed  # what Stop cancels
-
-    def example_chosen(picked: gr.SelectData, history: list, is_busy: bool) -> list:
-        return add_user_message(picked.value.get("text", ""), history, is_busy)[1]
-
-    typed = [parts.message, parts.chatbot, parts.busy]
-    sent = [
-        answer(
-            trigger(add_user_message, typed, [parts.message, parts.chatbot], api_visibility=PRIVATE)
-        )
-        for trigger in (parts.message.submit, parts.send.click)
-    ]  # a refused message stops at add_user_message (.success)
-    sent.append(
-        answer(
-            parts.chatbot.example_select(
-                example_chosen, [parts.chatbot, parts.busy], parts.chatbot, api_visibility=PRIVATE
-            )
-        )
-    )
-    sent.append(
-        answer(
-            parts.retry.click(
-                retry_history, parts.chatbot, parts.chatbot, queue=False, api_visibility=PRIVATE
-            )
-        )
-    )
+    replies = wire_replies(parts, chat)
     parts.stop.click(
-        stop_pressed, parts.busy, [parts.stats, *controls], cancels=sent, api_visibility=PRIVATE
+        stop_pressed,
+        parts.busy,
+        [parts.stats, *parts.controls],
+        cancels=replies,
+        api_visibility=PRIVATE,
     )
     parts.undo.click(
         undo_history,
@@ -132,6 +89,53 @@ def wire_chat(parts: ChatParts, chat: Chat) -> None:
         queue=False,
         api_visibility=PRIVATE,
     )
+
+
+def wire_replies(parts: ChatParts, chat: Chat) -> list:
+    """The events that write a reply (what Stop cancels): Enter, Send, an example, Retry."""
+    controls = parts.controls
+    outputs = [parts.chatbot, parts.stats, parts.meter, parts.prompt_view, *controls]
+    inputs = [parts.chatbot, parts.system, parts.prefix, *parts.sliders, parts.seed]
+
+    def answer(event):
+        """Lock the chat, stream the reply (its last update unlocks it), unlock if it failed."""
+        locked = event.success(
+            lambda: chat_controls(True), None, controls, queue=False, api_visibility=PRIVATE
+        )
+        # Every reply starts at once and waits for the GPU inside (web.guard.admission), so the
+        # chat, /generate and the OpenAI routes share one queue and the page shows its place.
+        streamed = locked.then(
+            chat.respond,
+            inputs,
+            outputs,
+            concurrency_limit=None,
+            show_progress="hidden",
+            api_visibility=PRIVATE,
+        )
+        # The reply's own last update unlocks the chat: nothing may follow it in this chain, or
+        # Gradio would ignore a new message until that ran. Stop unlocks by itself; a failure in
+        # Gradio itself (the last update never came) unlocks here.
+        streamed.failure(
+            lambda: chat_controls(False), None, controls, queue=False, api_visibility=PRIVATE
+        )
+        return streamed
+
+    def example_chosen(picked: gr.SelectData, history: list, is_busy: bool) -> list:
+        return add_user_message(picked.value.get("text", ""), history, is_busy)[1]
+
+    typed, shown = [parts.message, parts.chatbot, parts.busy], [parts.message, parts.chatbot]
+    chatbot, busy = parts.chatbot, parts.busy
+    return [
+        # A refused message stops at add_user_message (.success).
+        answer(parts.message.submit(add_user_message, typed, shown, api_visibility=PRIVATE)),
+        answer(parts.send.click(add_user_message, typed, shown, api_visibility=PRIVATE)),
+        answer(
+            chatbot.example_select(example_chosen, [chatbot, busy], chatbot, api_visibility=PRIVATE)
+        ),
+        answer(
+            parts.retry.click(retry_history, chatbot, chatbot, queue=False, api_visibility=PRIVATE)
+        ),
+    ]
 
 
 def wire_panel(parts: PanelParts, panel: ModelPanel, demo: gr.Blocks) -> None:

@@ -461,6 +461,20 @@ def test_the_model_never_sees_a_failure_and_retry_asks_the_question_again(page, 
     assert "First question" in sent and "Fine now." in sent and "Not answered" not in sent
 
 
+def test_a_blank_message_leaves_the_chat_ready_and_the_next_one_is_answered(page, engine):
+    engine.chunks, engine.chunk_delay_s = ["Here."], 0.0
+    engine.calls.clear()
+    send(page, "   ")
+    page.wait_for_timeout(300)  # what a blank send would set off has had time to run
+    expect(page.locator("#send")).to_be_enabled()
+    expect(page.locator("#stop")).to_be_disabled()
+    assert engine.calls == []
+    send(page, "A real question")
+    expect(page.locator(BUBBLES).last).to_have_text("Here.", timeout=WAIT_MS)
+    send(page, "At once another")  # sent the moment the reply ends: not ignored
+    expect(page.locator(BUBBLES)).to_have_count(4, timeout=WAIT_MS)
+
+
 @pytest.mark.parametrize("screen", SCREENS)
 def test_the_busy_state_ends_in_the_same_update_as_a_failed_reply(browser, screen):
     with serve(FakeEngine(gpu=None, loaded=False)) as (address, _):
