@@ -40,9 +40,22 @@ def port_problem(host: str, port: int) -> str | None:
 
 
 def start_engines(config: AppConfig) -> EngineClient:
-    """One engine process per GPU, behind one client."""
-    from engine.api import engine_processes
+    """One engine process per GPU, or replicas on a Ray cluster, behind one client."""
+    from engine.api import engine_processes, ray_engines
 
+    if config.ray_address:
+        return ray_engines(
+            config.ray_address,
+            replicas=config.ray_replicas,
+            model_dir=config.model_dir,
+            repo=config.repo,
+            branch=config.branch,
+            max_seq_len=config.context,
+            cache_mode=config.cache_mode,
+            max_jobs=config.max_jobs,
+            cuda_graphs=config.cuda_graphs,
+            stall_timeout_s=config.stall_timeout,
+        )
     return engine_processes(
         config.gpus,
         max_jobs=config.max_jobs,
@@ -58,6 +71,8 @@ def start(web: WebApp, config: AppConfig) -> None:
     gpu = web.engine.gpu_info()
     if gpu is None:
         logger.warning("%s The page says so too.", no_gpu_here())
+    elif config.ray_address:
+        logger.info("Serving from %d Ray Serve replicas: %s.", config.ray_replicas, gpu.name)
     elif not config.load_at_start:
         logger.info("GPU: %s. --no-load: the page waits for Load.", gpu.name)
     else:

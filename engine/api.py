@@ -48,6 +48,7 @@ __all__ = [
     "device_names",
     "engine_processes",
     "no_gpu_here",
+    "ray_engines",
 ]
 
 
@@ -66,6 +67,39 @@ def device_names(gpus: Sequence[str] | None, environ: Mapping[str, str]) -> list
             f"{len(visible)} ({','.join(visible)}); count from 0 among those."
         )
     return [visible[int(gpu)] for gpu in gpus]
+
+
+def ray_engines(
+    address: str,
+    *,
+    replicas: int,
+    model_dir: str | None,
+    repo: str,
+    branch: str,
+    max_seq_len: int,
+    cache_mode: str,
+    max_jobs: int,
+    cuda_graphs: bool,
+    stall_timeout_s: float,
+) -> EngineClient:
+    """Engine replicas on a Ray cluster (one GPU each), deployed now, behind one client."""
+    import ray
+
+    from engine.ray_serve import RayEngines, deploy
+
+    ray.init(address=address, ignore_reinit_error=True, log_to_driver=False)
+    handle = deploy(
+        model_dir=model_dir,
+        repo=repo,
+        branch=branch,
+        max_seq_len=max_seq_len,
+        cache_mode=cache_mode,
+        replicas=replicas,
+        max_jobs=max_jobs,
+        options={"cuda_graphs": cuda_graphs, "stall_timeout_s": stall_timeout_s},
+        stall_timeout_s=stall_timeout_s,
+    )
+    return RayEngines(handle)
 
 
 def engine_processes(

@@ -54,12 +54,15 @@ class AppConfig:
     # Trusted proxies in front, each appending to X-Forwarded-For: the client address is the
     # entry this many from the right (0: the connection's peer). A Space's proxy is one.
     proxy_hops: int = 0
+    ray_address: str | None = None  # serve from Ray Serve replicas on this cluster instead
+    ray_replicas: int = 1  # engine replicas, one GPU each
     on_space: bool = False
 
     @property
     def places(self) -> int:
         """Replies the server holds at once: running on every GPU's engine, plus waiting."""
-        return self.max_jobs * len(self.gpus or (None,)) + self.queue_size
+        engines = self.ray_replicas if self.ray_address else len(self.gpus or (None,))
+        return self.max_jobs * engines + self.queue_size
 
     @property
     def public(self) -> bool:
@@ -168,6 +171,12 @@ OPTIONS = (
            "the login, admin-token and API-key throttles) is the entry this many from the "
            "right; what a client writes there itself counts for nothing",
            on_space=SPACE_PROXY_HOPS),
+    Option("--ray-address", ("SC2_RAY_ADDRESS",), str, None,
+           "serve from engine replicas on this Ray cluster (`auto`: the one this machine "
+           "belongs to) instead of engine processes here; needs `requirements-ray.txt` (the "
+           "README's Several machines section)"),
+    Option("--ray-replicas", ("SC2_RAY_REPLICAS",), int, _BASE.ray_replicas,
+           "engine replicas on the Ray cluster, one GPU each (1–64)"),
     Option("--admin-token", ("SC2_ADMIN_TOKEN",), str, _BASE.admin_token,
            "on a public server (a Space, or `--host` other than `127.0.0.1`) the page's "
            "**Load** works only with this secret (12+ characters); without it, loading from "
@@ -275,6 +284,8 @@ def check_config(
          f"must be between 1 and 64 (got {config.max_jobs})"),
         ("stall_timeout", not 1 <= config.stall_timeout <= 600,  # also refuses nan
          f"must be between 1 and 600 seconds (got {config.stall_timeout:g})"),
+        ("ray_replicas", not 1 <= config.ray_replicas <= 64,
+         f"must be between 1 and 64 (got {config.ray_replicas})"),
         ("proxy_hops", not 0 <= config.proxy_hops <= 8,
          f"must be between 0 and 8 (got {config.proxy_hops})"),
         ("rate_limit", config.rate_limit < 0,

@@ -6,9 +6,12 @@ pipe and restart logic as the GPU: scripted chunks stand in for the model's toke
 
 from __future__ import annotations
 
+import json
+import os
 import threading
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from engine.api import EngineStatus, Finished, GpuInfo, LoadStep, TextDelta
 from engine.wire import ENGINE_CALLS
@@ -38,6 +41,9 @@ class ScriptedBackend:
         step_s: float = 0.01,
         gpu: bool = True,
         load_s: float = 0.0,
+        record_to: str | None = None,
+        cuda_graphs: bool = True,  # the real Engine's options, which a script has no use for
+        stall_timeout_s: float = 10.0,
     ) -> None:
         self.max_jobs = max_jobs
         self.chunks = list(chunks)
@@ -52,7 +58,17 @@ class ScriptedBackend:
         self._jobs: list[_Job] = []
         self._lock = threading.Lock()
         self._stopped = threading.Event()
+        # With record_to, a file per process: what it was asked and what it cancelled, one JSON
+        # line each (tests see which replica served what); a file freeze-<pid> there stops its
+        # steps as a stuck GPU would.
+        self.record = Path(record_to) / f"{os.getpid()}.jsonl" if record_to else None
+        self.freeze = Path(record_to) / f"freeze-{os.getpid()}" if record_to else None
         threading.Thread(target=self._run, name="scripted-steps", daemon=True).start()
+
+    def _note(self, **what) -> None:
+        if self.record is not None:
+            with self.record.open("a") as log:
+                log.write(json.dumps(what) + "\n")
 
     def gpu_info(self) -> GpuInfo | None:
         return self.gpu
@@ -100,9 +116,14 @@ class ScriptedBackend:
         with self._lock:
             self._jobs.append(job)
             self.submitted.append(list(ids))
+        self._note(submitted=list(ids))
         return job
 
     def cancel(self, job: _Job) -> None:
+        self._drop(job)
+        self._note(cancelled=job.ids)
+
+    def _drop(self, job: _Job) -> None:
         with self._lock:
             if job in self._jobs:
                 self._jobs.remove(job)
@@ -130,6 +151,8 @@ class ScriptedBackend:
 
     def _run(self) -> None:
         while not self._stopped.wait(self.step_s):
+            if self.freeze is not None and self.freeze.exists():
+                continue  # stuck: no step ends, nothing moves
             self.steps += 1
             with self._lock:
                 jobs = list(self._jobs)
@@ -139,7 +162,7 @@ class ScriptedBackend:
                     job.sink(TextDelta(self.chunks[job.sent]))
                     job.sent += 1
                 if job.sent >= limit:
-                    self.cancel(job)
+                    self._drop(job)
                     job.sink(
                         Finished(
                             text="".join(self.chunks[:limit]),
