@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
 import threading
+import time
 from collections.abc import Sequence
-from typing import Any
 
 import ray
 from ray import serve
+from ray.serve.exceptions import RayServeException
 from ray.serve.handle import DeploymentHandle
 
 from engine.hub import resolve_model_dir
@@ -35,7 +37,7 @@ from engine.types import (
     GpuInfo,
     LoadProgress,
 )
-from engine.wire import ENGINE_CALLS, Failure
+from engine.wire import Failure
 from starcoder2.branches import (
     AUTO,
     DEFAULT_CACHE_MODE,
@@ -43,7 +45,7 @@ from starcoder2.branches import (
     DEFAULT_REPO,
     PAGE_TOKENS,
 )
-from starcoder2.errors import GenerationFailed, LoadingOff
+from starcoder2.errors import GenerationFailed, LoadingOff, NotReady
 from starcoder2.prompt import Segment
 from starcoder2.settings import SamplingSettings
 from starcoder2.tokens import PromptEncoder
@@ -56,17 +58,31 @@ HEALTH_CHECK_S = 2.0  # how often Ray asks each replica whether it still moves
 REPLICA_LOST = "The replica serving this reply stopped; send the message again in a moment."
 
 
+@dataclasses.dataclass(frozen=True)
+class Report:
+    """What one replica says of itself, for the web side's health, status and /metrics."""
+
+    replica: str
+    status: EngineStatus
+    health: str
+    gpu: GpuInfo | None
+    cache_pages: tuple[int, int]
+    stuck_replies: int
+
+
 class EngineReplica:
     """One engine on one GPU, loaded at start; Ray Serve runs one such replica per GPU."""
 
-    def __init__(self, backend: str, options: dict, model: dict, stall_timeout_s: float) -> None:
+    def __init__(
+        self, backend: str, options: dict, model: dict, stall_timeout_s: float, key: str = ""
+    ) -> None:
+        self.key = key  # the settings it was deployed with (deploy keeps it when they match)
         self.engine = load_backend(backend)(**options)
         model_dir = model["model_dir"] or self._download(model)
         self.engine.load(
             model_dir, max_seq_len=model["max_seq_len"], cache_mode=model["cache_mode"]
         )
         self.encoder = PromptEncoder.for_model(model_dir)
-        self.allowed = getattr(type(self.engine), "CALLS", ENGINE_CALLS)
         self.clock: ProgressClock[str] = ProgressClock(stall_timeout_s)
         self.replies = 0  # in flight here
 
@@ -124,22 +140,19 @@ class EngineReplica:
     def encode_prompt(self, segments: list[Segment]) -> list[int]:
         return self.encoder.encode(segments)
 
-    def report(self) -> tuple[EngineStatus, str, GpuInfo | None, tuple[int, int], int]:
-        """(status, health, GPU, cache pages, stuck replies), for the web side's poll."""
+    def settings(self) -> str:
+        return self.key
+
+    def report(self) -> Report:
         engine = self.engine
-        return (
+        return Report(
+            serve.get_replica_context().replica_id.unique_id,
             engine.status,
             engine.health,
             engine.gpu_info(),
             engine.cache_pages(),
             getattr(engine, "stuck_replies", 0),
         )
-
-    def call(self, method: str) -> Any:
-        """A read-out on the backend's allow-list (the scripted test backends add some)."""
-        if method not in self.allowed:
-            raise GenerationFailed(f"The engine has no call {method!r}.")
-        return getattr(self.engine, method)()
 
     def check_health(self) -> None:
         """Ray restarts a replica whose engine failed or stopped moving while replies waited."""
@@ -172,6 +185,7 @@ def deploy(
     health_check_s: float = HEALTH_CHECK_S,
 ) -> DeploymentHandle:
     """Start (or update) the engine replicas on the connected Ray cluster: one GPU each."""
+    backend = backend or REAL_ENGINE
     options = {"max_jobs": max_jobs, **(options or {})}
     model = {
         "model_dir": model_dir,
@@ -184,14 +198,40 @@ def deploy(
         name=DEPLOYMENT,
         num_replicas=replicas,
         ray_actor_options={"num_gpus": 1, "num_cpus": 1},
-        max_ongoing_requests=max(max_jobs * 4, 16),  # beyond the GPU's places, replies wait
+        # A replica takes no more than its GPU's places: a conversation's replica being full,
+        # Ray routes the reply elsewhere rather than queue it there.
+        max_ongoing_requests=max_jobs,
         health_check_period_s=health_check_s,
         health_check_timeout_s=max(health_check_s * 2, 5.0),
         # A replica that failed its check is stuck: its replies are not waited for.
         graceful_shutdown_timeout_s=1.0,
     )(EngineReplica)
-    app = deployment.bind(backend or REAL_ENGINE, options, model, stall_timeout_s)
+    # The same settings keep the running replicas: a restarted front does not reload them.
+    key = _settings_key(backend, options, model, stall_timeout_s)
+    running = _running_app()
+    if running is not None and _settings_of(running) == key:
+        return running
+    app = deployment.bind(backend, options, model, stall_timeout_s, key)
     return serve.run(app, name=APP_NAME, route_prefix=None)
+
+
+def _running_app() -> DeploymentHandle | None:
+    try:
+        return serve.get_app_handle(APP_NAME)
+    except Exception:  # no such application (yet)
+        return None
+
+
+def _settings_of(handle: DeploymentHandle) -> str | None:
+    try:
+        return handle.settings.remote().result(timeout_s=10)
+    except Exception:  # no replica answers: deploy anew
+        return None
+
+
+def _settings_key(*settings: object) -> str:
+    """The same for the same settings, in any process."""
+    return hashlib.sha256(repr(settings).encode()).hexdigest()[:16]
 
 
 def conversation_key(ids: Sequence[int]) -> str:
@@ -202,12 +242,17 @@ def conversation_key(ids: Sequence[int]) -> str:
 
 
 class RayEngines:
-    """The EngineClient protocol over the engine replicas of a Ray Serve deployment."""
+    """The EngineClient protocol over the engine replicas of a Ray Serve deployment.
+
+    Each replica reports itself (Report); a poll asks as many times as replicas run, so every
+    replica is heard from within a few polls. Counters add up over every replica ever heard
+    from (each counts only up); gauges add up over the replicas heard from lately.
+    """
 
     def __init__(self, handle: DeploymentHandle, *, poll_s: float = 1.0) -> None:
         self.handle = handle
         self.poll_s = poll_s
-        self._report: tuple = (EngineStatus(state="loading"), "loading", None, (0, 0), 0)
+        self._reports: dict[str, tuple[float, Report]] = {}  # replica id -> (when, report)
         self._replicas = 0
         self._restarts = 0
         self._closed = threading.Event()
@@ -217,50 +262,73 @@ class RayEngines:
     # ---- what the replicas report ----
 
     def _poll(self) -> None:
-        try:
-            self._report = self.handle.report.remote().result(timeout_s=10)
-        except Exception:  # a replica going away: the next poll asks another
-            return
-        running = _running_replicas()
+        running = _running_replicas()  # first: it holds when no replica answers
         if running < self._replicas:
             self._restarts += self._replicas - running
         self._replicas = running
+        for _ in range(running):
+            try:
+                report = self.handle.report.remote().result(timeout_s=5)
+            except Exception:  # a replica going away: the next poll asks again
+                continue
+            self._reports[report.replica] = (time.monotonic(), report)
 
     def _watch(self) -> None:
         while not self._closed.wait(self.poll_s):
             self._poll()
 
+    def _live(self) -> list[Report]:
+        """The replicas heard from within the last few polls, while any runs."""
+        if self._replicas == 0:
+            return []
+        recent = time.monotonic() - 4 * self.poll_s - 5
+        return [report for when, report in self._reports.values() if when >= recent]
+
     @property
     def status(self) -> EngineStatus:
-        status = self._report[0]
-        if status.state != "ready":
-            return status
-        places = status.max_concurrency * max(1, self._replicas)
+        live = [report for report in self._live() if report.status.state == "ready"]
+        if not live:
+            return EngineStatus(
+                state="restarting",
+                message="No engine replica is running on the Ray cluster yet; Ray is starting "
+                "them (a first start downloads and loads the model).",
+            )
+        status = live[0].status
+        places = status.max_concurrency * self._replicas
         message = f"{status.message} On {self._replicas} Ray Serve replicas."
         return dataclasses.replace(status, max_concurrency=places, message=message)
 
     @property
     def health(self) -> str:
-        if self._replicas == 0:
-            return "restarting"
-        return self._report[1]
+        """ "ready" while a replica serves ("degraded" if one just recovered from a fault)."""
+        states = {report.health for report in self._live()}
+        for state in ("ready", "degraded", "loading", "failed", "stalled"):
+            if state in states:
+                return state
+        return "restarting"
 
     @property
     def faults(self) -> Faults:
-        return Faults(0, self._report[4], self._restarts)
+        stuck = sum(report.stuck_replies for _, report in self._reports.values())
+        return Faults(0, stuck, self._restarts)
 
     def gpu_info(self) -> GpuInfo | None:
-        return self._report[2]
+        live = self._live()
+        return live[0].gpu if live else None
 
     def cache_pages(self) -> tuple[int, int]:
-        used, total = self._report[3]
-        replicas = max(1, self._replicas)
-        return used * replicas, total * replicas  # one replica's reading, for each of them
+        pages = [report.cache_pages for report in self._live()]
+        return sum(used for used, _ in pages), sum(total for _, total in pages)
 
     # ---- requests ----
 
     def encode(self, segments: Sequence[Segment]) -> list[int]:
-        return self.handle.encode_prompt.remote(list(segments)).result(timeout_s=30)
+        if not self._live():
+            raise NotReady(self.status.message)
+        try:
+            return self.handle.encode_prompt.remote(list(segments)).result(timeout_s=30)
+        except (TimeoutError, RayServeException, ray.exceptions.RayError) as error:
+            raise GenerationFailed(f"{REPLICA_LOST} ({type(error).__name__})") from error
 
     def load(
         self,
@@ -276,14 +344,11 @@ class RayEngines:
         )
 
     def stream(self, request: GenerationRequest) -> EventStream:
-        """The reply from one replica (its conversation's, if any); closing it cancels the job."""
-        handle = self.handle.options(
-            stream=True, multiplexed_model_id=conversation_key(request.ids)
-        )
+        """The reply from one replica (its conversation's, if any), sent on the first next();
+        closing the stream cancels the job."""
+        key = conversation_key(request.ids)
+        handle = self.handle.options(stream=True, multiplexed_model_id=key)
         response = handle.generate.remote(list(request.ids), request.settings, request.stop)
-        return self._events(response)
-
-    def _events(self, response) -> EventStream:
         finished = False
         try:
             for event in _until_lost(response):
@@ -306,7 +371,7 @@ def _until_lost(response):
     """The response's items; a replica that died mid-reply raises GenerationFailed at once."""
     try:
         yield from response
-    except (ray.exceptions.RayActorError, ray.exceptions.ActorDiedError) as error:
+    except (ray.exceptions.RayActorError, RayServeException) as error:
         raise GenerationFailed(REPLICA_LOST) from error
 
 

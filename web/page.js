@@ -1,7 +1,9 @@
 () => {
   // Escape stops a streaming reply, as in other chat apps (Stop is enabled only while one streams).
   document.addEventListener("keydown", (event) => {
-    if (event.key !== "Escape") return;
+    // Not an Escape that closes a dropdown or a list: only one meant for the reply.
+    if (event.key !== "Escape" || event.defaultPrevented) return;
+    if (event.target.closest && event.target.closest("[role=combobox], [role=listbox]")) return;
     const stop = document.querySelector("#stop");
     if (stop && !stop.disabled) stop.click();
   });
@@ -9,6 +11,10 @@
   // page.css sizes the chat column from where it starts (the banner wraps on narrow screens) and
   // from the height of the message rows pinned to a phone's screen.
   const root = document.documentElement.style;
+  // Gradio's container hides what overflows it, which also keeps the chat column from sticking
+  // while the settings beside it scroll; clipping does the one without the other.
+  const container = document.querySelector(".gradio-container");
+  if (container) container.style.overflow = "clip";
   const place = () => {
     const column = document.querySelector("#chat-column");
     const input = document.querySelector("#input-row");

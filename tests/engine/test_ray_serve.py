@@ -232,9 +232,37 @@ def test_the_app_with_a_ray_address_serves_its_chat_and_metrics_from_the_replica
         assert answer["content"].startswith("Hello")  # the scripted engine's default reply
         assert "sc2_kv_cache_pages 128" in metrics  # 64 pages on each of two replicas
         assert web.admission.slots == 16  # 8 places on each
+        replicas_before = {report.replica for _, report in engines._reports.values()}
+        again = app.start_engines(config)  # a front started again with the same settings
+        assert until(lambda: again.health == "ready", WAIT_S)
+        replicas_after = {report.replica for _, report in again._reports.values()}
+        assert replicas_after <= replicas_before  # the same replicas: nothing was reloaded
+        again.close()
     finally:
         engines.close()
 
 
 def _live_pids() -> set[int]:
     return {int(path.name) for path in Path("/proc").iterdir() if path.name.isdigit()}
+
+
+def test_with_no_replica_running_the_app_says_so_and_refuses_at_once(monkeypatch):
+    from engine import ray_serve
+    from starcoder2.errors import NotReady
+
+    class NoReplica:
+        """A deployment handle whose every replica is gone (Ray would hold the call)."""
+
+        def __getattr__(self, name):
+            raise AssertionError(f"{name} was called with no replica running")
+
+    monkeypatch.setattr(ray_serve, "_running_replicas", lambda: 0)
+    engines = RayEngines(NoReplica(), poll_s=60)  # type: ignore[arg-type]
+    try:
+        assert engines.health == "restarting" and engines.status.state == "restarting"
+        assert "Ray is starting them" in engines.status.message
+        assert engines.gpu_info() is None and engines.cache_pages() == (0, 0)
+        with pytest.raises(NotReady, match="No engine replica is running"):
+            engines.encode([])
+    finally:
+        engines.close()

@@ -40,6 +40,7 @@ SCREENSHOTS = Path(__file__).resolve().parents[2] / "test-output"
 WAIT_MS = 15_000
 DESKTOP = {"width": 1400, "height": 1000}
 LAPTOP = {"width": 1280, "height": 800}
+SHORT = {"width": 1280, "height": 600}
 PHONE = {"width": 390, "height": 844}
 SCREENS = {"laptop": LAPTOP, "phone": PHONE}
 BUBBLES = "#chatbot [data-testid=user], #chatbot [data-testid=bot]"  # one per message
@@ -171,6 +172,22 @@ def test_stop_during_a_slow_stream_closes_the_engine_job(page, engine):
     expect(page.locator("#send")).to_be_enabled(timeout=WAIT_MS)
     expect(page.locator("#stop")).to_be_disabled()
     shot(page, "stopped")
+
+
+def test_escape_closing_a_dropdown_leaves_the_reply_streaming(page, engine):
+    engine.chunks, engine.chunk_delay_s = ["word "] * 400, 0.05
+    engine.calls.clear()
+    send(page, "Say 'word' four hundred times.")
+    expect(page.locator("#chatbot")).to_contain_text("word word", timeout=WAIT_MS)
+    (call,) = engine.calls
+    page.locator("#branch input").click()  # the branch list opens
+    page.keyboard.press("Escape")  # ... and closes: that Escape was not for the reply
+    page.wait_for_timeout(300)
+    assert not call.closed_event.is_set()
+    expect(page.locator("#stop")).to_be_enabled()
+    page.locator("#message textarea").click()
+    page.keyboard.press("Escape")
+    assert call.closed_event.wait(WAIT_MS / 1000), "Escape did not stop the reply"
 
 
 def test_escape_stops_a_streaming_reply(page, engine):
@@ -411,6 +428,17 @@ def test_the_message_box_is_on_screen_without_scrolling_at_every_step(browser, s
         page.locator("#load").scroll_into_view_if_needed()  # the model panel (below, on a phone)
         assert on_screen(page, "#load") and on_screen(page, "#message textarea")
         shot(page, f"first-model-panel-{screen}", whole=False)
+
+
+def test_on_a_short_screen_the_chat_stays_in_view_while_the_settings_scroll(browser):
+    with serve(FakeEngine()) as (address, _), opened(browser, address, SHORT) as page:
+        page.get_by_text("Sampling").click()
+        page.get_by_text("Prompt options").click()
+        page.evaluate("window.scrollTo(0, document.body.scrollHeight)")
+        page.wait_for_timeout(300)
+        assert page.evaluate("window.scrollY") > 300  # the settings made the page long
+        assert on_screen(page, "#message textarea") and on_screen(page, "#send")
+        shot(page, "first-short-screen-scrolled", whole=False)
 
 
 @pytest.mark.parametrize("screen", SCREENS)
