@@ -87,6 +87,26 @@ def replica_of(records: Path, first_ids: list[int]) -> int | None:
     return None
 
 
+def drain_all(streams: list, since: float) -> list[tuple[str, float]]:
+    """Read every stream to its end at once: ("finished" or the error, seconds after `since`)."""
+    outcomes: list[tuple[str, float]] = [("", 0.0)] * len(streams)
+
+    def drain(index: int) -> None:
+        try:
+            list(streams[index])
+            text = "finished"
+        except GenerationFailed as error:
+            text = str(error)
+        outcomes[index] = (text, time.perf_counter() - since)
+
+    threads = [threading.Thread(target=drain, args=(i,)) for i in range(len(streams))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(WAIT_S)
+    return outcomes
+
+
 def long_prompt(engines: RayEngines, seed: int) -> list[int]:
     """About 300 ids: more than one cache page, so the conversation has a key."""
     return [(seed * 7919 + i * 31) % 900 + 30 for i in range(300)]
@@ -156,17 +176,11 @@ def test_a_replica_killed_mid_reply_fails_its_replies_within_two_seconds_and_the
     victim = next(iter(served(records)))
     os.kill(victim, signal.SIGKILL)
     killed = time.perf_counter()
-    outcomes = []
-    for stream in streams:
-        try:
-            list(stream)
-            outcomes.append("finished")
-        except GenerationFailed as error:
-            outcomes.append(str(error))
-            assert time.perf_counter() - killed < 2.0
-    lost = [outcome for outcome in outcomes if outcome != "finished"]
-    assert lost and all("replica serving this reply stopped" in o for o in lost), outcomes
-    assert "finished" in outcomes  # the other replica's replies went on
+    outcomes = drain_all(streams, since=killed)
+    lost = [(text, after) for text, after in outcomes if text != "finished"]
+    assert lost and all("replica serving this reply stopped" in text for text, _ in lost), outcomes
+    assert all(after < 2.0 for _, after in lost), outcomes  # each told within two seconds
+    assert any(text == "finished" for text, _ in outcomes)  # the other replica's went on
     started = time.perf_counter()
     fresh = list(ask(engines, list(range(40, 60))))  # while Ray starts a new replica
     assert fresh[-1].text.startswith("tok") and time.perf_counter() - started < 5
@@ -181,16 +195,11 @@ def test_a_stalled_replica_is_found_by_its_health_check_and_replaced(replicas):
     victim = next(iter(served(records)))
     (records / f"freeze-{victim}").touch()  # its steps stop, as on a stuck GPU
     frozen = time.perf_counter()
-    outcomes = []
-    for stream in streams:
-        try:
-            list(stream)
-            outcomes.append("finished")
-        except GenerationFailed as error:
-            outcomes.append(str(error))
+    outcomes = drain_all(streams, since=frozen)
     # The stall timeout (2 s) and a failed health check (every 0.5 s) end the replica.
-    assert time.perf_counter() - frozen < 15
-    assert "finished" in outcomes and any(o != "finished" for o in outcomes), outcomes
+    texts = [text for text, _ in outcomes]
+    assert "finished" in texts and any(text != "finished" for text in texts), outcomes
+    assert all(after < 15 for _, after in outcomes), outcomes
     assert until(lambda: victim not in _live_pids(), WAIT_S)  # Ray replaced it
     assert list(ask(engines, list(range(60, 80))))[-1].text.startswith("tok")
 
