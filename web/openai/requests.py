@@ -4,6 +4,8 @@ the value and the range. Unknown fields are ignored, as OpenAI's own API does.""
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -11,6 +13,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from starcoder2.errors import ChatError, InvalidSetting, NoGPU, NotReady, TooManyRequests
+from starcoder2.prompt import BOS, Segment, fim_prompt
 from starcoder2.settings import FIELDS, SamplingSettings, validate_settings
 from web.errors import http_status, user_message
 from web.guard.limits import MAX_BODY_BYTES, NESTS_TOO_DEEP, Message, check_text, within_chars
@@ -18,6 +21,7 @@ from web.guard.limits import MAX_BODY_BYTES, NESTS_TOO_DEEP, Message, check_text
 JSON_TYPE = "application/json"
 MAX_STOPS = 16  # OpenAI allows 4; Continue's autocomplete sends up to 12
 MAX_STOP_CHARS = 256
+COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions (chat: the rest of the context)
 # OpenAI's names for our settings, where they differ.
 API_NAMES = {"max_new_tokens": "max_tokens"}
 ERROR_TYPES = {401: "invalid_request_error", 429: "rate_limit_exceeded", 503: "server_error"}
@@ -357,3 +361,67 @@ def read_messages(body: dict) -> tuple[list[Message], str, str]:
     if prefix:
         checked(f"messages[{len(messages) - 1}].content", prefix)
     return kept, joined, prefix
+
+
+@dataclass(frozen=True)
+class ApiRequest:
+    """An OpenAI request read and checked once, at the edge: what to fit and how to answer.
+
+    A chat request has `turns` (with its system text and response prefix), a completion has
+    the prompt's `segments`; `default_max` is the reply's length when max_tokens is absent
+    (None: the rest of the context)."""
+
+    settings: SamplingSettings
+    stops: tuple[str, ...]
+    stream: bool
+    include_usage: bool
+    max_tokens_given: bool
+    default_max: int | None
+    turns: list[Message] = dataclass_field(default_factory=list)
+    system: str = ""
+    prefix: str = ""
+    segments: list[Segment] = dataclass_field(default_factory=list)
+
+    @property
+    def param(self) -> str:
+        """The field a prompt that does not fit is blamed on."""
+        return "prompt" if self.segments else "messages"
+
+
+def read_chat(body: dict) -> ApiRequest:
+    """A /v1/chat/completions body as one checked request."""
+    stream, include_usage = read_common(body)
+    turns, system, prefix = read_messages(body)
+    return ApiRequest(
+        read_settings(body), read_stops(body), stream, include_usage, _max_given(body), None,
+        turns=turns, system=system, prefix=prefix,
+    )  # fmt: skip
+
+
+def read_completion(body: dict) -> ApiRequest:
+    """A /v1/completions body as one checked request: the prompt is the model's own text (its
+    special tokens count), an empty one asks for text from the start of a document (BOS), and
+    `suffix` makes it StarCoder2's fill-in-the-middle prompt."""
+    stream, include_usage = read_common(body)
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        prompt = prompt[0]
+    if not isinstance(prompt, str):
+        raise ApiError(
+            400, "prompt must be a string (or a list of one string).", param="prompt",
+            code="invalid_type",
+        )  # fmt: skip
+    prompt = checked("prompt", prompt)
+    suffix = field(body, "suffix", (str,))
+    if suffix is None:
+        text = prompt or BOS
+    else:
+        text = fim_prompt(prompt, checked("suffix", suffix))
+    return ApiRequest(
+        read_settings(body), read_stops(body), stream, include_usage, _max_given(body),
+        COMPLETION_MAX_TOKENS, segments=[Segment(text, trusted=True)],
+    )  # fmt: skip
+
+
+def _max_given(body: dict) -> bool:
+    return body.get("max_tokens") is not None or body.get("max_completion_tokens") is not None

@@ -25,27 +25,16 @@ from starlette.routing import Route
 
 from engine.api import Finished, GenerationRequest, TextDelta
 from starcoder2.errors import ChatError
-from starcoder2.prompt import BOS, Segment, fim_prompt
-from starcoder2.settings import FIELDS, SamplingSettings
+from starcoder2.settings import FIELDS
 from web.errors import http_status
 from web.gate import GpuGate, Running, Waiting
 from web.guard.guards import LoginThrottle
 from web.guard.limits import client_address
 from web.metrics import Metrics
-from web.openai.requests import (
-    ApiError,
-    checked,
-    field,
-    read_body,
-    read_common,
-    read_messages,
-    read_settings,
-    read_stops,
-)
+from web.openai.requests import ApiError, ApiRequest, read_body, read_chat, read_completion
 
 MODEL_ID = "starcoder2-15b-instruct-v0.1"
 MAX_NEW_TOKENS = int(next(spec for spec in FIELDS if spec.name == "max_new_tokens").maximum)
-COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions (chat: the rest of the context)
 FINISH_REASONS = {"max_new_tokens": "length"}  # everything else ended at a stop: "stop"
 ALL_METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 _DONE = object()
@@ -137,93 +126,65 @@ class OpenAIRoutes:
         return JSONResponse({"object": "list", "data": [model]})
 
     async def chat(self, request: Request) -> Response:
-        return await self._serve(request, "chat_completions", self._chat_request)
+        return await self._serve(request, "chat_completions", read_chat)
 
     async def completions(self, request: Request) -> Response:
-        return await self._serve(request, "completions", self._completion_request)
+        return await self._serve(request, "completions", read_completion)
 
-    def _chat_request(self, body: dict, client: str | None) -> GenerationRequest:
-        turns, system, prefix = read_messages(body)
-        settings, stops = read_settings(body), read_stops(body)
+    def _prepared(
+        self, read: Callable[[dict], ApiRequest], body: dict, client: str | None
+    ) -> tuple[ApiRequest, GenerationRequest]:
+        asked = read(body)
+        return asked, self._fitted(asked, client)
 
-        def fit(chosen: SamplingSettings) -> GenerationRequest:
-            return self.gate.fit(
-                turns, chosen, system=system, prefix=prefix, client=client, stop=stops
-            )
-
-        return self._fitted(body, settings, fit, param="messages")
-
-    def _completion_request(self, body: dict, client: str | None) -> GenerationRequest:
-        prompt = body.get("prompt")
-        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-            prompt = prompt[0]
-        if not isinstance(prompt, str):
-            raise ApiError(
-                400,
-                "prompt must be a string (or a list of one string).",
-                param="prompt",
-                code="invalid_type",
-            )
-        prompt = checked("prompt", prompt)
-        suffix = field(body, "suffix", (str,))
-        settings, stops = read_settings(body), read_stops(body)
-        # The prompt is the model's own text: its special tokens count as such (unlike the chat).
-        # An empty one asks for text from the start of a document, which is where BOS stands.
-        if suffix is None:
-            segments = [Segment(prompt or BOS, trusted=True)]
-        else:
-            suffix = checked("suffix", suffix)
-            segments = [Segment(fim_prompt(prompt, suffix), trusted=True)]
-
-        def fit(chosen: SamplingSettings) -> GenerationRequest:
-            return self.gate.fit_raw(segments, chosen, client=client, stop=stops)
-
-        return self._fitted(body, settings, fit, param="prompt", default_max=COMPLETION_MAX_TOKENS)
-
-    def _fitted(
-        self,
-        body: dict,
-        settings: SamplingSettings,
-        fit: Callable[[SamplingSettings], GenerationRequest],
-        param: str,
-        default_max: int | None = None,
-    ) -> GenerationRequest:
+    def _fitted(self, asked: ApiRequest, client: str | None) -> GenerationRequest:
         """Fit the prompt, keeping room for at least min(max_tokens, half the context); the
-        reply may then take max_tokens (default_max if absent; None: all the room), at most
-        the room the prompt leaves (finish_reason "length" when it runs out)."""
-        given = body.get("max_tokens") is not None or body.get("max_completion_tokens") is not None
+        reply may then take max_tokens (its default if absent; None: all the room), at most the
+        room the prompt leaves (finish_reason "length" when it runs out)."""
         context = self.gate.context_tokens
-        wanted = settings.max_new_tokens if given else (default_max or MAX_NEW_TOKENS)
-        reserve = max(1, min(wanted, context // 2))
+        given = asked.settings.max_new_tokens if asked.max_tokens_given else None
+        wanted = given or asked.default_max or MAX_NEW_TOKENS
+        reserve = dataclasses.replace(
+            asked.settings, max_new_tokens=max(1, min(wanted, context // 2))
+        )
         try:
-            request = fit(dataclasses.replace(settings, max_new_tokens=reserve))
+            if asked.segments:
+                request = self.gate.fit_raw(
+                    asked.segments, reserve, client=client, stop=asked.stops
+                )
+            else:
+                request = self.gate.fit(
+                    asked.turns, reserve, system=asked.system, prefix=asked.prefix, client=client,
+                    stop=asked.stops,
+                )  # fmt: skip
         except ChatError as error:
-            raise ApiError.of(error, param=param if http_status(error) == 400 else None) from None
+            status = http_status(error)
+            raise ApiError.of(error, param=asked.param if status == 400 else None) from None
         room = context - request.prompt_tokens
-        chosen = dataclasses.replace(settings, max_new_tokens=max(1, min(wanted, room)))
+        chosen = dataclasses.replace(asked.settings, max_new_tokens=max(1, min(wanted, room)))
         return dataclasses.replace(request, settings=chosen)
 
     async def _serve(
         self,
         request: Request,
         endpoint: str,
-        build: Callable[[dict, str | None], GenerationRequest],
+        read: Callable[[dict], ApiRequest],
     ) -> Response:
         """Check, queue and run one request; stream it or answer it whole."""
         try:
             self._authorize(request)
             body = await read_body(request)
-            stream, include_usage = read_common(body)
             client = client_address(request, self.proxy_hops)
-            generation = await asyncio.to_thread(build, body, client)
+            # Reading long texts and tokenizing them takes a while: not on the event loop.
+            asked, generation = await asyncio.to_thread(self._prepared, read, body, client)
             job = Job(self.gate, generation, client, endpoint)
             await job.start()  # a full queue answers 503 here, before any stream starts
         except Exception as error:
             failure = ApiError.of(error)
             self.metrics.request(endpoint, failure.status)
             return failure.response()
-        reply = Reply(endpoint, generation, job, include_usage)
-        if stream:
+        reply = Reply(endpoint, generation, job, asked.include_usage)
+        if asked.stream:
             return StreamingResponse(
                 self._streamed(reply, request),
                 media_type="text/event-stream",
