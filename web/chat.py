@@ -241,7 +241,7 @@ class Chat:
         text = ""
         try:
             # Stop or a closed tab closes this generator, which closes the run (and the job).
-            with contextlib.closing(self.gate.run(request, ticket, "chat")) as events:
+            with ticket, contextlib.closing(self.gate.run(request, ticket, "chat")) as events:
                 for event in events:
                     if isinstance(event, Finished):
                         shown = [*history, _answer(prefix + event.text)]

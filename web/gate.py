@@ -163,7 +163,9 @@ class GpuGate:
     ) -> Generator[Waiting | Running | TextDelta | Finished, None, None]:
         """An admitted reply's way to its end: Waiting while others hold the GPU's places, then
         Running and the engine's events. Closing it cancels the wait or the job. It counts the
-        reply's outcome for /metrics: 200 answered, 499 left before its end, else the error's."""
+        reply's outcome for /metrics: 200 answered, 499 left before its end, else the error's.
+        Callers hold the ticket too (`with ticket`): a run closed before it started runs nothing,
+        and the ticket's place must still be freed."""
         finished = False
         try:
             with ticket:

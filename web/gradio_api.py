@@ -57,7 +57,7 @@ class GenerateApi:
         try:
             # The stream says nothing while it waits (Gradio reports the wait); a cancel or a
             # closed stream closes this generator, which closes the run and its job.
-            with contextlib.closing(self.gate.run(request, ticket, "generate")) as events:
+            with ticket, contextlib.closing(self.gate.run(request, ticket, "generate")) as events:
                 for event in events:
                     if isinstance(event, Finished) and event.text != text:
                         yield event.text

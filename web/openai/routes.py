@@ -288,7 +288,8 @@ class Job:
 
     def _run(self, ticket) -> None:
         try:
-            with contextlib.closing(self.gate.run(self.generation, ticket, self.endpoint)) as run:
+            run = self.gate.run(self.generation, ticket, self.endpoint)
+            with ticket, contextlib.closing(run):
                 for event in run:
                     if self.cancelled.is_set():
                         return  # closing the run cancels the engine's job, and counts a 499
