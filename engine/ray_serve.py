@@ -56,6 +56,9 @@ REAL_ENGINE = "engine.gpu.engine:Engine"
 CONVERSATIONS_PER_REPLICA = 4096  # page keys a replica is preferred for (least recent go first)
 HEALTH_CHECK_S = 2.0  # how often Ray asks each replica whether it still moves
 REPLICA_LOST = "The replica serving this reply stopped; send the message again in a moment."
+# Ray Serve's control calls (serve.status, serve.deployment, serve.run) swap a module-wide pickle
+# setting as they build deployment configs, which two threads at once break: one at a time.
+SERVE_CONTROL = threading.Lock()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -194,6 +197,19 @@ def deploy(
         "max_seq_len": max_seq_len,
         "cache_mode": cache_mode,
     }
+    with SERVE_CONTROL:
+        return _deploy(backend, options, model, replicas, max_jobs, stall_timeout_s, health_check_s)
+
+
+def _deploy(
+    backend: str,
+    options: dict,
+    model: dict,
+    replicas: int,
+    max_jobs: int,
+    stall_timeout_s: float,
+    health_check_s: float,
+) -> DeploymentHandle:
     deployment = serve.deployment(
         name=DEPLOYMENT,
         num_replicas=replicas,
@@ -257,7 +273,8 @@ class RayEngines:
         self._restarts = 0
         self._closed = threading.Event()
         self._poll()
-        threading.Thread(target=self._watch, name="ray-engines", daemon=True).start()
+        self._watcher = threading.Thread(target=self._watch, name="ray-engines", daemon=True)
+        self._watcher.start()
 
     # ---- what the replicas report ----
 
@@ -365,6 +382,7 @@ class RayEngines:
 
     def close(self) -> None:
         self._closed.set()
+        self._watcher.join(10)
 
 
 def _until_lost(response):
@@ -377,7 +395,8 @@ def _until_lost(response):
 
 def _running_replicas() -> int:
     try:
-        app = serve.status().applications[APP_NAME]
+        with SERVE_CONTROL:
+            app = serve.status().applications[APP_NAME]
         states = app.deployments[DEPLOYMENT].replica_states
     except (KeyError, AttributeError):
         return 0
