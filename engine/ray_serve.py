@@ -260,9 +260,10 @@ def conversation_key(ids: Sequence[int]) -> str:
 class RayEngines:
     """The EngineClient protocol over the engine replicas of a Ray Serve deployment.
 
-    Each replica reports itself (Report); a poll asks as many times as replicas run, so every
-    replica is heard from within a few polls. Counters add up over every replica ever heard
-    from (each counts only up); gauges add up over the replicas heard from lately.
+    Each replica reports itself (Report); a poll asks until every running replica has answered
+    (up to three times as many asks as replicas, since Ray picks which one answers). Counters
+    add up over every replica ever heard from (each counts only up); gauges add up over the
+    replicas heard from lately.
     """
 
     def __init__(self, handle: DeploymentHandle, *, poll_s: float = 1.0) -> None:
@@ -283,12 +284,16 @@ class RayEngines:
         if running < self._replicas:
             self._restarts += self._replicas - running
         self._replicas = running
-        for _ in range(running):
+        heard: set[str] = set()
+        for _ in range(3 * running):  # Ray picks the replica: ask until each has answered
             try:
                 report = self.handle.report.remote().result(timeout_s=5)
             except Exception:  # a replica going away: the next poll asks again
                 continue
             self._reports[report.replica] = (time.monotonic(), report)
+            heard.add(report.replica)
+            if len(heard) >= running:
+                break
 
     def _watch(self) -> None:
         while not self._closed.wait(self.poll_s):

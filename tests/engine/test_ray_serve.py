@@ -237,9 +237,10 @@ def test_the_app_with_a_ray_address_serves_its_chat_and_metrics_from_the_replica
         with serve(engines, config) as (url, web):
             question = [{"role": "user", "content": "Through Ray?"}]
             answer = list(web.fn("respond")(question, "", "", *DEFAULTS, None))[-1][0][-1]
-            metrics = httpx.get(f"{url}metrics").text
+            # 64 pages on each of two replicas, once both have reported.
+            both = lambda: "sc2_kv_cache_pages 128" in httpx.get(f"{url}metrics").text  # noqa: E731
+            assert until(both, WAIT_S)
         assert answer["content"].startswith("Hello")  # the scripted engine's default reply
-        assert "sc2_kv_cache_pages 128" in metrics  # 64 pages on each of two replicas
         assert web.admission.slots == 16  # 8 places on each
         replicas_before = {report.replica for _, report in engines._reports.values()}
         again = app.start_engines(config)  # a front started again with the same settings
