@@ -26,6 +26,7 @@ from ray.serve.exceptions import RayServeException
 from ray.serve.handle import DeploymentHandle
 
 from engine.hub import resolve_model_dir
+from engine.pool import page_keys
 from engine.process import load_backend
 from engine.stall import DEFAULT_STALL_TIMEOUT_S, ProgressClock
 from engine.types import (
@@ -154,7 +155,7 @@ class EngineReplica:
             engine.health,
             engine.gpu_info(),
             engine.cache_pages(),
-            getattr(engine, "stuck_replies", 0),
+            engine.stuck_replies,
         )
 
     def check_health(self) -> None:
@@ -197,38 +198,26 @@ def deploy(
         "max_seq_len": max_seq_len,
         "cache_mode": cache_mode,
     }
-    with SERVE_CONTROL:
-        return _deploy(backend, options, model, replicas, max_jobs, stall_timeout_s, health_check_s)
-
-
-def _deploy(
-    backend: str,
-    options: dict,
-    model: dict,
-    replicas: int,
-    max_jobs: int,
-    stall_timeout_s: float,
-    health_check_s: float,
-) -> DeploymentHandle:
-    deployment = serve.deployment(
-        name=DEPLOYMENT,
-        num_replicas=replicas,
-        ray_actor_options={"num_gpus": 1, "num_cpus": 1},
-        # A replica takes no more than its GPU's places: a conversation's replica being full,
-        # Ray routes the reply elsewhere rather than queue it there.
-        max_ongoing_requests=max_jobs,
-        health_check_period_s=health_check_s,
-        health_check_timeout_s=max(health_check_s * 2, 5.0),
-        # A replica that failed its check is stuck: its replies are not waited for.
-        graceful_shutdown_timeout_s=1.0,
-    )(EngineReplica)
-    # The same settings keep the running replicas: a restarted front does not reload them.
     key = _settings_key(backend, options, model, stall_timeout_s)
-    running = _running_app()
-    if running is not None and _settings_of(running) == key:
-        return running
-    app = deployment.bind(backend, options, model, stall_timeout_s, key)
-    return serve.run(app, name=APP_NAME, route_prefix=None)
+    with SERVE_CONTROL:
+        # The same settings keep the running replicas: a restarted front does not reload them.
+        running = _running_app()
+        if running is not None and _settings_of(running) == key:
+            return running
+        deployment = serve.deployment(
+            name=DEPLOYMENT,
+            num_replicas=replicas,
+            ray_actor_options={"num_gpus": 1, "num_cpus": 1},
+            # A replica takes no more than its GPU's places: a conversation's replica being
+            # full, Ray routes the reply elsewhere rather than queue it there.
+            max_ongoing_requests=max_jobs,
+            health_check_period_s=health_check_s,
+            health_check_timeout_s=max(health_check_s * 2, 5.0),
+            # A replica that failed its check is stuck: its replies are not waited for.
+            graceful_shutdown_timeout_s=1.0,
+        )(EngineReplica)
+        app = deployment.bind(backend, options, model, stall_timeout_s, key)
+        return serve.run(app, name=APP_NAME, route_prefix=None)
 
 
 def _running_app() -> DeploymentHandle | None:
@@ -251,10 +240,10 @@ def _settings_key(*settings: object) -> str:
 
 
 def conversation_key(ids: Sequence[int]) -> str:
-    """The first whole page's key ('' for a prompt shorter than a page: nothing to reuse)."""
-    if len(ids) < PAGE_TOKENS:
-        return ""
-    return f"{hash(tuple(ids[:PAGE_TOKENS])) & (2**64 - 1):016x}"
+    """The first whole page's key, as the pool keys pages ('' for a prompt shorter than a page:
+    nothing to reuse)."""
+    first = page_keys(ids[:PAGE_TOKENS])
+    return f"{first[0] & (2**64 - 1):016x}" if first else ""
 
 
 class RayEngines:
