@@ -164,20 +164,19 @@ class GpuGate:
         """An admitted reply's way to its end: Waiting while others hold the GPU's places, then
         Running and the engine's events. Closing it cancels the wait or the job. It counts the
         reply's outcome for /metrics: 200 answered, 499 left before its end, else the error's.
-        Callers hold the ticket too (`with ticket`): a run closed before it started runs nothing,
-        and the ticket's place must still be freed."""
+        The caller holds the ticket (`with ticket`), so its place is freed even when the run is
+        closed before it started."""
         finished = False
         try:
-            with ticket:
-                for ahead in ticket.wait():
-                    yield Waiting(ahead)
-                yield Running()
-                with contextlib.closing(self.engine.stream(request)) as events:
-                    for event in events:
-                        if isinstance(event, Finished):
-                            self.metrics.finished(event)
-                            finished = True
-                        yield event
+            for ahead in ticket.wait():
+                yield Waiting(ahead)
+            yield Running()
+            with contextlib.closing(self.engine.stream(request)) as events:
+                for event in events:
+                    if isinstance(event, Finished):
+                        self.metrics.finished(event)
+                        finished = True
+                    yield event
         except GeneratorExit:
             self.metrics.request(endpoint, 200 if finished else 499)
             raise
