@@ -193,7 +193,7 @@ class Engine:
         graphs = self._cuda_graphs and paged and cache_mode == "fp16"
         # exllamav2's per-module graphs cannot be captured inside ours.
         config.no_graphs = config.no_graphs or graphs
-        cache_tokens = self._cache_tokens(folder, config, max_seq_len, cache_mode, jobs)
+        tokens = cache_tokens(folder, config, max_seq_len, cache_mode, jobs, self._free_gb())
 
         cache_class = {
             "fp16": ExLlamaV2Cache,
@@ -202,7 +202,7 @@ class Engine:
             "q4": ExLlamaV2Cache_Q4,
         }[cache_mode]
         self._model = ExLlamaV2(config)
-        self._cache = cache_class(self._model, max_seq_len=cache_tokens, lazy=True)
+        self._cache = cache_class(self._model, max_seq_len=tokens, lazy=True)
         self._model.load_autosplit(
             self._cache, callback=lambda done, total: report(LoadStep("layers", done, total))
         )
@@ -220,7 +220,7 @@ class Engine:
             self._capture_graphs(jobs, max_seq_len, report)
         self._generator = self._generator_class(**self._generator_args)
         self._degraded = False
-        self._jobs, self._paged, self._cache_total = jobs, paged, cache_tokens
+        self._jobs, self._paged, self._cache_total = jobs, paged, tokens
         torch.cuda.synchronize()
 
     def _capture_graphs(self, jobs: int, max_seq_len: int, report) -> None:
@@ -241,9 +241,6 @@ class Engine:
             ) from error
         self._generator_class = Generator
         self._generator_args["graphs"] = self._graphs
-
-    def _cache_tokens(self, folder, config, max_seq_len, cache_mode, jobs) -> int:
-        return cache_tokens(folder, config, max_seq_len, cache_mode, jobs, self._free_gb())
 
     def _ready_status(self, folder, max_seq_len, cache_mode, started, used_gb) -> EngineStatus:
         import torch

@@ -76,25 +76,20 @@ def test_loading_prepares_the_cuda_compiler_before_exllamav2_is_imported(fp16_di
     assert engine.status.state == "failed"
 
 
-def test_the_cache_holds_every_jobs_context_capped_by_the_vram_left_after_weights(
-    tmp_path, monkeypatch
-):
+def test_the_cache_holds_every_jobs_context_capped_by_the_vram_left_after_weights(tmp_path):
     from types import SimpleNamespace
 
-    from engine.gpu.engine import GpuInfo
+    from engine.gpu.loading import cache_tokens
     from starcoder2.errors import DoesNotFit
 
     with open(tmp_path / "model.safetensors", "wb") as weights:
         weights.truncate(8_000_000_000)  # sparse: 8 GB by size, nothing on disk
     config = SimpleNamespace(num_hidden_layers=40, num_key_value_heads=4, head_dim=128)
-    engine = Engine()
-    monkeypatch.setattr(engine, "gpu_info", lambda: GpuInfo("fake", 80.0, 40.0))
     # 40 GB free - 8 GB weights - 1.2 GB reserve = 30.8 GB; fp16 K/V is 81,920 bytes per token.
-    assert engine._cache_tokens(tmp_path, config, 16384, "fp16", 8) == 8 * 16384
-    assert engine._cache_tokens(tmp_path, config, 16384, "fp16", 64) == 375_808
-    monkeypatch.setattr(engine, "gpu_info", lambda: GpuInfo("fake", 80.0, 9.0))
+    assert cache_tokens(tmp_path, config, 16384, "fp16", 8, 40.0) == 8 * 16384
+    assert cache_tokens(tmp_path, config, 16384, "fp16", 64, 40.0) == 375_808
     with pytest.raises(DoesNotFit, match="need about 10.5 GB but 9.0 GB is free"):
-        engine._cache_tokens(tmp_path, config, 16384, "fp16", 1)
+        cache_tokens(tmp_path, config, 16384, "fp16", 1, 9.0)
 
 
 def test_a_first_start_reports_the_extension_compile_as_it_goes(tmp_path, monkeypatch):
