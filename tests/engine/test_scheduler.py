@@ -10,7 +10,9 @@ import os
 import random
 
 import pytest
+import torch
 
+from engine.gpu.jobs import new_job
 from tests.fakes.schedules import (
     Job,
     Reference,
@@ -95,3 +97,28 @@ def test_without_the_prefill_fix_look_ahead_strands_a_cached_prompt_one_past_a_p
         generator = scripted_generator(graphs=True, max_jobs=4, pages=16, chunk=CHUNK)
         with pytest.raises(Stalled, match=r"job 1 \(kv_position 513, 513 ids, prefilled False"):
             run(generator, repeated_prompt_jobs(), chunk=CHUNK)
+
+
+def test_the_logits_a_job_keeps_are_those_exllamav2_picked_from_after_its_penalty(exllamav2):
+    """The near-tie margins read the kept logits as they are: exllamav2's sampler penalises them
+    in place, so penalising them again would make a near-tie look decisive."""
+
+    def first_logits(prompt: list[int], penalty: float) -> torch.Tensor:
+        generator = scripted_generator(graphs=False, max_jobs=1, pages=16, chunk=CHUNK)
+        job = new_job(prompt, Job(tuple(prompt), 1, 0, penalty=penalty).settings(), ())
+        job.return_logits = True
+        generator.enqueue(job)
+        results = [r for _ in range(4) for r in generator.iterate() if "logits" in r]
+        return results[0]["logits"][0, 0].float()
+
+    # A prompt that holds the token the scripted model puts first, so the penalty touches it.
+    prompt, raw = next(
+        (p, logits)
+        for p in ([3, 7, 11, last] for last in range(1, VOCAB))
+        if int((logits := first_logits(p, 1.0)).argmax()) in p
+    )
+    want = raw.clone()
+    seen = torch.tensor(sorted(set(prompt)))
+    want[seen] = torch.where(raw[seen] > 0, raw[seen] / 1.15, raw[seen] * 1.15)
+    assert not torch.equal(want, raw)
+    assert torch.allclose(first_logits(prompt, 1.15), want)

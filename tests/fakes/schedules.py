@@ -153,7 +153,7 @@ def run(
         if live:
             for result in generator.iterate():
                 i = index_of[id(result["job"])]
-                margins[i] += _margins(result, job, jobs[i].penalty)
+                margins[i] += _margins(result)
                 if result["eos"]:
                     job, arrived = live.pop(i)
                     ends[i] = Outcome(
@@ -181,24 +181,18 @@ def _state(index: int, job: Any) -> str:
     )
 
 
-def _margins(result: dict, job: Any, penalty: float) -> list[float]:
-    """Top-1 minus top-2 logit of each token a result carries (jobs that keep their logits),
-    after the repetition penalty, which exllamav2 applies before it picks."""
+def _margins(result: dict) -> list[float]:
+    """Top-1 minus top-2 logit of each token a result carries (jobs that keep their logits).
+
+    These are the logits exllamav2 picked from: its sampler applies the repetition penalty to
+    them in place before the job keeps them, so they need no penalty here.
+    """
     found = [result.get("logits"), result.get("held", {}).get("logits")]
     rows = [t[0].float() for t in found if t is not None]
     if not rows:
         return []
-    logits = torch.cat(rows)
-    ids = job.sequences[0].sequence_ids.torch()[0]
-    margins: list[float] = []
-    for row, logit in enumerate(logits):  # the last len(logits) tokens, in order
-        if penalty != 1.0:  # the whole history, no decay: exllamav2's defaults
-            seen = ids[: len(ids) - len(logits) + row].unique()
-            logit = logit.clone()
-            logit[seen] = torch.where(logit[seen] > 0, logit[seen] / penalty, logit[seen] * penalty)
-        top = logit.topk(2).values
-        margins.append(float(top[0] - top[1]))
-    return margins
+    top = torch.cat(rows).topk(2, dim=-1).values
+    return (top[:, 0] - top[:, 1]).tolist()
 
 
 class Reference:
