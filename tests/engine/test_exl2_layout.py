@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from engine.gpu.exl2_layout import CHUNKS, WIDTHS, bit_map, dequantize, shuffle, unpack
+from tests.fakes.exl2_layers import pack, random_layer
 
 # Each word from bit 31 down to bit 0; a character names the value whose bit lies there
 # (0-9, then a-v for 10-31). A value's bits run from the first word to the last, low to high.
@@ -49,18 +50,6 @@ def test_each_value_lies_where_the_permutation_comments_of_exllamav2_say():
         assert bit_map(bits) == tuple(tuple(places[v]) for v in range(len(places))), bits
 
 
-def pack(values: torch.Tensor, bits: int) -> torch.Tensor:
-    """(rows, N) values -> (rows·bits/32, N) int32 words as exllamav2's load leaves them."""
-    count, words = CHUNKS[bits]
-    out = torch.zeros((values.shape[0] // count * words, values.shape[1]), dtype=torch.int64)
-    for chunk in range(values.shape[0] // count):
-        for n in range(values.shape[1]):
-            stream = sum(int(values[chunk * count + i, n]) << (bits * i) for i in range(count))
-            plain = [(stream >> (32 * w)) & 0xFFFFFFFF for w in range(words)]
-            out[chunk * words : (chunk + 1) * words, n] = torch.tensor(shuffle(bits, plain))
-    return torch.where(out >= 2**31, out - 2**32, out).to(torch.int32)
-
-
 @pytest.mark.parametrize("bits", WIDTHS)
 def test_unpacking_returns_every_value_packed_at_each_width(bits):
     count, _ = CHUNKS[bits]
@@ -70,37 +59,6 @@ def test_unpacking_returns_every_value_packed_at_each_width(bits):
     assert torch.equal(unpack(pack(values, bits), bits), values)
 
 
-def random_layer(seed: int, height_groups: list[tuple[int, int]], width: int):
-    """A layer of groups (bits, rows) sorted by width, a random row order, scales and values."""
-    rng = torch.Generator().manual_seed(seed)
-    words, q_groups, values = [], [], []
-    row_word = 0
-    for bits, rows in height_groups:
-        v = torch.randint(0, 2**bits, (rows, width), generator=rng)
-        q_groups += [bits, row_word]
-        words.append(pack(v, bits))
-        values.append((v, bits))
-        row_word += rows * bits // 32
-    height = sum(rows for _, rows in height_groups)
-    groups = len(height_groups)
-    q_scale_values = torch.randint(0, 16, (groups, width), generator=rng)
-    packed = sum(q_scale_values[:, i::8].long() << (4 * i) for i in range(8))
-    tensors = {
-        "q_weight": torch.cat(words),
-        "q_perm": torch.randperm(height, generator=rng).to(torch.int16),
-        "q_scale": torch.where(packed >= 2**31, packed - 2**32, packed).to(torch.int32),
-        "q_scale_max": (torch.rand(groups, generator=rng) / 256).half(),
-        "q_groups": torch.tensor(q_groups, dtype=torch.int16),
-    }
-    scale = (q_scale_values + 1).float() ** 2 * tensors["q_scale_max"].float().view(-1, 1)
-    sorted_weights = torch.cat(
-        [(v - 2 ** (bits - 1)).float() * scale[g] for g, (v, bits) in enumerate(values)]
-    )
-    expected = torch.empty_like(sorted_weights)
-    expected[tensors["q_perm"].long()] = sorted_weights
-    return tensors, height, expected
-
-
 def test_dequantizing_a_layer_of_mixed_widths_gives_each_input_row_its_weights():
     rng = random.Random(7)
     for seed in range(4):
@@ -108,3 +66,17 @@ def test_dequantizing_a_layer_of_mixed_widths_gives_each_input_row_its_weights()
         groups = [(bits, 32 * rng.randint(1, 3)) for bits in widths for _ in range(2)]
         tensors, height, expected = random_layer(seed, groups, width=8 * rng.randint(1, 3))
         assert torch.equal(dequantize(tensors, height), expected), groups
+
+
+@pytest.mark.parametrize("bits", WIDTHS)
+def test_packing_as_loaded_is_the_file_layout_reordered_by_the_ported_shuffle(bits):
+    count, words = CHUNKS[bits]
+    values = torch.randint(0, 2**bits, (3 * count, 4), generator=torch.Generator().manual_seed(1))
+    plain = pack(values, bits, loaded=False).long() & 0xFFFFFFFF
+    loaded = pack(values, bits).long() & 0xFFFFFFFF
+    for chunk in range(3):
+        for n in range(4):
+            file_words = plain[chunk * words : (chunk + 1) * words, n].tolist()
+            assert (
+                shuffle(bits, file_words) == loaded[chunk * words : (chunk + 1) * words, n].tolist()
+            )

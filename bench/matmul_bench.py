@@ -1,0 +1,131 @@
+"""One decode step's EXL2 matmuls of StarCoder2-15B's shape: ours (engine/gpu/exl2_matmul.py)
+against exllamav2's gemm_half_q_half, at 1, 2, 4, 8 and 16 rows.
+
+Usage (GPU): python bench/matmul_bench.py --bits 4.25 --out bench/results/matmul-4_25.json
+
+The 40 layers' q, k, v, o, up and down projections and the head, each with weights of its own
+(so nothing is served from L2 across layers), built at random in exllamav2's file layout with a
+fixed mix of widths and handed to exllamav2's make_q_matrix, which reorders them as a load does.
+Each side's whole step is captured in one CUDA graph and replayed; the figure is the mean time
+of a replay. Speed depends on shapes, widths and group sizes, not on weight values.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+HIDDEN, INTERMEDIATE, KV, LAYERS, VOCAB = 6144, 24576, 512, 40, 49152
+# Shares of each layer's input rows per width (groups of 32 rows), near the named bits per weight
+# with the 4-bit scales: 4.25 ≈ 3/4 at 4 bits and 1/4 at 5; 6.5 ≈ 3/4 at 6 bits and 1/4 at 8.
+MIXES = {"4.25": ((5, 0.25), (4, 0.75)), "6.5": ((8, 0.25), (6, 0.75))}
+HEAD_MIX = ((8, 0.15), (6, 0.85))  # the converter's head: 6 bits with some 8
+ROWS = (1, 2, 4, 8, 16)
+
+
+def shapes() -> list[tuple[int, int, str]]:
+    per_layer = [(HIDDEN, HIDDEN), (HIDDEN, KV), (HIDDEN, KV), (HIDDEN, HIDDEN)]
+    per_layer += [(HIDDEN, INTERMEDIATE), (INTERMEDIATE, HIDDEN)]
+    layers = [(k, n, "layer") for _ in range(LAYERS) for k, n in per_layer]
+    return layers + [(HIDDEN, VOCAB, "head")]
+
+
+def groups_for(height: int, mix) -> list[tuple[int, int]]:
+    tiles = height // 32
+    out, left = [], tiles
+    for i, (bits, share) in enumerate(mix):
+        count = left if i == len(mix) - 1 else round(tiles * share)
+        out += [(bits, 32)] * count
+        left -= count
+    return out
+
+
+def replay_ms(step, repeats: int = 20) -> float:
+    import torch
+
+    step()  # compile and tune outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(repeats):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / repeats
+
+
+def copy_gbps() -> float:
+    import torch
+
+    a = torch.empty(2**30, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    ms = replay_ms(lambda: b.copy_(a))
+    return 2 * a.numel() / ms / 1e6
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--bits", choices=sorted(MIXES), default="4.25")
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+
+    import torch
+    from exllamav2.ext import exllamav2_ext as ext_c
+
+    from engine.gpu.exl2_matmul import matmul as ours
+    from engine.gpu.exl2_matmul import prepare
+    from tests.fakes.exl2_layers import exllamav2_matrix, random_layer
+
+    scratch = torch.empty(HIDDEN * VOCAB, dtype=torch.float16, device="cuda")
+    layers, weight_bytes = [], 0
+    for seed, (k, n, kind) in enumerate(shapes()):
+        mix = HEAD_MIX if kind == "head" else MIXES[args.bits]
+        tensors, height, _ = random_layer(
+            seed, groups_for(k, mix), n, loaded=False, device="cuda", weights=False
+        )
+        handle, _ = exllamav2_matrix(tensors, scratch)
+        weight_bytes += sum(tensors[key].nbytes for key in ("q_weight", "q_scale"))
+        layers.append((prepare(tensors, height), handle, k, n))
+    torch.cuda.synchronize()
+
+    result = {
+        "gpu": torch.cuda.get_device_name(),
+        "copy_gbps": round(copy_gbps(), 1),
+        "weight_bytes": weight_bytes,  # q_weight and q_scale: what a step must read
+        "mix": {"layers": MIXES[args.bits], "head": HEAD_MIX, "group_rows": 32},
+        "rows": {},
+    }
+    for rows in ROWS:
+        inputs = {k: torch.randn(rows, k, device="cuda").half() for k in (HIDDEN, INTERMEDIATE)}
+        outputs = [torch.empty(rows, n, device="cuda").half() for *_, n in layers]
+
+        def theirs(outputs=outputs, inputs=inputs):
+            for (_, handle, k, _), out in zip(layers, outputs, strict=True):
+                ext_c.gemm_half_q_half(inputs[k], handle, out, False)
+
+        def mine(inputs=inputs):
+            for layer, _, k, _ in layers:
+                ours(inputs[k], layer)
+
+        cell = {"ours_ms": replay_ms(mine), "exllamav2_ms": replay_ms(theirs)}
+        cell = {key: round(ms, 3) for key, ms in cell.items()}
+        cell["ours_gbps"] = round(weight_bytes / cell["ours_ms"] / 1e6, 1)
+        cell["exllamav2_gbps"] = round(weight_bytes / cell["exllamav2_ms"] / 1e6, 1)
+        result["rows"][str(rows)] = cell
+        print(rows, cell, flush=True)
+    text = json.dumps(result, indent=1)
+    print(text)
+    if args.out:
+        args.out.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,63 @@
+"""The EXL2 decode matmul (engine/gpu/exl2_matmul.py) against x · W from the layout's reference
+dequantisation; on the CPU, Triton's interpreter runs the kernels' own code on small layers."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from engine.gpu.exl2_layout import WIDTHS, bit_map
+from engine.gpu.exl2_matmul import MAX_ROWS, Unsupported, lookup, matmul, prepare
+from tests.fakes.exl2_layers import random_layer
+
+
+@pytest.mark.parametrize("bits", WIDTHS)
+def test_the_lookup_table_rebuilds_every_bit_of_every_value(bits):
+    table = lookup(bits)
+    for value, places in enumerate(bit_map(bits)):
+        covered = []
+        for word, shift, mask, place in table[:, value].tolist():
+            covered += [(word, shift + i) for i in range(mask.bit_length())]
+            assert mask & (mask + 1) == 0  # one run of bits
+            assert place == len(covered) - mask.bit_length() or mask == 0
+        assert covered == list(places)
+
+
+def test_random_layers_of_mixed_widths_multiply_as_their_weights_do():
+    rng = random.Random(3)
+    for seed in range(3):
+        widths = sorted(rng.sample(WIDTHS, rng.randint(2, 4)), reverse=True)
+        groups = [(bits, 32 * rng.randint(1, 2)) for bits in widths for _ in range(2)]
+        tensors, height, weights = random_layer(seed, groups, width=8 * rng.randint(9, 12))
+        if seed == 1:
+            tensors["bias"] = torch.randn(weights.shape[1]).half()
+        layer = prepare(tensors, height)
+        for rows in (1, rng.randint(2, MAX_ROWS - 1), MAX_ROWS):
+            x = torch.randn(rows, height, generator=torch.Generator().manual_seed(seed)).half()
+            want = x.float() @ weights
+            if "bias" in tensors:
+                want += tensors["bias"].float()
+            got = matmul(x, layer, programs=8).float()
+            assert torch.allclose(got, want, rtol=2e-3, atol=2e-3 * want.abs().max()), (
+                groups,
+                rows,
+            )
+
+
+def test_a_row_gets_the_same_result_whatever_rows_share_its_step():
+    tensors, height, _ = random_layer(5, [(6, 64), (4, 64), (3, 32)], width=80)
+    layer = prepare(tensors, height)
+    x = torch.randn(MAX_ROWS, height, generator=torch.Generator().manual_seed(0)).half()
+    alone = matmul(x[3:4].contiguous(), layer, programs=8)
+    assert torch.equal(matmul(x, layer, programs=8)[3:4], alone)
+
+
+def test_layers_the_kernel_cannot_take_are_refused_with_the_reason():
+    tensors, height, _ = random_layer(0, [(4, 48)], width=16)  # 48 rows: not whole 32-row tiles
+    with pytest.raises(Unsupported, match="48 rows at 4 bits"):
+        prepare(tensors, height)
+    tensors, height, _ = random_layer(0, [(4, 32)], width=16)
+    with pytest.raises(ValueError, match="up to 16 contiguous rows of 32"):
+        matmul(torch.zeros(17, 32).half(), prepare(tensors, height))
