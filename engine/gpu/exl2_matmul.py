@@ -7,7 +7,8 @@ M rows, unpacks the values through its width's bit map, multiplies them with the
 (gathered through q_perm) on the tensor cores and scales each tile's sums by its group's column
 scales in fp32. Each program writes its partial sums to a slot of its own, and a second kernel
 adds the slots in a fixed order: a row's result depends on its own inputs only, never on timing
-or on the other rows (no atomics).
+or on the other rows (no atomics). The decode graphs do not call it yet; it is checked and timed
+on its own (tests/engine/test_exl2_matmul*.py, bench/matmul_bench.py).
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ from engine.gpu.exl2_layout import CHUNKS, bit_map, segments
 
 MAX_ROWS = 16  # the rows of one decode step this kernel serves (BLOCK_M)
 TILE = 32  # input rows per step of a program: every width's chunk divides it
-BLOCK_N = 64
+BLOCK_N = 64  # columns per program, and programs per SM: the defaults until tuned per GPU
+PROGRAMS_PER_SM = 2
 
 
 def lookup(bits: int) -> torch.Tensor:
@@ -137,27 +139,40 @@ def _segment_kernel(
     value = r % VALUES
     chunk_word = (r // VALUES) * WORDS  # the word row of each row's chunk within a tile
     scale_shift = (cols % 8) * 4
+    shifts = tl.load(table + tl.arange(0, VALUES) * 4 + 1)  # one-word chunks: each value's shift
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     first = split * per_split
     last = tl.minimum(first + per_split, tiles)
     for t in range(first, last):
         k = tl.load(perm + row0 + t * TILE + r).to(tl.int32) & 0xFFFF
         xs = tl.load(x + rows_m[:, None] * x_stride + k[None, :], mask=row_ok[:, None], other=0.0)
-        base = word0 + t * (TILE // VALUES) * WORDS + chunk_word
-        q = tl.zeros((TILE, BLOCK_N), dtype=tl.int32)
-        for piece in tl.static_range(PIECES):
-            entry = table + (piece * VALUES + value) * 4
-            word = tl.load(entry)
-            shift = tl.load(entry + 1)
-            bits = tl.load(entry + 2)
-            place = tl.load(entry + 3)
-            wanted = bits != 0
+        base = word0 + t * (TILE // VALUES) * WORDS
+        if WORDS == 1:
+            # 8, 4 and 2 bits: each value lies whole in one word; read the tile's words once
+            # and spread each over the values it holds.
             words = tl.load(
-                q_weight + (base + word)[:, None] * N + cols[None, :],
-                mask=wanted[:, None] & col_ok[None, :],
+                q_weight + (base + tl.arange(0, TILE // VALUES))[:, None] * N + cols[None, :],
+                mask=col_ok[None, :],
                 other=0,
             )
-            q |= ((words >> shift[:, None]) & bits[:, None]) << place[:, None]
+            spread = (words[:, None, :] >> shifts[None, :, None]) & ((1 << BITS) - 1)
+            q = tl.reshape(spread, (TILE, BLOCK_N))
+        else:
+            # 6, 5 and 3 bits: some values span words; each run of bits is read from its word.
+            q = tl.zeros((TILE, BLOCK_N), dtype=tl.int32)
+            for piece in tl.static_range(PIECES):
+                entry = table + (piece * VALUES + value) * 4
+                word = tl.load(entry)
+                shift = tl.load(entry + 1)
+                bits = tl.load(entry + 2)
+                place = tl.load(entry + 3)
+                wanted = bits != 0
+                words = tl.load(
+                    q_weight + (base + chunk_word + word)[:, None] * N + cols[None, :],
+                    mask=wanted[:, None] & col_ok[None, :],
+                    other=0,
+                )
+                q |= ((words >> shift[:, None]) & bits[:, None]) << place[:, None]
         weights = (q - (1 << (BITS - 1))).to(tl.float16)
         group = tl.load(tile_groups + t)
         packed = tl.load(q_scale + group * (N // 8) + cols // 8, mask=col_ok, other=0)
@@ -185,16 +200,22 @@ def _sum_kernel(
 
 
 @cache
-def _programs(device: torch.device) -> int:
-    """Programs enough to keep every SM busy: two per SM on a GPU, a few in the interpreter."""
+def _sms(device: torch.device) -> int:
+    """The GPU's SMs; a few in Triton's interpreter."""
     if device.type != "cuda":
-        return 8
-    return 2 * torch.cuda.get_device_properties(device).multi_processor_count
+        return 4
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def matmul(x: torch.Tensor, weights: Exl2Weights, programs: int | None = None) -> torch.Tensor:
+def matmul(
+    x: torch.Tensor,
+    weights: Exl2Weights,
+    *,
+    block_n: int = BLOCK_N,
+    programs_per_sm: int = PROGRAMS_PER_SM,
+) -> torch.Tensor:
     """x (M ≤ 16, K) fp16 -> (M, N) fp16."""
-    programs = programs or _programs(x.device)
+    programs = programs_per_sm * _sms(x.device)
     rows, depth = x.shape
     if rows > MAX_ROWS or depth != weights.height or x.stride(1) != 1:
         raise ValueError(
@@ -202,7 +223,7 @@ def matmul(x: torch.Tensor, weights: Exl2Weights, programs: int | None = None) -
             f"{weights.height}."
         )
     n = weights.width
-    column_blocks = triton.cdiv(n, BLOCK_N)
+    column_blocks = triton.cdiv(n, block_n)
     plan = [
         splits_for(s.tiles, column_blocks, programs // len(weights.segments))
         for s in weights.segments
@@ -216,13 +237,13 @@ def matmul(x: torch.Tensor, weights: Exl2Weights, programs: int | None = None) -
             weights.q_scale_max, segment.tile_groups, segment.table, partial,
             rows, n, segment.row, segment.word, segment.tiles, -(-segment.tiles // splits), slot,
             BITS=segment.bits, VALUES=values, WORDS=words, PIECES=segment.table.shape[0],
-            TILE=TILE, BLOCK_M=MAX_ROWS, BLOCK_N=BLOCK_N,
+            TILE=TILE, BLOCK_M=MAX_ROWS, BLOCK_N=block_n,
         )  # fmt: skip
         slot += splits
     y = torch.empty((rows, n), dtype=torch.float16, device=x.device)
     bias = weights.bias if weights.bias is not None else y
     _sum_kernel[(column_blocks,)](
         partial, bias, y, y.stride(0), rows, n, slot,
-        HAS_BIAS=weights.bias is not None, BLOCK_M=MAX_ROWS, BLOCK_N=BLOCK_N,
+        HAS_BIAS=weights.bias is not None, BLOCK_M=MAX_ROWS, BLOCK_N=block_n,
     )  # fmt: skip
     return y

@@ -25,6 +25,17 @@ def test_the_lookup_table_rebuilds_every_bit_of_every_value(bits):
         assert covered == list(places)
 
 
+@pytest.mark.parametrize("bits", WIDTHS)
+def test_each_width_alone_multiplies_as_its_weights_do_at_any_launch_shape(bits):
+    tensors, height, weights = random_layer(bits, [(bits, 64), (bits, 32)], width=104)
+    layer = prepare(tensors, height)
+    for rows, block_n, per_sm in ((1, 32, 1), (MAX_ROWS, 128, 3)):
+        x = torch.randn(rows, height, generator=torch.Generator().manual_seed(rows)).half()
+        want = x.float() @ weights
+        got = matmul(x, layer, block_n=block_n, programs_per_sm=per_sm).float()
+        assert torch.allclose(got, want, rtol=2e-3, atol=2e-3 * want.abs().max()), (rows, block_n)
+
+
 def test_random_layers_of_mixed_widths_multiply_as_their_weights_do():
     rng = random.Random(3)
     for seed in range(3):
@@ -39,7 +50,7 @@ def test_random_layers_of_mixed_widths_multiply_as_their_weights_do():
             want = x.float() @ weights
             if "bias" in tensors:
                 want += tensors["bias"].float()
-            got = matmul(x, layer, programs=8).float()
+            got = matmul(x, layer, programs_per_sm=2).float()
             assert torch.allclose(got, want, rtol=2e-3, atol=2e-3 * want.abs().max()), (
                 groups,
                 rows,
@@ -50,8 +61,8 @@ def test_a_row_gets_the_same_result_whatever_rows_share_its_step():
     tensors, height, _ = random_layer(5, [(6, 64), (4, 64), (3, 32)], width=80)
     layer = prepare(tensors, height)
     x = torch.randn(MAX_ROWS, height, generator=torch.Generator().manual_seed(0)).half()
-    alone = matmul(x[3:4].contiguous(), layer, programs=8)
-    assert torch.equal(matmul(x, layer, programs=8)[3:4], alone)
+    alone = matmul(x[3:4].contiguous(), layer, programs_per_sm=2)
+    assert torch.equal(matmul(x, layer, programs_per_sm=2)[3:4], alone)
 
 
 def test_layers_the_kernel_cannot_take_are_refused_with_the_reason():
