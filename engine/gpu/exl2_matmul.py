@@ -49,6 +49,22 @@ def lookup(bits: int) -> torch.Tensor:
     return table
 
 
+def extras(bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The values of a 32-row tile whose bits span words: their rows in the tile (E,) and the
+    runs after their first, (pieces - 1, E, 4) as in `lookup`, with words counted from the
+    tile's first. 3 and 5 bits: 2 such values a tile; 6 bits: 8; others: none."""
+    table = lookup(bits)
+    values, words = CHUNKS[bits]
+    spans = [v for v in range(values) if bool(table[1:, v, 2].any())]
+    rows = [chunk * values + v for chunk in range(TILE // values) for v in spans]
+    runs = torch.zeros((max(len(table) - 1, 0), len(rows), 4), dtype=torch.int32)
+    for e, row in enumerate(rows):
+        chunk, value = divmod(row, values)
+        runs[:, e] = table[1:, value]
+        runs[:, e, 0] += chunk * words
+    return torch.tensor(rows, dtype=torch.int32), runs
+
+
 @dataclass(frozen=True)
 class Segment:
     bits: int
@@ -57,6 +73,8 @@ class Segment:
     word: int  # first word row in q_weight
     tile_groups: torch.Tensor  # (tiles,) int32: each tile's group
     table: torch.Tensor  # lookup(bits), on the weights' device
+    extra_rows: torch.Tensor  # extras(bits), on the weights' device
+    extra_runs: torch.Tensor
 
 
 @dataclass(frozen=True)
@@ -111,6 +129,7 @@ def prepare(tensors: dict[str, torch.Tensor], height: int) -> Exl2Weights:
                 word,
                 torch.tensor(tile_groups, dtype=torch.int32, device=device),
                 lookup(bits).to(device),
+                *(t.to(device) for t in extras(bits)),
             )  # fmt: skip
             for bits, row, rows, word, tile_groups in merged
         ),
@@ -124,9 +143,10 @@ def splits_for(tiles: int, column_blocks: int, programs: int) -> int:
 
 @triton.jit(do_not_specialize=["M", "row0", "word0", "tiles", "per_split", "slot0"])
 def _segment_kernel(
-    x, x_stride, perm, q_weight, q_scale, scale_max, tile_groups, table, partial,
-    M, N, row0, word0, tiles, per_split, slot0,
-    BITS: tl.constexpr, VALUES: tl.constexpr, WORDS: tl.constexpr, PIECES: tl.constexpr,
+    x, x_stride, perm, q_weight, q_scale, scale_max, tile_groups, table, extra_rows, extra_runs,
+    partial, M, N, row0, word0, tiles, per_split, slot0,
+    BITS: tl.constexpr, VALUES: tl.constexpr, WORDS: tl.constexpr, EXTRA: tl.constexpr,
+    EXTRA_PIECES: tl.constexpr,
     TILE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     column_block = tl.program_id(0)
@@ -158,27 +178,39 @@ def _segment_kernel(
             spread = (words[:, None, :] >> shifts[None, :, None]) & ((1 << BITS) - 1)
             q = tl.reshape(spread, (TILE, BLOCK_N))
         else:
-            # 6, 5 and 3 bits: some values span words; each run of bits is read from its word.
-            q = tl.zeros((TILE, BLOCK_N), dtype=tl.int32)
-            for piece in tl.static_range(PIECES):
-                entry = table + (piece * VALUES + value) * 4
-                word = tl.load(entry)
-                shift = tl.load(entry + 1)
-                bits = tl.load(entry + 2)
-                place = tl.load(entry + 3)
-                wanted = bits != 0
+            # 6, 5 and 3 bits: every value's first run of bits, read from its word; the few
+            # values whose bits span words get the rest below.
+            entry = table + value * 4
+            words = tl.load(
+                q_weight + (base + chunk_word + tl.load(entry))[:, None] * N + cols[None, :],
+                mask=col_ok[None, :],
+                other=0,
+            )
+            q = (words >> tl.load(entry + 1)[:, None]) & tl.load(entry + 2)[:, None]
+        weights = (q - (1 << (BITS - 1))).to(tl.float16)
+        part = tl.dot(xs.to(tl.float16), weights)
+        if EXTRA > 0:
+            e = tl.arange(0, EXTRA)
+            k_e = tl.load(perm + row0 + t * TILE + tl.load(extra_rows + e)).to(tl.int32) & 0xFFFF
+            x_e = tl.load(
+                x + rows_m[:, None] * x_stride + k_e[None, :], mask=row_ok[:, None], other=0.0
+            )
+            rest = tl.zeros((EXTRA, BLOCK_N), dtype=tl.int32)
+            for piece in tl.static_range(EXTRA_PIECES):
+                run = extra_runs + (piece * EXTRA + e) * 4
+                shift, bits, place = tl.load(run + 1), tl.load(run + 2), tl.load(run + 3)
                 words = tl.load(
-                    q_weight + (base + chunk_word + word)[:, None] * N + cols[None, :],
-                    mask=wanted[:, None] & col_ok[None, :],
+                    q_weight + (base + tl.load(run))[:, None] * N + cols[None, :],
+                    mask=(bits != 0)[:, None] & col_ok[None, :],
                     other=0,
                 )
-                q |= ((words >> shift[:, None]) & bits[:, None]) << place[:, None]
-        weights = (q - (1 << (BITS - 1))).to(tl.float16)
+                rest |= ((words >> shift[:, None]) & bits[:, None]) << place[:, None]
+            part += tl.sum(x_e.to(tl.float32)[:, :, None] * rest.to(tl.float32)[None, :, :], 1)
         group = tl.load(tile_groups + t)
         packed = tl.load(q_scale + group * (N // 8) + cols // 8, mask=col_ok, other=0)
         quarter = ((packed >> scale_shift) & 15) + 1
         scale = (quarter * quarter).to(tl.float32) * tl.load(scale_max + group)
-        acc += tl.dot(xs.to(tl.float16), weights) * scale[None, :]
+        acc += part * scale[None, :]
     out = partial + (slot0 + split) * BLOCK_M * N + rows_m[:, None] * N + cols[None, :]
     tl.store(out, acc, mask=row_ok[:, None] & col_ok[None, :])
 
@@ -234,9 +266,11 @@ def matmul(
         values, words = CHUNKS[segment.bits]
         _segment_kernel[(column_blocks, splits)](
             x, x.stride(0), weights.q_perm, weights.q_weight, weights.q_scale,
-            weights.q_scale_max, segment.tile_groups, segment.table, partial,
+            weights.q_scale_max, segment.tile_groups, segment.table, segment.extra_rows,
+            segment.extra_runs, partial,
             rows, n, segment.row, segment.word, segment.tiles, -(-segment.tiles // splits), slot,
-            BITS=segment.bits, VALUES=values, WORDS=words, PIECES=segment.table.shape[0],
+            BITS=segment.bits, VALUES=values, WORDS=words, EXTRA=segment.extra_rows.numel(),
+            EXTRA_PIECES=segment.extra_runs.shape[0],
             TILE=TILE, BLOCK_M=MAX_ROWS, BLOCK_N=block_n,
         )  # fmt: skip
         slot += splits
