@@ -51,7 +51,9 @@ def random_layer(
     q_scale_values = torch.randint(0, 16, (groups, width), generator=rng, device=device)
     packed = sum(q_scale_values[:, i::8].long() << (4 * i) for i in range(8))
     perm = torch.randperm(height, generator=rng, device=device)
-    scale_max = (torch.rand(groups, generator=rng, device=device) / 256).half()
+    # Small enough that sums over 24,576 inputs stay far from fp16's limit, and normal fp16
+    # numbers: exllamav2 scales them by 1/256 in place and they must come back exact.
+    scale_max = ((0.5 + torch.rand(groups, generator=rng, device=device)) / 4096).half()
     tensors = {
         "q_weight": torch.cat(words),
         "q_perm": perm.to(torch.int16),
