@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.gpu.jobs import STOP_REASONS, Job, Sink, new_job
-from engine.gpu.loading import GB, cache_tokens, import_exllamav2, is_oom
+from engine.gpu.loading import cache_tokens, import_exllamav2, is_oom
 from engine.gpu_check import no_gpu_here
 from engine.hub import check_model_dir
 from engine.stall import DEFAULT_STALL_TIMEOUT_S, ProgressClock
@@ -33,6 +33,7 @@ from engine.types import (
 from starcoder2.branches import (
     DEFAULT_CACHE_MODE,
     DEFAULT_CONTEXT,
+    GB,
     MAX_CONTEXT,
     PAGE_TOKENS,
 )

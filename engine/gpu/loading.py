@@ -5,12 +5,11 @@ checked (starcoder2.branches.check_load_settings, where a load is asked for)."""
 from __future__ import annotations
 
 from engine.types import LoadProgress, LoadStep
-from starcoder2.branches import PAGE_TOKENS, cache_bytes_per_token
+from starcoder2.branches import GB, PAGE_TOKENS, cache_bytes_per_token
 from starcoder2.errors import DoesNotFit
 
 # Kept free after weights and cache: scratch buffers, logits, CUDA context growth.
 RESERVE_BYTES = 1_200_000_000
-GB = 1e9
 
 
 def cache_tokens(
