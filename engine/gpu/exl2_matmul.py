@@ -28,6 +28,7 @@ BLOCK_N = 64  # columns per program, and programs per SM: the defaults until tun
 PROGRAMS_PER_SM = 2
 
 
+@cache
 def lookup(bits: int) -> torch.Tensor:
     """(pieces, values, 4) int32: for each value of a chunk, each run of its bits in one word as
     (word, shift, mask, where the run goes in the value); unused pieces have mask 0."""
@@ -63,6 +64,13 @@ def extras(bits: int) -> tuple[torch.Tensor, torch.Tensor]:
         runs[:, e] = table[1:, value]
         runs[:, e, 0] += chunk * words
     return torch.tensor(rows, dtype=torch.int32), runs
+
+
+@cache
+def _tables(bits: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """lookup(bits) and extras(bits) on a device: made once, shared by every layer."""
+    rows, runs = extras(bits)
+    return lookup(bits).to(device), rows.to(device), runs.to(device)
 
 
 @dataclass(frozen=True)
@@ -128,8 +136,7 @@ def prepare(tensors: dict[str, torch.Tensor], height: int) -> Exl2Weights:
                 rows // TILE,
                 word,
                 torch.tensor(tile_groups, dtype=torch.int32, device=device),
-                lookup(bits).to(device),
-                *(t.to(device) for t in extras(bits)),
+                *_tables(bits, device),
             )  # fmt: skip
             for bits, row, rows, word, tile_groups in merged
         ),
