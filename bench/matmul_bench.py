@@ -120,7 +120,9 @@ def main() -> None:
                 ours(inputs[k], layer, block_n=launch[0], programs_per_sm=launch[1])
 
         theirs()
-        firsts = {(k, n): i for i, (*_, k, n) in reversed(list(enumerate(layers)))}
+        firsts: dict[tuple[int, int], int] = {}  # the first layer of each shape
+        for i, (*_, k, n) in enumerate(layers):
+            firsts.setdefault((k, n), i)
         launches = {}
         for launch in LAUNCHES:
             worst = 0.0

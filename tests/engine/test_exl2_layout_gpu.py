@@ -11,21 +11,16 @@ if not torch.cuda.is_available():
 
 from engine.gpu.exl2_layout import dequantize, segments  # noqa: E402
 from tests.engine.test_engine_gpu import load_exllamav2  # noqa: E402
+from tests.fakes.exl2_layers import quantized_layers  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 
 
 @pytest.mark.parametrize("model", ["exl2", "decisive-exl2"])
 def test_every_loaded_layer_reads_back_as_exllamav2_reconstructs_it(model, request):
-    from exllamav2.linear import ExLlamaV2Linear
-
     folder = request.getfixturevalue(model.replace("-", "_") + "_dir")
-    loaded, cache = load_exllamav2(folder)
-    layers = [
-        m
-        for m in loaded.modules_dict.values()
-        if isinstance(m, ExLlamaV2Linear) and m.q_handle is not None
-    ]
+    loaded, _ = load_exllamav2(folder)
+    layers = quantized_layers(loaded)
     widths = set()
     try:
         for layer in layers:

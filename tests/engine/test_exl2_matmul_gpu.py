@@ -15,7 +15,7 @@ if not torch.cuda.is_available():
 from engine.gpu.exl2_layout import WIDTHS, dequantize  # noqa: E402
 from engine.gpu.exl2_matmul import MAX_ROWS, matmul, prepare  # noqa: E402
 from tests.engine.test_engine_gpu import load_exllamav2  # noqa: E402
-from tests.fakes.exl2_layers import exllamav2_matrix, random_layer  # noqa: E402
+from tests.fakes.exl2_layers import exllamav2_matrix, quantized_layers, random_layer  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 
@@ -58,16 +58,12 @@ def test_synthetic_layers_match_the_exact_product_as_closely_as_exllamav2_does()
 
 @pytest.mark.parametrize("model", ["exl2", "decisive-exl2"])
 def test_every_layer_of_a_loaded_model_multiplies_as_exllamav2s_kernel_does(model, request):
-    from exllamav2.linear import ExLlamaV2Linear
-
     folder = request.getfixturevalue(model.replace("-", "_") + "_dir")
     loaded, _ = load_exllamav2(folder)
     try:
-        for module in loaded.modules_dict.values():
-            if not isinstance(module, ExLlamaV2Linear) or module.q_handle is None:
-                continue
+        for module in quantized_layers(loaded):
             layer = prepare(module.q_tensors, module.in_features)
-            weights = dequantize({k: v for k, v in module.q_tensors.items()}, module.in_features)
+            weights = dequantize(module.q_tensors, module.in_features)
             for rows in (1, 5, MAX_ROWS):
                 x = torch.randn(rows, module.in_features, device="cuda").half()
                 want = x.float() @ weights.cuda()

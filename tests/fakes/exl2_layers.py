@@ -1,4 +1,5 @@
-"""EXL2 layers built on the CPU as exllamav2's load leaves them (engine/gpu/exl2_layout.py)."""
+"""EXL2 layers as exllamav2's load leaves them (engine/gpu/exl2_layout.py): built at random, or
+those of a loaded model."""
 
 from __future__ import annotations
 
@@ -85,3 +86,14 @@ def exllamav2_matrix(
         size = tensors["q_perm"].numel() * tensors["q_weight"].shape[1]
         scratch = torch.empty(size, dtype=torch.float16, device=tensors["q_weight"].device)
     return make_q_matrix(tensors, scratch), scratch
+
+
+def quantized_layers(model) -> list:
+    """The EXL2 linear layers of a loaded exllamav2 model."""
+    from exllamav2.linear import ExLlamaV2Linear
+
+    return [
+        module
+        for module in model.modules_dict.values()
+        if isinstance(module, ExLlamaV2Linear) and module.q_handle is not None
+    ]
