@@ -10,11 +10,12 @@ import json
 import os
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
-from engine.api import EngineStatus, Finished, GpuInfo, LoadStep, TextDelta
+from engine.api import EngineStatus, Finished, GpuInfo, LoadProgress, LoadStep, TextDelta
 from engine.wire import ENGINE_CALLS
+from starcoder2.branches import DEFAULT_CACHE_MODE, DEFAULT_CONTEXT
 from starcoder2.errors import ContextTooLong, NotReady
 from starcoder2.settings import SamplingSettings
 
@@ -77,9 +78,9 @@ class ScriptedBackend:
         self,
         model_dir: str,
         *,
-        max_seq_len: int = 4096,
-        cache_mode: str = "fp16",
-        on_progress: Callable[[LoadStep], None] | None = None,
+        max_seq_len: int = DEFAULT_CONTEXT,
+        cache_mode: str = DEFAULT_CACHE_MODE,
+        on_progress: LoadProgress | None = None,
     ) -> EngineStatus:
         self.unload()
         self.status = EngineStatus(state="loading", model_dir=model_dir)

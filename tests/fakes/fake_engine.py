@@ -20,6 +20,7 @@ from engine.api import (
     TextDelta,
 )
 from engine.gpu_check import no_gpu_here
+from starcoder2.branches import DEFAULT_CACHE_MODE, DEFAULT_CONTEXT
 from starcoder2.errors import GenerationFailed, NoGPU, NotReady
 from starcoder2.prompt import Segment
 from starcoder2.settings import SamplingSettings
@@ -105,8 +106,8 @@ class FakeEngine(EngineClient):
         self,
         model_dir: str,
         *,
-        max_seq_len: int = 4096,
-        cache_mode: str = "fp16",
+        max_seq_len: int = DEFAULT_CONTEXT,
+        cache_mode: str = DEFAULT_CACHE_MODE,
         on_progress: LoadProgress | None = None,
     ) -> EngineStatus:
         if self.gpu is None:
