@@ -144,6 +144,9 @@ def test_a_reply_waiting_for_the_gpu_is_dropped_when_its_client_goes():
         assert next(iter(holder)) == "a"
         quitter = Client(url, verbose=False).submit("Wait, then leave.", api_name="/generate")
         assert until(lambda: web.admission.waiting == 1, WAIT_S)
+        # gradio_client learns the event's id only after the server has started it; a cancel
+        # sent before then names no event and is lost (seen once on a loaded CI machine).
+        assert until(lambda: quitter.communicator.event_id, WAIT_S)
         quitter.cancel()
         assert until(lambda: web.admission.waiting == 0, WAIT_S)
         gate.set()
