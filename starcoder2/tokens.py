@@ -26,7 +26,7 @@ class PromptEncoder:
         ids: list[int] = []
         for segment in segments:
             tokenizer = self._trusted if segment.trusted else self._literal
-            # encode_batch lets go of the interpreter while it works (encode holds it: 200,000
+            # encode_batch lets go of the interpreter while it works (encode holds it: 400,000
             # characters would stop every other request for a fraction of a second).
             (encoding,) = tokenizer.encode_batch([segment.text], add_special_tokens=False)
             ids += encoding.ids

@@ -62,7 +62,14 @@ DECODE_PATHS = ["graph", "eager"]
 
 
 def greedy_ids(
-    folder, prompts: list[list[int]], *, paged: bool, decode="eager", new_tokens=64
+    folder,
+    prompts: list[list[int]],
+    *,
+    paged: bool,
+    decode="eager",
+    new_tokens=64,
+    max_seq_len=1024,
+    cache_tokens=256 * 16,
 ) -> list[list[int]]:
     """Greedy continuations through the dynamic generator, all prompts queued at once.
 
@@ -73,13 +80,13 @@ def greedy_ids(
     from exllamav2.generator import ExLlamaV2DynamicGenerator, ExLlamaV2DynamicJob, ExLlamaV2Sampler
 
     graphs = decode == "graph"
-    model, cache = load_exllamav2(folder, max_seq_len=256 * 16, no_graphs=graphs)
-    args = dict(max_batch_size=16, paged=paged, max_seq_len=1024)
+    model, cache = load_exllamav2(folder, max_seq_len=cache_tokens, no_graphs=graphs)
+    args = dict(max_batch_size=16, paged=paged, max_seq_len=max_seq_len)
     if graphs:
         from engine.gpu.generator import Generator
         from engine.gpu.graphs import DecodeGraphs
 
-        captured = DecodeGraphs(model, cache, 16, 1024, 256)
+        captured = DecodeGraphs(model, cache, 16, max_seq_len, 256)
         captured.capture()
         generator = Generator(
             model, cache, ExLlamaV2Tokenizer(model.config), graphs=captured, **args

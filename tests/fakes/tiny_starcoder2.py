@@ -159,13 +159,14 @@ def build_tiny_starcoder2(
     seed: int = 0,
     mute_eos: bool = False,
     head_std: float = 0.15,
+    max_positions: int = 16384,
 ) -> Path:
     """Write a complete FP16 model folder (config, tokenizer, weights) and return it.
 
     A larger `head_std` spreads the logits, so greedy choices are decisive (no near-ties).
     """
     folder.mkdir(parents=True, exist_ok=True)
-    config = real_config(sliding_window=sliding_window)
+    config = real_config(sliding_window=sliding_window, max_position_embeddings=max_positions)
     (folder / "config.json").write_text(json.dumps(config, indent=2))
     (folder / "generation_config.json").write_text(
         json.dumps({"bos_token_id": 0, "eos_token_id": 0})

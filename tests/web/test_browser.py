@@ -325,13 +325,13 @@ def test_a_new_tab_shows_the_loaded_model_and_that_settings_apply_on_load(browse
     engine = FakeEngine(loaded=False)
     monkeypatch.setattr(loader_module, "resolve_model_dir", resolved(branch="6_5"))
     with serve(engine, AppConfig(rate_limit=0)) as (address, web):
-        web.loader.load("6_5", 16384, "q4")
+        web.loader.load("6_5", 32768, "q4")
         with opened(browser, address) as page:
-            expect(page.locator("#model-line")).to_contain_text("16,384-token context · q4 cache")
-            expect(page.locator("#context input[type=number]")).to_have_value("16384")
+            expect(page.locator("#model-line")).to_contain_text("32,768-token context · q4 cache")
+            expect(page.locator("#context input[type=number]")).to_have_value("32768")
             expect(page.locator("#cache-mode input[value=q4]")).to_be_checked()
             expect(page.locator("#branch input")).to_have_value(
-                "6_5 · 6.5 bits · ~14.0 GB · fits", timeout=WAIT_MS
+                "6_5 · 6.5 bits · ~14.4 GB · fits", timeout=WAIT_MS
             )
             expect(page.locator("#load-note")).to_contain_text("take effect when you press Load")
 

@@ -41,7 +41,7 @@ def error_line(capsys, argv: list[str], environ: dict[str, str]) -> str:
         ("--port", "99999", "--port must be between 1 and 65535 (got 99999)"),
         ("--port", "-1", "--port must be between 1 and 65535 (got -1)"),
         ("--port", "abc", "--port must be a whole number (got 'abc')"),
-        ("--context", "100", "--context must be a multiple of 256 from 256 to 16,384"),
+        ("--context", "100", "--context must be a multiple of 256 from 256 to 32,768"),
         ("--branch", "9_9", "--branch must be auto or one of 3_5, 4_25"),
         ("--stall-timeout", "soon", "--stall-timeout must be a number (got 'soon')"),
         ("--gpus", "0,0", "--gpus must be distinct GPU numbers"),

@@ -154,20 +154,20 @@ def test_system_messages_each_under_the_limit_are_refused_at_once_by_their_total
         seconds = time.perf_counter() - started
     error = error_of(response)
     assert response.status_code == 400 and error["param"] == "messages"
-    assert "15,200,160 characters together; the limit is 200,000" in error["message"]
+    assert "15,200,160 characters together; the limit is 400,000" in error["message"]
     assert seconds < 2.0 and engine.calls == []
 
 
 def test_a_long_conversation_keeps_its_newest_turns_within_the_limit_as_the_chat_does():
     engine = FakeEngine(["ok"], tokens_per_char=0.001)  # the characters bind, not the tokens
-    old = [user("a" * 150_000), {"role": "assistant", "content": "b" * 10}]
+    old = [user("a" * 300_000), {"role": "assistant", "content": "b" * 10}]
     with serve(engine) as (url, _):
         answer = client_for(url).chat.completions.create(
             model=MODEL_ID, messages=[*old, *old, user("What now?")]
         )
     assert answer.choices[0].message.content == "ok"
     sent = "".join(segment.text for segment in engine.calls[-1].segments)
-    assert sent.count("a" * 150_000) == 1 and "What now?" in sent
+    assert sent.count("a" * 300_000) == 1 and "What now?" in sent
 
 
 def test_tokenizing_a_long_prompt_leaves_the_interpreter_to_other_requests(fp16_dir):

@@ -93,7 +93,7 @@ API_CASES = [
     ("empty", "", {}, "The prompt is empty"),
     ("whitespace only", " \n\t  ", {}, "The prompt is empty"),
     ("1 MB", "a" * MB, {}, TOO_LONG),
-    ("10 MB", "a" * (10 * MB), {}, "is 10,485,760 characters; the limit is 200,000"),
+    ("10 MB", "a" * (10 * MB), {}, "is 10,485,760 characters; the limit is 400,000"),
     ("longer than the context", "x" * 100_000, {}, "but the context is 4,096 tokens"),
     ("max_new_tokens 0", "Hi", {"max_new_tokens": 0}, r"max_new_tokens must be between 1 and 8192"),
     ("max_new_tokens negative", "Hi", {"max_new_tokens": -5}, r"between 1 and 8192 \(got -5\)"),

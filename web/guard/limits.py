@@ -10,13 +10,15 @@ from collections import OrderedDict, deque
 from collections.abc import Callable
 from typing import Any
 
+from starcoder2.branches import MAX_CONTEXT
 from starcoder2.errors import InvalidMessages, TooManyRequests
 from starcoder2.prompt import ROLES
 
-# The context holds at most 16,384 tokens and StarCoder2's tokenizer averages 3-4 characters per
-# token on code and prose (long runs of spaces reach ~12), so 200,000 characters can never fit:
+# The context holds at most 32,768 tokens and StarCoder2's tokenizer averages 3-4 characters per
+# token on code and prose (long runs of spaces reach ~12), so 400,000 characters can never fit:
 # refusing them up front keeps megabytes away from the tokenizer. The Textbox limit is browser-only.
-MAX_PROMPT_CHARS = 200_000
+MAX_PROMPT_CHARS = 400_000
+TOO_LONG_FOR_ANY_CONTEXT = f"more than the largest context, {MAX_CONTEXT:,} tokens, can hold"
 # A request body: far more than the largest prompt, as JSON, with a conversation to trim; read no
 # further than this (an announced larger length is refused before reading).
 MAX_BODY_BYTES = 16 * 1024 * 1024
@@ -35,8 +37,8 @@ def check_text(what: str, text: object, *, limit: int = MAX_PROMPT_CHARS) -> str
         raise InvalidMessages(f"{what} must be text (got {type(text).__name__}).")
     if len(text) > limit:
         raise InvalidMessages(
-            f"{what} is {len(text):,} characters; the limit is {limit:,} (more than the largest "
-            "context, 16,384 tokens, can hold). Shorten it or send the relevant part."
+            f"{what} is {len(text):,} characters; the limit is {limit:,} "
+            f"({TOO_LONG_FOR_ANY_CONTEXT}). Shorten it or send the relevant part."
         )
     if found := LONE_SURROGATES.search(text):
         raise InvalidMessages(
@@ -80,8 +82,8 @@ def within_chars(history: list[Message], system: str, prefix: str) -> tuple[list
     if fixed > MAX_PROMPT_CHARS:
         raise InvalidMessages(
             f"The system text, the last message and the response prefix hold {fixed:,} "
-            f"characters together; the limit is {MAX_PROMPT_CHARS:,} (more than the largest "
-            "context, 16,384 tokens, can hold). Shorten them."
+            f"characters together; the limit is {MAX_PROMPT_CHARS:,} "
+            f"({TOO_LONG_FOR_ANY_CONTEXT}). Shorten them."
         )
     return trim_history(history, MAX_PROMPT_CHARS - len(system) - len(prefix))
 
