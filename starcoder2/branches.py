@@ -12,6 +12,7 @@ PAGE_TOKENS = 256  # exllamav2's cache page: prefixes are cached and reused in w
 # StarCoder2 was trained on 16,384 positions, but every layer attends through a 4,096-token sliding
 # window and rotary attention depends only on the distance between positions, so no query past
 # 16,384 sees a distance it was not trained on. The model card's VRAM table goes to 32k too.
+TRAINED_CONTEXT = 16384
 MAX_CONTEXT = 32768
 MIN_CONTEXT = PAGE_TOKENS
 CONTEXT_STEP = PAGE_TOKENS  # a context is whole pages

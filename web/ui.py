@@ -8,7 +8,13 @@ from pathlib import Path
 import gradio as gr
 
 from engine.api import no_gpu_here
-from starcoder2.branches import CACHE_MODES, CONTEXT_STEP, MAX_CONTEXT, MIN_CONTEXT
+from starcoder2.branches import (
+    CACHE_MODES,
+    CONTEXT_STEP,
+    MAX_CONTEXT,
+    MIN_CONTEXT,
+    TRAINED_CONTEXT,
+)
 from starcoder2.settings import FIELDS
 from web.chat import EXAMPLES, Chat
 from web.gradio_api import GenerateApi
@@ -121,6 +127,8 @@ def model_panel(panel: ModelPanel, initial_gpu, model_dir: str | None) -> dict:
             value=context_value,
             step=CONTEXT_STEP,
             label="Context (tokens)",
+            info=f"Past {TRAINED_CONTEXT:,}, the length the model was trained on, its answers' "
+            "quality is unmeasured (see the README).",
             elem_id="context",
         )
         cache_mode = gr.Radio(
