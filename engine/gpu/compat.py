@@ -19,6 +19,12 @@ Defects (measured against transformers' Starcoder2ForCausalLM, see tests/engine/
    looks full, that prefill skips the sequence one position past its last token, and the job stops
    forever (no step includes it again). Look-ahead decode books that token a step early, so it hit
    this at every page boundary.
+7. EXL2 MLPs (since exllamav2 0.1.9): the load reorders the up projection's output columns (its
+   q_weight and q_scale, `output_map`) into the order of the down projection's sorted input rows,
+   so the down projection needs no input permutation, but leaves the up projection's bias in the
+   file's order. StarCoder2's c_fc has a bias: every intermediate feature gets another feature's
+   bias. (Found by reading linear.py's load and ext_stloader.cpp's tensor_remap; models without an
+   MLP bias, which exllamav2 is mostly used with, never show it.)
 Not exllamav2's, but in its way: torch's SDPA picks cuDNN by default on Hopper, which builds a plan
 for every new shape (tens of ms; decoding makes a new shape each step). Our attention never lets
 SDPA choose it (bench/attention_bench.py).
@@ -47,6 +53,7 @@ def apply_all() -> None:
     fix_paged_attention()
     ignore_xformers()
     fix_prefill_complete()
+    fix_remapped_bias()
     _applied = True
 
 
@@ -181,3 +188,26 @@ def fix_prefill_complete() -> None:
                 sequence.prefill_complete = True
 
     ExLlamaV2DynamicJob.prefill = prefill  # type: ignore[method-assign]  # the fix itself
+
+
+# 7. the up projection's bias after the output remap ----
+
+
+def fix_remapped_bias() -> None:
+    """Reorder a loaded EXL2 layer's bias as the load reordered its output columns: column c
+    became the file's column output_map[c] (tensor_remap: new[:, c] = old[:, map[c]])."""
+    from exllamav2.linear import ExLlamaV2Linear
+
+    original = ExLlamaV2Linear.load
+
+    @functools.wraps(original)
+    def load(self, w=None, device_context=True, unmap=False, output_map=None):
+        result = original(self, w, device_context, unmap, output_map)
+        tensors = self.q_tensors
+        if output_map is not None and isinstance(tensors, dict) and "bias" in tensors:
+            bias = tensors["bias"]  # the QMatrix adds this very tensor: reorder it in place
+            with torch.inference_mode():  # where the load made it
+                bias.copy_(bias[output_map.to(bias.device, torch.long)])
+        return result
+
+    ExLlamaV2Linear.load = load  # type: ignore[method-assign, assignment]  # the fix itself

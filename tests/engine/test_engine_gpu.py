@@ -137,6 +137,27 @@ def reference_greedy(ref, ids: list[int], new_tokens=64) -> list[int]:
 # ---- compat fixes, one test each ----
 
 
+def test_an_exl2_mlp_adds_each_intermediate_feature_its_own_bias(exl2_dir):
+    """Fix 7: the load puts the up projection's columns in the down projection's input order;
+    for a zero input, what it returns is the bias it adds, which must follow the columns."""
+    from safetensors import safe_open
+
+    (file,) = exl2_dir.glob("*.safetensors")
+    model, _ = load_exllamav2(exl2_dir)
+    try:
+        with safe_open(str(file), "pt") as tensors:
+            for index in range(model.config.num_hidden_layers):
+                key = f"model.layers.{index}.mlp"
+                order = torch.argsort(tensors.get_tensor(f"{key}.c_proj.q_invperm").long())
+                bias = tensors.get_tensor(f"{key}.c_fc.bias").cuda()
+                assert not torch.equal(order, torch.arange(len(order)))  # a real reordering
+                up = model.modules_dict[f"{key}.c_fc"]
+                added = up.forward(torch.zeros((1, 1, up.in_features), device="cuda").half())
+                assert torch.equal(added[0, 0], bias[order.cuda()]), key
+    finally:
+        model.unload()
+
+
 def test_config_with_norm_epsilon_loads_without_editing_the_file(fp16_dir):
     from exllamav2 import ExLlamaV2Config
 
