@@ -27,8 +27,6 @@ HIDDEN, INTERMEDIATE, KV, LAYERS, VOCAB = 6144, 24576, 512, 40, 49152
 MIXES = {"4.25": ((5, 0.25), (4, 0.75)), "6.5": ((8, 0.25), (6, 0.75))}
 HEAD_MIX = ((8, 0.15), (6, 0.85))  # the converter's head: 6 bits with some 8
 ROWS = (1, 2, 4, 8, 16)
-# Launch shapes tried for ours: (columns per program, programs per SM); the fastest is reported.
-LAUNCHES = ((64, 2), (128, 2), (128, 1), (256, 1), (32, 4))
 
 
 def shapes() -> list[tuple[int, int, str]]:
@@ -48,26 +46,10 @@ def groups_for(height: int, mix) -> list[tuple[int, int]]:
     return out
 
 
-def replay_ms(step, repeats: int = 20) -> float:
-    import torch
-
-    step()  # compile and tune outside the capture
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
-    graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(repeats):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / repeats
-
-
 def copy_gbps() -> float:
     import torch
+
+    from engine.gpu.decode_matmul import replay_ms
 
     a = torch.empty(2**30, dtype=torch.uint8, device="cuda")
     b = torch.empty_like(a)
@@ -84,6 +66,7 @@ def main() -> None:
     import torch
     from exllamav2.ext import exllamav2_ext as ext_c
 
+    from engine.gpu.decode_matmul import LAUNCHES, replay_ms
     from engine.gpu.exl2_matmul import matmul as ours
     from engine.gpu.exl2_matmul import prepare
     from tests.fakes.exl2_layers import exllamav2_matrix, random_layer

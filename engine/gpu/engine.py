@@ -61,11 +61,15 @@ class Engine:
         max_jobs: int = DEFAULT_MAX_JOBS,
         paged: bool | None = None,
         cuda_graphs: bool = True,
+        custom_matmul: bool = False,
         stall_timeout_s: float = DEFAULT_STALL_TIMEOUT_S,
     ) -> None:
         self._max_jobs = max_jobs
         self._paged_choice = paged  # None: paged whenever the attention backend allows it
         self._cuda_graphs = cuda_graphs  # decode steps as CUDA graphs where the cache allows
+        # Our EXL2 matmul in the graphs, per layer where it matches exllamav2's and wins: off until
+        # its GPU tests pass (tests/engine/test_exl2_matmul_gpu.py).
+        self._custom_matmul = custom_matmul
         self._status = EngineStatus()
         self._load_lock = threading.Lock()
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
@@ -226,11 +230,22 @@ class Engine:
 
     def _capture_graphs(self, jobs: int, max_seq_len: int, report) -> None:
         """Capture a decode step per batch size; our generator then replays them."""
+        from engine.gpu.decode_matmul import DecodeMatmul
         from engine.gpu.generator import Generator
         from engine.gpu.graphs import DecodeGraphs
 
         report(LoadStep("graphs", 0, jobs))
-        self._graphs = DecodeGraphs(self._model, self._cache, jobs, max_seq_len, PAGE_TOKENS)
+        matmul = None
+        if self._custom_matmul:
+            try:
+                matmul = DecodeMatmul.for_model(self._model, jobs)
+            except Exception as error:  # a kernel this GPU cannot run: exllamav2's serves
+                if is_oom(error):
+                    raise
+                matmul = DecodeMatmul([], {"*": f"{type(error).__name__}: {error}"})
+        self._graphs = DecodeGraphs(
+            self._model, self._cache, jobs, max_seq_len, PAGE_TOKENS, matmul=matmul
+        )
         try:
             self._graphs.capture()
         except Exception as error:
@@ -284,9 +299,15 @@ class Engine:
         """How decode steps run, for the status line."""
         graphs = self._graphs
         if graphs is not None:
+            matmul = (
+                graphs.matmul.summary(graphs.max_jobs)
+                if graphs.matmul is not None
+                else "EXL2 matmul: exllamav2's"
+            )
             return (
                 f"decode: CUDA graphs for 1–{graphs.max_jobs} jobs + GPU sampling "
-                f"(captured in {graphs.capture_seconds:.1f} s, {graphs.vram_bytes / GB:.2f} GB)"
+                f"(captured in {graphs.capture_seconds:.1f} s, {graphs.vram_bytes / GB:.2f} GB), "
+                f"{matmul}"
             )
         if not self._cuda_graphs:
             return "decode: eager (CUDA graphs off)"

@@ -5,7 +5,8 @@ A quantized linear layer of exllamav2 0.3.2 (ext.py make_q_matrix, cuda/q_matrix
   width one contiguous segment. A chunk of C rows at b bits takes C·b/32 words per column; its
   values are a little-endian bit stream (value i at bits i·b and up), which the load reorders in
   place, chunk by chunk (shuffle_kernel), so that the half2 dequantisation picks them apart.
-- q_perm (K,) int16: sorted row s holds the weights of input row q_perm[s].
+- q_perm (K,) int16: sorted row s holds the weights of input row q_perm[s]. A down projection
+  has none: its load reorders the up projection's outputs instead, so its input comes sorted.
 - q_scale (groups, N/8) int32: a 4-bit scale per group and column, eight to a word; q_scale_max
   (groups,) fp16, already times 1/256: a column's scale is (q + 1)² · q_scale_max.
 - q_groups (2·groups,) int16: each group's bit width and its first word row.
@@ -145,5 +146,13 @@ def dequantize(tensors: dict[str, torch.Tensor], height: int) -> torch.Tensor:
         parts.append((q - (1 << (bits - 1))).float() * scale[group])
     weights = torch.cat(parts)
     unsorted = torch.empty_like(weights)
-    unsorted[tensors["q_perm"].long() & 0xFFFF] = weights  # int16 holds rows up to 65,535
+    unsorted[row_order(tensors, height).long() & 0xFFFF] = weights  # int16 holds up to 65,535
     return unsorted
+
+
+def row_order(tensors: dict[str, torch.Tensor], height: int) -> torch.Tensor:
+    """q_perm, or the rows in order where the load left none (int16, as q_perm is)."""
+    if "q_perm" in tensors:
+        return tensors["q_perm"]
+    device = tensors["q_weight"].device
+    return torch.arange(height, dtype=torch.int32, device=device).to(torch.int16)

@@ -7,8 +7,9 @@ M rows, unpacks the values through its width's bit map, multiplies them with the
 (gathered through q_perm) on the tensor cores and scales each tile's sums by its group's column
 scales in fp32. Each program writes its partial sums to a slot of its own, and a second kernel
 adds the slots in a fixed order: a row's result depends on its own inputs only, never on timing
-or on the other rows (no atomics). The decode graphs do not call it yet; it is checked and timed
-on its own (tests/engine/test_exl2_matmul*.py, bench/matmul_bench.py).
+or on the other rows (no atomics). The decode graphs take it per layer where it matches
+exllamav2's product and is faster (engine/gpu/decode_matmul.py), when the engine is made with
+custom_matmul=True; tests/engine/test_exl2_matmul*.py check it, bench/matmul_bench.py times it.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from engine.gpu.exl2_layout import CHUNKS, bit_map, segments
+from engine.gpu.exl2_layout import CHUNKS, bit_map, row_order, segments
 
 MAX_ROWS = 16  # the rows of one decode step this kernel serves (BLOCK_M)
 TILE = 32  # input rows per step of a program: every width's chunk divides it
@@ -107,8 +108,8 @@ def prepare(tensors: dict[str, torch.Tensor], height: int) -> Exl2Weights:
     """The layer's loaded tensors, checked and indexed once at load."""
     q_weight = tensors["q_weight"]
     width = q_weight.shape[1]
-    if "q_perm" not in tensors or width % 8:
-        raise Unsupported(f"{height}x{width}: needs q_perm and a width that is a multiple of 8")
+    if width % 8:
+        raise Unsupported(f"{height}x{width}: the width must be a multiple of 8")
     device = q_weight.device
     groups = segments(tensors["q_groups"].cpu(), height, q_weight.shape[0])
     merged: list[tuple[int, int, int, int, list[int]]] = []  # bits, row, rows, word, groups
@@ -123,7 +124,7 @@ def prepare(tensors: dict[str, torch.Tensor], height: int) -> Exl2Weights:
             merged.append((bits, row, rows, word, tile_groups))
     return Exl2Weights(
         q_weight=q_weight,
-        q_perm=tensors["q_perm"],
+        q_perm=row_order(tensors, height),
         q_scale=tensors["q_scale"],
         q_scale_max=tensors["q_scale_max"].float(),
         bias=tensors.get("bias"),

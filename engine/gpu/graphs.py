@@ -14,12 +14,17 @@ every shape a graph will hold is run that often first.
 from __future__ import annotations
 
 import time
-from typing import Any
+from contextlib import nullcontext
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 
 from engine.gpu import attention
+from engine.gpu.loading import is_oom
+
+if TYPE_CHECKING:
+    from engine.gpu.decode_matmul import DecodeMatmul
 
 AUTOTUNE_CALLS = 201  # exllamav2's AT_NUM_MEASURE (200) timed calls per matmul shape, then one
 
@@ -27,8 +32,17 @@ AUTOTUNE_CALLS = 201  # exllamav2's AT_NUM_MEASURE (200) timed calls per matmul 
 class DecodeGraphs:
     """Captured decode forwards for batch sizes 1 … max_jobs of one loaded model and cache."""
 
-    def __init__(self, model: Any, cache: Any, max_jobs: int, max_seq_len: int, page_size: int):
+    def __init__(
+        self,
+        model: Any,
+        cache: Any,
+        max_jobs: int,
+        max_seq_len: int,
+        page_size: int,
+        matmul: DecodeMatmul | None = None,
+    ):
         self._model, self._cache = model, cache
+        self.matmul = matmul  # our EXL2 matmul where it is checked and faster; None: exllamav2's
         self.max_jobs, self._page_size = max_jobs, page_size
         index = model.modules[1].device_idx
         self.device = torch.device("cuda", index)
@@ -61,11 +75,14 @@ class DecodeGraphs:
             with attention.graph_steps(), torch.cuda.stream(self.stream):
                 self._tune(batch)
                 self._forward(batch)  # warm-up: compiles kernels, runs the attention checks
+                if self.matmul is not None:
+                    self._choose_matmul(batch)
             self.stream.synchronize()
             # The graph must compute its own indices, not reuse the warm-up's.
             attention.forget_plan()
             graph = torch.cuda.CUDAGraph()
             with (
+                self._matmul_serving(batch),
                 attention.graph_steps(),
                 torch.cuda.graph(
                     graph, pool=pool, stream=self.stream, capture_error_mode="thread_local"
@@ -79,6 +96,28 @@ class DecodeGraphs:
         # What stays: the embedding copy, the buffers and the graphs' pool (warm-ups' blocks go).
         torch.cuda.empty_cache()
         self.vram_bytes = torch.cuda.memory_reserved(self.device) - self._reserved_at_start
+
+    def _choose_matmul(self, batch: int) -> None:
+        """Time our matmul per layer shape, then check the whole step it makes against
+        exllamav2's (the warm-up compiled it)."""
+        assert self.matmul is not None
+        try:
+            self.matmul.choose(batch)
+            if not self.matmul.serves(batch):
+                return
+            theirs = self._forward(batch).clone()
+            with self._matmul_serving(batch):
+                ours = self._forward(batch)
+            self.matmul.confirm(batch, theirs, ours)
+        except Exception as error:  # a kernel this GPU cannot run: exllamav2's serves
+            if is_oom(error):
+                raise
+            self.matmul.fall_back(batch, f"{type(error).__name__}: {error}")
+
+    def _matmul_serving(self, batch: int):
+        if self.matmul is None:
+            return nullcontext()
+        return self.matmul.serving(self._model, batch)
 
     def _params(self, batch: int) -> Any:
         from exllamav2.attn import ExLlamaV2Attention

@@ -70,11 +70,12 @@ def greedy_ids(
     new_tokens=64,
     max_seq_len=1024,
     cache_tokens=256 * 16,
+    matmul="exllamav2",
 ) -> list[list[int]]:
     """Greedy continuations through the dynamic generator, all prompts queued at once.
 
     decode "graph": our generator, replaying a CUDA graph per batch size and sampling on the GPU;
-    "eager": exllamav2's own.
+    "eager": exllamav2's own. matmul "ours": the graphs take our EXL2 matmul for every layer.
     """
     from exllamav2 import ExLlamaV2Tokenizer
     from exllamav2.generator import ExLlamaV2DynamicGenerator, ExLlamaV2DynamicJob, ExLlamaV2Sampler
@@ -86,7 +87,13 @@ def greedy_ids(
         from engine.gpu.generator import Generator
         from engine.gpu.graphs import DecodeGraphs
 
-        captured = DecodeGraphs(model, cache, 16, max_seq_len, 256)
+        ours = None
+        if matmul == "ours":
+            from engine.gpu.decode_matmul import DecodeMatmul
+
+            ours = DecodeMatmul.for_model(model, 16)
+            ours.faster_only = False
+        captured = DecodeGraphs(model, cache, 16, max_seq_len, 256, matmul=ours)
         captured.capture()
         generator = Generator(
             model, cache, ExLlamaV2Tokenizer(model.config), graphs=captured, **args
@@ -115,6 +122,9 @@ def greedy_ids(
         # all but the first and last were enqueued before the previous step's tokens were read.
         assert generator.graph_steps >= new_tokens
         assert generator.ahead_steps >= new_tokens - 2 - len(prompts)
+        if ours is not None:
+            assert not ours.refused and not ours.fell_back, (ours.refused, ours.fell_back)
+            assert all(ours.serves(batch) for batch in range(1, 17))
         captured.release()
     model.unload()
     return [out[id(job)] for job in jobs]

@@ -8,7 +8,7 @@ import random
 import pytest
 import torch
 
-from engine.gpu.exl2_layout import WIDTHS, bit_map
+from engine.gpu.exl2_layout import WIDTHS, bit_map, dequantize
 from engine.gpu.exl2_matmul import MAX_ROWS, Unsupported, lookup, matmul, prepare
 from tests.fakes.exl2_layers import random_layer
 
@@ -72,3 +72,15 @@ def test_layers_the_kernel_cannot_take_are_refused_with_the_reason():
     tensors, height, _ = random_layer(0, [(4, 32)], width=16)
     with pytest.raises(ValueError, match="up to 16 contiguous rows of 32"):
         matmul(torch.zeros(17, 32).half(), prepare(tensors, height))
+
+
+def test_a_layer_the_load_left_without_q_perm_takes_its_input_rows_in_order():
+    """A down projection: the load reorders the up projection's outputs to match its rows."""
+    tensors, height, weights = random_layer(6, [(5, 32), (4, 64)], width=40)
+    sorted_weights = weights[tensors.pop("q_perm").long()]  # row s is input row q_perm[s]
+    del tensors["q_invperm"]
+    x = torch.randn(3, height, generator=torch.Generator().manual_seed(1)).half()
+    got = matmul(x, prepare(tensors, height)).float()
+    want = x.float() @ sorted_weights
+    assert (got - want).abs().max() <= 4e-3 * want.abs().max()
+    assert torch.equal(dequantize(tensors, height), sorted_weights)
