@@ -4,15 +4,17 @@ Usage: python bench/engine_bench.py --model /dev/shm/sc2-6_5 --out results-6_5.j
 
 Variants: stock exllamav2 (dynamic generator, defaults: torch SDPA, unpaged without flash-attn),
 stock with `no_sdpa=True` (its correct but slow attention), and ours (engine.gpu.engine.Engine:
-fixes applied, paged) four ways: "ours-graph" (decode steps replayed as CUDA graphs, sampling on the
+fixes applied, paged) five ways: "ours-graph" (decode steps replayed as CUDA graphs, sampling on the
 GPU, each step enqueued before the previous step's tokens are read; the default),
-"ours-graph-sync" (the same, but reading each step's tokens before enqueuing the next),
-"ours-eager" (`cuda_graphs=False`: exllamav2's decode loop, our Triton decode kernel) and
+"ours-graph-custom-matmul" (the same with our EXL2 matmul wherever it matched exllamav2's and won
+at load), "ours-graph-sync" (as ours-graph, but reading each step's tokens before enqueuing the
+next), "ours-eager" (`cuda_graphs=False`: exllamav2's decode loop, our Triton decode kernel) and
 "ours-previous" (eager, and one-token steps on the prefill backend, as before the kernel;
 contexts only). Stock cannot read the real config key `norm_epsilon`, so it runs on a view of the
 folder whose config.json also carries `layer_norm_epsilon`. Each process measures batch-1 decode
 and prefill at several prompt lengths and peak VRAM; ours also measures concurrent jobs, a long
-prefill arriving while others decode. The app over HTTP: bench/app_bench.py.
+prefill arriving while others decode, and decode at a 30k-token context among other jobs against
+4k. The app over HTTP: bench/app_bench.py.
 """
 
 from __future__ import annotations
@@ -32,7 +34,8 @@ sys.path.insert(0, str(ROOT))
 
 CONTEXTS = (128, 512, 4096, 12288)
 NEW_TOKENS = 64
-MAX_SEQ_LEN = 16384
+MAX_SEQ_LEN = 32768
+LONG_PROMPTS = (4096, 30720)  # decode among other jobs, at a common and at a 30k-token context
 
 
 def bandwidth_gbps() -> float:
@@ -143,7 +146,11 @@ def run_ours(folder: Path, variant: str) -> dict:
         from engine.gpu.generator import Generator
 
         Generator.look_ahead = False
-    engine = InProcessEngine(max_jobs=16, cuda_graphs=variant.startswith("ours-graph"))
+    engine = InProcessEngine(
+        max_jobs=16,
+        cuda_graphs=variant.startswith("ours-graph"),
+        custom_matmul=variant == "ours-graph-custom-matmul",
+    )
     status = engine.load(str(folder), max_seq_len=MAX_SEQ_LEN)
     settings = SamplingSettings(max_new_tokens=NEW_TOKENS)
 
@@ -163,6 +170,7 @@ def run_ours(folder: Path, variant: str) -> dict:
     results["cache_tokens"] = status.cache_tokens
     if variant != "ours-previous":
         results["concurrency"] = concurrency(engine)
+        results["long_among_others"] = long_among_others(engine)
         results["prefill_while_decoding"] = prefill_while_decoding(engine)
     engine.close()
     return results
@@ -228,6 +236,28 @@ def concurrency(engine) -> dict:
     return rows
 
 
+def long_among_others(engine) -> dict:
+    """Decode speed of a job with a 4k- and with a 30k-token prompt, each while 3 short jobs decode
+    beside it (decode at 30k as a share of decode at 4k: flat means near 1)."""
+    rows = {}
+    for length in LONG_PROMPTS:
+        done = in_threads(
+            4,
+            lambda i, length=length: consume(
+                engine, prompt(length, 3000 + length) if i == 0 else prompt(128, 3000 + i), 256
+            ),
+        )
+        final = done[0][0]
+        rows[str(length)] = {
+            "decode_tok_s": final.decode_tokens_per_s,
+            "time_to_first_token_s": final.time_to_first_token_s,
+            "new_tokens": final.new_tokens,
+        }
+    long, common = (rows[str(n)]["decode_tok_s"] for n in reversed(LONG_PROMPTS))
+    rows["long_over_common"] = long / common
+    return rows
+
+
 def prefill_while_decoding(engine) -> dict:
     """7 jobs decode; a 4k-token prompt arrives. How long is each generator step meanwhile?
 
@@ -286,7 +316,10 @@ def main() -> None:
     parser.add_argument("--variant", help=argparse.SUPPRESS)
     parser.add_argument(
         "--variants",
-        default="ours-graph,ours-graph-sync,ours-eager,ours-previous,stock-sdpa,stock-no_sdpa",
+        default=(
+            "ours-graph,ours-graph-custom-matmul,ours-graph-sync,ours-eager,ours-previous,"
+            "stock-sdpa,stock-no_sdpa"
+        ),
         help="comma-separated, run in this order, one process each",
     )
     args = parser.parse_args()
