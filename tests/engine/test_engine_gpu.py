@@ -168,6 +168,59 @@ def test_an_exl2_mlp_adds_each_intermediate_feature_its_own_bias(exl2_dir):
         model.unload()
 
 
+def file_order_reference(model, folder):
+    """transformers' model of an EXL2 file: each quantized layer as exllamav2 reconstructs it
+    from VRAM, put back in the file's feature order, with the file's own norms and biases."""
+    from safetensors import safe_open
+    from transformers import Starcoder2Config, Starcoder2ForCausalLM
+
+    from tests.fakes.exl2_layers import quantized_layers
+
+    (file,) = folder.glob("*.safetensors")
+    with safe_open(str(file), "pt") as tensors:
+        state = {
+            k: tensors.get_tensor(k).float()
+            for k in tensors.keys()
+            if k.endswith((".weight", ".bias"))
+        }
+        for layer in quantized_layers(model):
+            state[f"{layer.key}.weight"] = layer.get_weight_tensor_dq().float().cpu().T
+        for index in range(model.config.num_hidden_layers):
+            key = f"model.layers.{index}.mlp"
+            order = torch.argsort(tensors.get_tensor(f"{key}.c_proj.q_invperm").long())
+            up, down = state[f"{key}.c_fc.weight"], state[f"{key}.c_proj.weight"]
+            state[f"{key}.c_fc.weight"] = torch.empty_like(up).index_copy_(0, order, up)
+            state[f"{key}.c_proj.weight"] = torch.empty_like(down).index_copy_(1, order, down)
+    config = Starcoder2Config.from_pretrained(folder)
+    reference = Starcoder2ForCausalLM(config).float()
+    missing, unexpected = reference.load_state_dict(state, strict=False)
+    assert not missing and not unexpected, (missing, unexpected)
+    return reference.cuda().eval()
+
+
+def test_exl2_prefill_logits_match_transformers_on_the_same_weights(exl2_dir):
+    """The whole EXL2 path (its matmuls, the MLP's reordered features and their biases, fix 7)
+    against transformers computing the very weights exllamav2 holds."""
+    ids = prompt_ids(exl2_dir)
+    model, cache = load_exllamav2(exl2_dir)
+    try:
+        reference = file_order_reference(model, exl2_dir)
+        tokens = torch.tensor([ids])
+        with torch.no_grad():
+            ours = model.forward(tokens, cache, last_id_only=False).float().cuda()[0]
+            theirs = reference(tokens.cuda()).logits.float()[0]
+            half = reference.half()(tokens.cuda()).logits.float()[0]
+    finally:
+        model.unload()
+    floor = (half - theirs).abs().max().item()
+    delta = (ours - theirs).abs().max().item()
+    top2 = theirs.topk(2, dim=-1).values
+    clear = (top2[:, 0] - top2[:, 1]) > 4 * delta
+    print(f"EXL2 vs transformers on its weights: max|d|={delta:.4f}, fp16 floor={floor:.4f}")
+    assert torch.equal(ours.argmax(-1)[clear], theirs.argmax(-1)[clear])
+    assert delta < max(0.05, 4 * floor)
+
+
 def test_config_with_norm_epsilon_loads_without_editing_the_file(fp16_dir):
     from exllamav2 import ExLlamaV2Config
 
