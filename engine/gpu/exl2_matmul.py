@@ -197,23 +197,20 @@ def _segment_kernel(
             q = (words >> tl.load(entry + 1)[:, None]) & tl.load(entry + 2)[:, None]
         weights = (q - (1 << (BITS - 1))).to(tl.float16)
         part = tl.dot(xs.to(tl.float16), weights)
-        if EXTRA > 0:
-            e = tl.arange(0, EXTRA)
-            k_e = tl.load(perm + row0 + t * TILE + tl.load(extra_rows + e)).to(tl.int32) & 0xFFFF
-            x_e = tl.load(
-                x + rows_m[:, None] * x_stride + k_e[None, :], mask=row_ok[:, None], other=0.0
-            )
-            rest = tl.zeros((EXTRA, BLOCK_N), dtype=tl.int32)
+        # The values whose bits span words: the rest of their bits, one row at a time as an
+        # outer product (a sum over the EXTRA rows would compile to a tensor-core dot whose K is
+        # below the instruction's, which counts each product several times).
+        for j in tl.static_range(EXTRA):
+            k_j = tl.load(perm + row0 + t * TILE + tl.load(extra_rows + j)).to(tl.int32) & 0xFFFF
+            x_j = tl.load(x + rows_m * x_stride + k_j, mask=row_ok, other=0.0).to(tl.float32)
+            rest = tl.zeros((BLOCK_N,), dtype=tl.int32)
             for piece in tl.static_range(EXTRA_PIECES):
-                run = extra_runs + (piece * EXTRA + e) * 4
+                run = extra_runs + (piece * EXTRA + j) * 4
                 shift, bits, place = tl.load(run + 1), tl.load(run + 2), tl.load(run + 3)
-                words = tl.load(
-                    q_weight + (base + tl.load(run))[:, None] * N + cols[None, :],
-                    mask=(bits != 0)[:, None] & col_ok[None, :],
-                    other=0,
-                )
-                rest |= ((words >> shift[:, None]) & bits[:, None]) << place[:, None]
-            part += tl.sum(x_e.to(tl.float32)[:, :, None] * rest.to(tl.float32)[None, :, :], 1)
+                # an unused piece (mask 0) reads the tile's first word and keeps nothing of it
+                words = tl.load(q_weight + (base + tl.load(run)) * N + cols, mask=col_ok, other=0)
+                rest |= ((words >> shift) & bits) << place
+            part += x_j[:, None] * rest.to(tl.float32)[None, :]
         group = tl.load(tile_groups + t)
         packed = tl.load(q_scale + group * (N // 8) + cols // 8, mask=col_ok, other=0)
         quarter = ((packed >> scale_shift) & 15) + 1

@@ -84,3 +84,27 @@ def test_a_layer_the_load_left_without_q_perm_takes_its_input_rows_in_order():
     want = x.float() @ sorted_weights
     assert (got - want).abs().max() <= 4e-3 * want.abs().max()
     assert torch.equal(dequantize(tensors, height), sorted_weights)
+
+
+def test_compiled_for_the_gpu_every_tensor_core_product_is_as_deep_as_the_instruction():
+    """Triton's compiler (not its interpreter, which runs every CPU test here) turns a product
+    summed over a few rows into a tensor-core dot; below the instruction's depth (K of 16 for fp16,
+    8 for tf32) each product was counted several times on an H200. Compiled here for sm_80 and
+    sm_90 without a GPU: the only dot is the tile's 16 rows by 32 inputs."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    environment = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    environment["PYTHONPATH"] = str(Path(__file__).resolve().parents[2])
+    done = subprocess.run(
+        [sys.executable, "-m", "tests.fakes.compiled_dots"], capture_output=True, text=True,
+        timeout=300, env=environment,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    found = json.loads(done.stdout.strip().splitlines()[-1])
+    assert len(found) == 12
+    for kernel, dots in found.items():
+        assert dots == [[MAX_ROWS, 32]], kernel
