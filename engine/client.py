@@ -122,7 +122,8 @@ class EngineProcess(EngineClient):
             process = getattr(self, "_process", None)
             if process is not None and process.pid is not None:  # it was started
                 process.kill()
-                process.join(5)
+                with self._reap_lock:  # the reader thread may be reaping it too
+                    process.join(5)
             raise
         threading.Thread(target=self._watch, name="engine-watch", daemon=True).start()
 
