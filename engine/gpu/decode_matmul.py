@@ -30,6 +30,7 @@ from engine.gpu.exl2_matmul import (
     matmul,
     prepare,
 )
+from engine.gpu.loading import is_oom
 
 # Launch shapes tried: (columns per program, programs per SM).
 LAUNCHES = ((64, 2), (128, 2), (128, 1), (256, 1), (32, 4))
@@ -96,7 +97,17 @@ class DecodeMatmul:
 
     @classmethod
     def for_model(cls, model: Any, rows: int) -> DecodeMatmul:
-        """Index and check every EXL2 layer of a loaded model against exllamav2's kernel."""
+        """Index and check every EXL2 layer of a loaded model against exllamav2's kernel; where
+        this GPU cannot run ours at all, no layer takes it."""
+        try:
+            return cls._checked(model, rows)
+        except Exception as error:
+            if is_oom(error):
+                raise
+            return cls([], {"*": f"{type(error).__name__}: {error}"})
+
+    @classmethod
+    def _checked(cls, model: Any, rows: int) -> DecodeMatmul:
         from exllamav2.linear import ExLlamaV2Linear
 
         layers, refused = [], {}
@@ -142,11 +153,24 @@ class DecodeMatmul:
                 block_n, per_sm = best.split("x")
                 self.launches[batch][shape] = (int(block_n), int(per_sm))
 
-    def confirm(self, batch: int, theirs: torch.Tensor, ours: torch.Tensor) -> None:
-        """Keep exllamav2's kernels for this batch size if the two steps' logits part."""
-        difference = parted(ours, theirs)
-        if difference > SAME_STEP:
-            self.fall_back(batch, f"the step's logits parted from exllamav2's by {difference:.1e}")
+    def prepare_batch(self, model: Any, batch: int, step: Callable[[], torch.Tensor]) -> None:
+        """Choose for this batch size, then run the whole step both ways and keep exllamav2's
+        kernels if the logits part, or if ours cannot run here."""
+        try:
+            self.choose(batch)
+            if not self.serves(batch):
+                return
+            theirs = step().clone()
+            with self.serving(model, batch):
+                ours = step()
+            difference = parted(ours, theirs)
+            if difference > SAME_STEP:
+                why = f"the step's logits parted from exllamav2's by {difference:.1e}"
+                self.fall_back(batch, why)
+        except Exception as error:
+            if is_oom(error):
+                raise
+            self.fall_back(batch, f"{type(error).__name__}: {error}")
 
     def fall_back(self, batch: int, why: str) -> None:
         self.fell_back[batch] = why

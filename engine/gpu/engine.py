@@ -235,14 +235,7 @@ class Engine:
         from engine.gpu.graphs import DecodeGraphs
 
         report(LoadStep("graphs", 0, jobs))
-        matmul = None
-        if self._custom_matmul:
-            try:
-                matmul = DecodeMatmul.for_model(self._model, jobs)
-            except Exception as error:  # a kernel this GPU cannot run: exllamav2's serves
-                if is_oom(error):
-                    raise
-                matmul = DecodeMatmul([], {"*": f"{type(error).__name__}: {error}"})
+        matmul = DecodeMatmul.for_model(self._model, jobs) if self._custom_matmul else None
         self._graphs = DecodeGraphs(
             self._model, self._cache, jobs, max_seq_len, PAGE_TOKENS, matmul=matmul
         )

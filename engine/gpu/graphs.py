@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import time
 from contextlib import nullcontext
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 
 from engine.gpu import attention
-from engine.gpu.loading import is_oom
 
 if TYPE_CHECKING:
     from engine.gpu.decode_matmul import DecodeMatmul
@@ -76,7 +76,7 @@ class DecodeGraphs:
                 self._tune(batch)
                 self._forward(batch)  # warm-up: compiles kernels, runs the attention checks
                 if self.matmul is not None:
-                    self._choose_matmul(batch)
+                    self.matmul.prepare_batch(self._model, batch, partial(self._forward, batch))
             self.stream.synchronize()
             # The graph must compute its own indices, not reuse the warm-up's.
             attention.forget_plan()
@@ -96,23 +96,6 @@ class DecodeGraphs:
         # What stays: the embedding copy, the buffers and the graphs' pool (warm-ups' blocks go).
         torch.cuda.empty_cache()
         self.vram_bytes = torch.cuda.memory_reserved(self.device) - self._reserved_at_start
-
-    def _choose_matmul(self, batch: int) -> None:
-        """Time our matmul per layer shape, then check the whole step it makes against
-        exllamav2's (the warm-up compiled it)."""
-        assert self.matmul is not None
-        try:
-            self.matmul.choose(batch)
-            if not self.matmul.serves(batch):
-                return
-            theirs = self._forward(batch).clone()
-            with self._matmul_serving(batch):
-                ours = self._forward(batch)
-            self.matmul.confirm(batch, theirs, ours)
-        except Exception as error:  # a kernel this GPU cannot run: exllamav2's serves
-            if is_oom(error):
-                raise
-            self.matmul.fall_back(batch, f"{type(error).__name__}: {error}")
 
     def _matmul_serving(self, batch: int):
         if self.matmul is None:

@@ -72,12 +72,16 @@ def test_within_serving_the_chosen_layers_call_ours_and_their_modules_leave_the_
 
 def test_a_batch_size_whose_step_parts_from_exllamav2s_keeps_exllamav2s_kernels(model):
     loaded, layers, _ = model
-    matmul = DecodeMatmul(layers, {}, faster_only=False)
-    for batch in (1, 4):
-        matmul.choose(batch)
+    attention = loaded.modules[0]
     logits = torch.randn(4, 1, 1000) * 20
-    matmul.confirm(1, logits[:1], logits[:1] + 0.01)
-    matmul.confirm(4, logits, logits + 5.0)
+    matmul = DecodeMatmul(layers, {}, faster_only=False)
+
+    def step(parts_by: float):
+        # our step's logits (the attention module off its fused path) part by `parts_by`
+        return lambda: logits + (parts_by if attention.q_handle is None else 0.0)
+
+    matmul.prepare_batch(loaded, 1, step(0.01))
+    matmul.prepare_batch(loaded, 4, step(5.0))
     assert matmul.serves(1) and not matmul.serves(4)
     with matmul.serving(loaded, 4):
         assert all(module.q_handle is not None for module in loaded.modules)
@@ -85,6 +89,21 @@ def test_a_batch_size_whose_step_parts_from_exllamav2s_keeps_exllamav2s_kernels(
     line = matmul.summary(4)
     assert line.startswith("EXL2 matmul: ours for 2 of 2 shapes at 1 job(s), 0 of 2 shapes at 4")
     assert "1 batch size(s) kept exllamav2's (4: the step's logits parted" in line
+
+
+def test_a_step_that_cannot_run_ours_keeps_exllamav2s_kernels_and_says_why(model):
+    loaded, layers, _ = model
+    matmul = DecodeMatmul(layers, {}, faster_only=False)
+
+    def step():
+        if loaded.modules[0].q_handle is None:
+            raise RuntimeError("no kernel image is available for execution on the device")
+        return torch.zeros(1, 1, 10)
+
+    matmul.prepare_batch(loaded, 2, step)
+    assert not matmul.serves(2)
+    assert "(2: RuntimeError: no kernel image" in matmul.summary(2)
+    assert all(module.q_handle is not None for module in loaded.modules)  # put back
 
 
 def test_more_rows_than_the_kernel_takes_keep_exllamav2s_kernel(model):
