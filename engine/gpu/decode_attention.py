@@ -104,7 +104,8 @@ def grid_for(batch: int, kv_heads: int, max_keys: int, processors: int) -> tuple
     return splits, math.ceil(tiles / splits)
 
 
-def _processors(device: torch.device) -> int:
+def processors(device: torch.device) -> int:
+    """The GPU's streaming multiprocessors; a few in Triton's interpreter."""
     if device.type != "cuda":
         return 8
     return torch.cuda.get_device_properties(device).multi_processor_count
@@ -137,7 +138,7 @@ def decode_attention(
             f"heads a multiple of K/V heads (got {heads} and {kv_heads}) and contiguous tensors"
         )
     group = heads // kv_heads
-    splits, tiles = grid_for(batch, kv_heads, table.shape[1] * page_size, _processors(q.device))
+    splits, tiles = grid_for(batch, kv_heads, table.shape[1] * page_size, processors(q.device))
     out_part = torch.empty((batch * heads, splits, dim), device=q.device, dtype=torch.float32)
     lse_part = torch.empty((batch * heads, splits), device=q.device, dtype=torch.float32)
     block_d = max(16, triton.next_power_of_2(dim))

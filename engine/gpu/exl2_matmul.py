@@ -21,6 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
+from engine.gpu.decode_attention import processors
 from engine.gpu.exl2_layout import CHUNKS, bit_map, row_order, segments
 
 MAX_ROWS = 16  # the rows of one decode step this kernel serves (BLOCK_M)
@@ -236,14 +237,6 @@ def _sum_kernel(
     tl.store(y + rows_m[:, None] * y_stride + cols[None, :], acc.to(tl.float16), mask=ok)
 
 
-@cache
-def _sms(device: torch.device) -> int:
-    """The GPU's SMs; a few in Triton's interpreter."""
-    if device.type != "cuda":
-        return 4
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 def matmul(
     x: torch.Tensor,
     weights: Exl2Weights,
@@ -252,7 +245,7 @@ def matmul(
     programs_per_sm: int = PROGRAMS_PER_SM,
 ) -> torch.Tensor:
     """x (M ≤ 16, K) fp16 -> (M, N) fp16."""
-    programs = programs_per_sm * _sms(x.device)
+    programs = programs_per_sm * processors(x.device)
     rows, depth = x.shape
     if rows > MAX_ROWS or depth != weights.height or x.stride(1) != 1:
         raise ValueError(
