@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from engine.gpu.exl2_layout import CHUNKS, WIDTHS, bit_map, dequantize, shuffle, unpack
-from tests.fakes.exl2_layers import pack, random_layer
+from tests.fakes.exl2_layers import mixed_widths, pack, random_layer
 
 # Each word from bit 31 down to bit 0; a character names the value whose bit lies there
 # (0-9, then a-v for 10-31). A value's bits run from the first word to the last, low to high.
@@ -62,8 +62,7 @@ def test_unpacking_returns_every_value_packed_at_each_width(bits):
 def test_dequantizing_a_layer_of_mixed_widths_gives_each_input_row_its_weights():
     rng = random.Random(7)
     for seed in range(4):
-        widths = sorted(rng.sample(WIDTHS, rng.randint(1, 4)), reverse=True)
-        groups = [(bits, 32 * rng.randint(1, 3)) for bits in widths for _ in range(2)]
+        groups = mixed_widths(rng, 1, 4, most_tiles=3)
         tensors, height, expected = random_layer(seed, groups, width=8 * rng.randint(1, 3))
         assert torch.equal(dequantize(tensors, height), expected), groups
 

@@ -10,7 +10,7 @@ import torch
 
 from engine.gpu.exl2_layout import WIDTHS, bit_map, dequantize
 from engine.gpu.exl2_matmul import MAX_ROWS, Unsupported, lookup, matmul, prepare
-from tests.fakes.exl2_layers import random_layer
+from tests.fakes.exl2_layers import mixed_widths, random_layer
 
 
 @pytest.mark.parametrize("bits", WIDTHS)
@@ -39,8 +39,7 @@ def test_each_width_alone_multiplies_as_its_weights_do_at_any_launch_shape(bits)
 def test_random_layers_of_mixed_widths_multiply_as_their_weights_do():
     rng = random.Random(3)
     for seed in range(3):
-        widths = sorted(rng.sample(WIDTHS, rng.randint(2, 4)), reverse=True)
-        groups = [(bits, 32 * rng.randint(1, 2)) for bits in widths for _ in range(2)]
+        groups = mixed_widths(rng, 2, 4, most_tiles=2)
         tensors, height, weights = random_layer(seed, groups, width=8 * rng.randint(9, 12))
         if seed == 1:
             tensors["bias"] = torch.randn(weights.shape[1]).half()

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from engine.gpu.exl2_layout import CHUNKS, bit_map
+from engine.gpu.exl2_layout import CHUNKS, WIDTHS, bit_map
 
 
 def pack(values: torch.Tensor, bits: int, *, loaded: bool = True) -> torch.Tensor:
@@ -22,6 +22,13 @@ def pack(values: torch.Tensor, bits: int, *, loaded: bool = True) -> torch.Tenso
             out[:, word] |= ((v[:, i] >> j) & 1) << at
     out = out.view(chunks * words, -1)
     return torch.where(out >= 2**31, out - 2**32, out).to(torch.int32)
+
+
+def mixed_widths(rng, fewest: int, most: int, most_tiles: int) -> list[tuple[int, int]]:
+    """Groups (bits, rows) of `fewest` to `most` widths, widest first, two groups of 1 to
+    `most_tiles` 32-row tiles at each: random_layer's height_groups."""
+    widths = sorted(rng.sample(WIDTHS, rng.randint(fewest, most)), reverse=True)
+    return [(bits, 32 * rng.randint(1, most_tiles)) for bits in widths for _ in range(2)]
 
 
 def random_layer(
