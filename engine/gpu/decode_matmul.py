@@ -91,7 +91,6 @@ class DecodeMatmul:
     layers: list[Layer]
     refused: dict[str, str]  # layer key -> why it keeps exllamav2's kernel
     launches: dict[int, dict[tuple[int, int], Launch]] = field(default_factory=dict)
-    timings: dict[int, dict[str, dict[str, float]]] = field(default_factory=dict)
     fell_back: dict[int, str] = field(default_factory=dict)  # batch -> why it keeps exllamav2's
     faster_only: bool = True  # False: ours for every layer it takes, untimed (tests)
 
@@ -136,7 +135,7 @@ class DecodeMatmul:
 
     def choose(self, batch: int) -> None:
         """Time both kernels per layer shape at this batch size; ours keeps the shapes it wins."""
-        self.launches[batch], self.timings[batch] = {}, {}
+        self.launches[batch] = {}
         if batch > MAX_ROWS:
             return
         by_shape: dict[tuple[int, int], list[Layer]] = {}
@@ -148,7 +147,6 @@ class DecodeMatmul:
                 continue
             times = _times(layers, torch.randn((batch, shape[0]), device="cuda").half())
             best = min(times, key=times.__getitem__)
-            self.timings[batch][f"{shape[0]}x{shape[1]}"] = times
             if best != "exllamav2":
                 block_n, per_sm = best.split("x")
                 self.launches[batch][shape] = (int(block_n), int(per_sm))
