@@ -54,12 +54,14 @@ def start_engines(config: AppConfig) -> EngineClient:
             cache_mode=config.cache_mode,
             max_jobs=config.max_jobs,
             cuda_graphs=config.cuda_graphs,
+            custom_matmul=config.custom_matmul,
             stall_timeout_s=config.stall_timeout,
         )
     return engine_processes(
         config.gpus,
         max_jobs=config.max_jobs,
         cuda_graphs=config.cuda_graphs,
+        custom_matmul=config.custom_matmul,
         stall_timeout_s=config.stall_timeout,
     )
 

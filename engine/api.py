@@ -69,6 +69,15 @@ def device_names(gpus: Sequence[str] | None, environ: Mapping[str, str]) -> list
     return [visible[int(gpu)] for gpu in gpus]
 
 
+def engine_options(cuda_graphs: bool, custom_matmul: bool, stall_timeout_s: float) -> dict:
+    """The engine's own settings, as every backend (process, Ray replica) is built with them."""
+    return {
+        "cuda_graphs": cuda_graphs,
+        "custom_matmul": custom_matmul,
+        "stall_timeout_s": stall_timeout_s,
+    }
+
+
 def ray_engines(
     address: str,
     *,
@@ -80,6 +89,7 @@ def ray_engines(
     cache_mode: str,
     max_jobs: int,
     cuda_graphs: bool,
+    custom_matmul: bool,
     stall_timeout_s: float,
 ) -> EngineClient:
     """Engine replicas on a Ray cluster (one GPU each), deployed now, behind one client."""
@@ -96,7 +106,7 @@ def ray_engines(
         cache_mode=cache_mode,
         replicas=replicas,
         max_jobs=max_jobs,
-        options={"cuda_graphs": cuda_graphs, "stall_timeout_s": stall_timeout_s},
+        options=engine_options(cuda_graphs, custom_matmul, stall_timeout_s),
         stall_timeout_s=stall_timeout_s,
     )
     return RayEngines(handle)
@@ -107,6 +117,7 @@ def engine_processes(
     *,
     max_jobs: int,
     cuda_graphs: bool,
+    custom_matmul: bool,
     stall_timeout_s: float,
     environ: Mapping[str, str] = os.environ,
 ) -> EngineClient:
@@ -114,7 +125,7 @@ def engine_processes(
     from engine.client import EngineProcess
     from engine.pool import EnginePool
 
-    options = {"cuda_graphs": cuda_graphs, "stall_timeout_s": stall_timeout_s}
+    options = engine_options(cuda_graphs, custom_matmul, stall_timeout_s)
     engines = [
         EngineProcess(
             device=device, max_jobs=max_jobs, options=options, stall_timeout_s=stall_timeout_s

@@ -51,6 +51,7 @@ class AppConfig:
     api_keys: tuple[str, ...] = ()  # Bearer keys for the OpenAI routes and /metrics; () = open
     load_at_start: bool = True  # with a GPU, download and load the model while serving
     cuda_graphs: bool = True  # decode steps as CUDA graphs with GPU sampling (fp16 cache)
+    custom_matmul: bool = True  # our EXL2 matmul in those graphs, per layer where right and faster
     # Trusted proxies in front, each appending to X-Forwarded-For: the client address is the
     # entry this many from the right (0: the connection's peer). A Space's proxy is one.
     proxy_hops: int = 0
@@ -137,6 +138,9 @@ OPTIONS = (
     Option("--no-cuda-graphs", ("SC2_NO_CUDA_GRAPHS",), bool, False,
            "decode eagerly, sampling on the CPU, instead of replaying a CUDA graph per batch size "
            "(graphs need the `fp16` cache)"),
+    Option("--no-custom-matmul", ("SC2_NO_CUSTOM_MATMUL",), bool, False,
+           "keep exllamav2's EXL2 matmul in the decode graphs instead of ours (ours is used per "
+           "layer shape where, checked at load, it matches exllamav2's and is faster)"),
     Option("--context", ("SC2_CONTEXT",), int, _BASE.context,
            f"context size in tokens ({MIN_CONTEXT}–{MAX_CONTEXT}, multiple of {CONTEXT_STEP})"),
     Option("--cache-mode", ("SC2_CACHE_MODE",), str, _BASE.cache_mode,
@@ -316,12 +320,14 @@ def parse_config(
     values, sources = read_values(parser, args, env)
     load_at_start = not values.pop("no_load")
     cuda_graphs = not values.pop("no_cuda_graphs")
+    custom_matmul = not values.pop("no_custom_matmul")
     values["gpus"] = parse_gpus(parser, values["gpus"], sources["gpus"])
     values["api_keys"] = parse_api_keys(parser, values.pop("api_key"), sources["api_key"])
     config = AppConfig(
         **values,
         load_at_start=load_at_start,
         cuda_graphs=cuda_graphs,
+        custom_matmul=custom_matmul,
         on_space=bool(env.get("SPACE_ID")),
     )
     check_config(parser, config, sources)

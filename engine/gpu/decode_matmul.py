@@ -8,8 +8,8 @@ takes the shapes where it is faster. While that batch size is captured, those la
 the attention and MLP modules holding them run exllamav2's Python forward (the same norms, rotary
 embedding and attention, each projection through its layer's forward) instead of the fused C++ one.
 Last, the whole step is computed both ways: where the logits part, the batch size keeps
-exllamav2's kernels throughout. Prefill and eager decode always use exllamav2's. The engine does
-this only when made with custom_matmul=True.
+exllamav2's kernels throughout. Prefill and eager decode always use exllamav2's. An engine made with
+custom_matmul=False (--no-custom-matmul) skips all of this.
 """
 
 from __future__ import annotations

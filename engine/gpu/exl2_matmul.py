@@ -8,8 +8,8 @@ M rows, unpacks the values through its width's bit map, multiplies them with the
 scales in fp32. Each program writes its partial sums to a slot of its own, and a second kernel
 adds the slots in a fixed order: a row's result depends on its own inputs only, never on timing
 or on the other rows (no atomics). The decode graphs take it per layer where it matches
-exllamav2's product and is faster (engine/gpu/decode_matmul.py), when the engine is made with
-custom_matmul=True; tests/engine/test_exl2_matmul*.py check it, bench/matmul_bench.py times it.
+exllamav2's product and is faster (engine/gpu/decode_matmul.py) unless --no-custom-matmul is
+given; tests/engine/test_exl2_matmul*.py check it, bench/matmul_bench.py times it.
 """
 
 from __future__ import annotations

@@ -44,6 +44,7 @@ class ScriptedBackend:
         load_s: float = 0.0,
         record_to: str | None = None,
         cuda_graphs: bool = True,  # the real Engine's options, which a script has no use for
+        custom_matmul: bool = True,
         stall_timeout_s: float = 10.0,
     ) -> None:
         self.max_jobs = max_jobs

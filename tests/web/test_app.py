@@ -656,18 +656,27 @@ def test_the_model_loads_at_start_unless_no_load_is_given():
     assert parse_config([], {"SC2_NO_LOAD": "0"}).load_at_start
 
 
-def test_decode_steps_run_as_cuda_graphs_unless_no_cuda_graphs_is_given(monkeypatch):
-    assert parse_config([], {}).cuda_graphs
-    assert not parse_config(["--no-cuda-graphs"], {}).cuda_graphs
-    assert not parse_config([], {"SC2_NO_CUDA_GRAPHS": "yes"}).cuda_graphs
-    assert parse_config([], {"SC2_NO_CUDA_GRAPHS": "0"}).cuda_graphs
+@pytest.mark.parametrize(
+    "flag, env, field",
+    [
+        ("--no-cuda-graphs", "SC2_NO_CUDA_GRAPHS", "cuda_graphs"),
+        ("--no-custom-matmul", "SC2_NO_CUSTOM_MATMUL", "custom_matmul"),
+    ],
+)
+def test_a_decode_path_setting_is_on_unless_its_flag_or_variable_turns_it_off(
+    monkeypatch, flag, env, field
+):
+    assert getattr(parse_config([], {}), field)
+    assert not getattr(parse_config([flag], {}), field)
+    assert not getattr(parse_config([], {env: "yes"}), field)
+    assert getattr(parse_config([], {env: "0"}), field)
     import app
     from engine import client
 
     made = []
     monkeypatch.setattr(client, "EngineProcess", lambda **kwargs: made.append(kwargs))
-    app.start_engines(parse_config(["--no-cuda-graphs", "--max-jobs", "3"], {}))
-    options = {"cuda_graphs": False, "stall_timeout_s": 10.0}
+    app.start_engines(parse_config([flag, "--max-jobs", "3"], {}))
+    options = {"cuda_graphs": True, "custom_matmul": True, "stall_timeout_s": 10.0, field: False}
     assert made == [{"device": None, "max_jobs": 3, "options": options, "stall_timeout_s": 10.0}]
 
 
