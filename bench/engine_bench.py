@@ -171,6 +171,7 @@ def run_ours(folder: Path, variant: str) -> dict:
     if variant != "ours-previous":
         results["concurrency"] = concurrency(engine)
         results["long_among_others"] = long_among_others(engine)
+        results["repeatability"] = repeatability(engine)
         results["prefill_while_decoding"] = prefill_while_decoding(engine)
     engine.close()
     return results
@@ -256,6 +257,27 @@ def long_among_others(engine) -> dict:
     long, common = (rows[str(n)]["decode_tok_s"] for n in reversed(LONG_PROMPTS))
     rows["long_over_common"] = long / common
     return rows
+
+
+def repeatability(engine) -> dict:
+    """One greedy prompt (the default sampling is greedy) 5 times alone and 5 times among 7 other
+    jobs: how many distinct replies (1 = repeatable). The random model's near-tied logits make any
+    difference in summation order show within a few tokens."""
+
+    def reply(ids):
+        return consume(engine, ids, 128)[0].text
+
+    ids = prompt(512, 4242)
+    alone = [reply(ids) for _ in range(5)]
+    among = [
+        in_threads(8, lambda i: reply(ids if i == 0 else prompt(128, 5000 + i)))[0]
+        for _ in range(5)
+    ]
+    return {
+        "distinct_alone": len(set(alone)),
+        "distinct_among_others": len(set(among)),
+        "distinct_overall": len(set(alone + among)),
+    }
 
 
 def prefill_while_decoding(engine) -> dict:
