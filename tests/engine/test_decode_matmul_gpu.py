@@ -1,5 +1,5 @@
 """Our EXL2 matmul inside the decode graphs, on loaded models (`-m gpu`): the same greedy tokens as
-exllamav2's kernel where logits are decisive, the same tokens every time where they are not, and a
+exllamav2's kernel up to the first near-tie, the same tokens every run even past near-ties, and a
 load that names the matmul in use and keeps exllamav2's where ours is off."""
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ if not torch.cuda.is_available():
 
 from engine.inproc import InProcessEngine  # noqa: E402
 from tests.engine.test_engine_gpu import PROMPT, greedy_ids, prompt_ids  # noqa: E402
+from tests.engine.test_scheduler_gpu import CHUNK, COMPARED, TIE, loaded  # noqa: E402
+from tests.fakes.schedules import Job, Reference  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 
@@ -20,15 +22,29 @@ def prompts(folder, count: int) -> list[list[int]]:
     return [prompt_ids(folder, PROMPT[i * 5 :] + f"# case {i}\n" * (i + 1)) for i in range(count)]
 
 
-def test_greedy_tokens_with_our_matmul_equal_exllamav2s_on_the_decisive_exl2_model(
+def test_greedy_tokens_with_our_matmul_equal_exllamav2s_up_to_the_first_near_tie(
     decisive_exl2_dir,
 ):
+    """The decisive model keeps near-ties once quantized (about a quarter of its tokens come before
+    the first top-2 logit margin under TIE), where exllamav2's own atomics flip tokens too: each
+    continuation is compared with exllamav2's eager one, alone, up to that margin."""
     cases = prompts(decisive_exl2_dir, 8)
-    theirs = greedy_ids(decisive_exl2_dir, cases, paged=True, decode="graph")
     ours = greedy_ids(decisive_exl2_dir, cases, paged=True, decode="graph", matmul="ours")
-    same = sum(a == b for a, b in zip(ours, theirs, strict=True))
-    print(f"decisive EXL2: {same}/8 continuations identical with our matmul")
-    assert ours == theirs
+    eager = loaded(decisive_exl2_dir, max_jobs=1, cuda_graphs=False)
+    try:
+        reference = Reference(eager.engine._generator, CHUNK)
+        want = [reference(Job(tuple(ids), len(ours[0]), arrive=0)) for ids in cases]
+    finally:
+        eager.close()
+    compared, total, differ = 0, 0, []
+    for i, (have, expected) in enumerate(zip(ours, want, strict=True)):
+        close = [n for n, margin in enumerate(expected.margins) if margin < TIE["decisive-exl2"]]
+        span = close[0] if close else len(expected.tokens)
+        differ += [i] if have[:span] != expected.tokens[:span] else []
+        compared, total = compared + span, total + len(expected.tokens)
+    print(f"decisive EXL2, our matmul: {compared}/{total} tokens before a near-tie compared")
+    assert not differ, f"continuations {differ} differ before their first near-tie"
+    assert compared >= COMPARED["decisive-exl2"] * total
 
 
 def test_the_same_prompt_gets_the_same_tokens_alone_and_among_seven_others(exl2_dir):
