@@ -3,9 +3,10 @@ against exllamav2's gemm_half_q_half, at 1, 2, 4, 8 and 16 rows.
 
 Usage (GPU): python bench/matmul_bench.py --bits 4.25 --out bench/results/matmul-4_25.json
 
-The 40 layers' q, k, v, o, up and down projections and the head, each with weights of its own
-(so nothing is served from L2 across layers), built at random in exllamav2's file layout with a
-fixed mix of widths and handed to exllamav2's make_q_matrix, which reorders them as a load does.
+The 40 layers' q, k, v, o, up and down projections and the head, each with weights in memory of
+its own (so nothing is served from L2 across layers): one random draw per shape in exllamav2's
+file layout with a fixed mix of widths, copied for each layer of that shape and handed to
+exllamav2's make_q_matrix, which reorders it as a load does.
 Each side's whole step is captured in one CUDA graph and replayed; the figure is the mean time
 of a replay. Ours is timed at each launch shape in LAUNCHES, each first checked against
 exllamav2's output on the first layer of every shape. Speed depends on shapes, widths and group
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -72,16 +74,21 @@ def main() -> None:
     from tests.fakes.exl2_layers import exllamav2_matrix, random_layer
 
     scratch = torch.empty(HIDDEN * VOCAB, dtype=torch.float16, device="cuda")
-    layers, weight_bytes = [], 0
+    started = time.perf_counter()
+    layers, weight_bytes, draws = [], 0, {}
     for seed, (k, n, kind) in enumerate(shapes()):
-        mix = HEAD_MIX if kind == "head" else MIXES[args.bits]
-        tensors, height, _ = random_layer(
-            seed, groups_for(k, mix), n, loaded=False, device="cuda", weights=False
-        )
+        if (k, n, kind) not in draws:
+            mix = HEAD_MIX if kind == "head" else MIXES[args.bits]
+            draws[k, n, kind] = random_layer(
+                seed, groups_for(k, mix), n, loaded=False, device="cuda", weights=False
+            )[:2]
+        draw, height = draws[k, n, kind]
+        tensors = {key: tensor.clone() for key, tensor in draw.items()}
         handle, _ = exllamav2_matrix(tensors, scratch)
         weight_bytes += sum(tensors[key].nbytes for key in ("q_weight", "q_scale"))
         layers.append((prepare(tensors, height), handle, k, n))
     torch.cuda.synchronize()
+    print(f"{len(layers)} layers built in {time.perf_counter() - started:.0f} s", flush=True)
 
     result = {
         "gpu": torch.cuda.get_device_name(),
@@ -124,10 +131,9 @@ def main() -> None:
         cell["launches"] = launches  # diff: largest difference from exllamav2, relative
         result["rows"][str(rows)] = cell
         print(rows, cell, flush=True)
-    text = json.dumps(result, indent=1)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
+        if args.out:  # rows done so far survive a run cut short
+            args.out.write_text(json.dumps(result, indent=1) + "\n")
+    print(json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":
