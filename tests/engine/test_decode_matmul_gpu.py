@@ -13,7 +13,7 @@ if not torch.cuda.is_available():
 from engine.inproc import InProcessEngine  # noqa: E402
 from tests.engine.test_engine_gpu import PROMPT, greedy_ids, prompt_ids  # noqa: E402
 from tests.engine.test_scheduler_gpu import CHUNK, COMPARED, TIE, loaded  # noqa: E402
-from tests.fakes.schedules import Job, Reference  # noqa: E402
+from tests.fakes.schedules import Job, Outcome, Reference, mismatches  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 
@@ -30,20 +30,18 @@ def test_greedy_tokens_with_our_matmul_equal_exllamav2s_up_to_the_first_near_tie
     continuation is compared with exllamav2's eager one, alone, up to that margin."""
     cases = prompts(decisive_exl2_dir, 8)
     ours = greedy_ids(decisive_exl2_dir, cases, paged=True, decode="graph", matmul="ours")
+    jobs = [Job(tuple(ids), len(ours[0]), arrive=0) for ids in cases]
     eager = loaded(decisive_exl2_dir, max_jobs=1, cuda_graphs=False)
     try:
         reference = Reference(eager.engine._generator, CHUNK)
-        want = [reference(Job(tuple(ids), len(ours[0]), arrive=0)) for ids in cases]
+        want = [reference(job) for job in jobs]
     finally:
         eager.close()
-    compared, total, differ = 0, 0, []
-    for i, (have, expected) in enumerate(zip(ours, want, strict=True)):
-        close = [n for n, margin in enumerate(expected.margins) if margin < TIE["decisive-exl2"]]
-        span = close[0] if close else len(expected.tokens)
-        differ += [i] if have[:span] != expected.tokens[:span] else []
-        compared, total = compared + span, total + len(expected.tokens)
+    # greedy_ids sets no stop condition: ours is read over the span the reference produced.
+    got = [Outcome(tokens[: len(w.tokens)], w.reason) for tokens, w in zip(ours, want, strict=True)]
+    problems, compared, total = mismatches(jobs, got, want, TIE["decisive-exl2"])
     print(f"decisive EXL2, our matmul: {compared}/{total} tokens before a near-tie compared")
-    assert not differ, f"continuations {differ} differ before their first near-tie"
+    assert not problems, "\n".join(problems)
     assert compared >= COMPARED["decisive-exl2"] * total
 
 
