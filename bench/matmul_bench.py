@@ -75,7 +75,7 @@ def main() -> None:
 
     scratch = torch.empty(HIDDEN * VOCAB, dtype=torch.float16, device="cuda")
     started = time.perf_counter()
-    layers, weight_bytes, draws = [], 0, {}
+    layers, kept, weight_bytes, draws = [], [], 0, {}
     for seed, (k, n, kind) in enumerate(shapes()):
         if (k, n, kind) not in draws:
             mix = HEAD_MIX if kind == "head" else MIXES[args.bits]
@@ -87,6 +87,7 @@ def main() -> None:
         handle, _ = exllamav2_matrix(tensors, scratch)
         weight_bytes += sum(tensors[key].nbytes for key in ("q_weight", "q_scale"))
         layers.append((prepare(tensors, height), handle, k, n))
+        kept.append(tensors)  # the handle points into them (make_q_matrix adds q_group_map)
     torch.cuda.synchronize()
     print(f"{len(layers)} layers built in {time.perf_counter() - started:.0f} s", flush=True)
 
