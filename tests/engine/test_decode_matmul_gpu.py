@@ -12,10 +12,15 @@ if not torch.cuda.is_available():
 
 from engine.inproc import InProcessEngine  # noqa: E402
 from tests.engine.test_engine_gpu import PROMPT, greedy_ids, prompt_ids  # noqa: E402
-from tests.engine.test_scheduler_gpu import CHUNK, COMPARED, TIE, loaded  # noqa: E402
+from tests.engine.test_scheduler_gpu import CHUNK, TIE, loaded  # noqa: E402
 from tests.fakes.schedules import Job, Outcome, Reference, mismatches  # noqa: E402
 
 pytestmark = pytest.mark.gpu
+
+# At least this many tokens come before their continuation's first near-tie (H100: 59 of 512 over
+# the 8 prompts): a bound against a comparison that checks nothing, not a target. The scheduler
+# test's share (COMPARED) is measured on random schedules and does not carry over to these prompts.
+FLOOR = 32
 
 
 def prompts(folder, count: int) -> list[list[int]]:
@@ -25,9 +30,10 @@ def prompts(folder, count: int) -> list[list[int]]:
 def test_greedy_tokens_with_our_matmul_equal_exllamav2s_up_to_the_first_near_tie(
     decisive_exl2_dir,
 ):
-    """The decisive model keeps near-ties once quantized (about a quarter of its tokens come before
-    the first top-2 logit margin under TIE), where exllamav2's own atomics flip tokens too: each
-    continuation is compared with exllamav2's eager one, alone, up to that margin."""
+    """The decisive model keeps near-ties once quantized (a quarter of a random schedule's tokens,
+    an eighth of these prompts', come before the first top-2 logit margin under TIE), where
+    exllamav2's own atomics flip tokens too: each continuation is compared with exllamav2's eager
+    one, alone, up to that margin."""
     cases = prompts(decisive_exl2_dir, 8)
     ours = greedy_ids(decisive_exl2_dir, cases, paged=True, decode="graph", matmul="ours")
     jobs = [Job(tuple(ids), len(ours[0]), arrive=0) for ids in cases]
@@ -42,7 +48,7 @@ def test_greedy_tokens_with_our_matmul_equal_exllamav2s_up_to_the_first_near_tie
     problems, compared, total = mismatches(jobs, got, want, TIE["decisive-exl2"])
     print(f"decisive EXL2, our matmul: {compared}/{total} tokens before a near-tie compared")
     assert not problems, "\n".join(problems)
-    assert compared >= COMPARED["decisive-exl2"] * total
+    assert compared >= FLOOR
 
 
 def test_the_same_prompt_gets_the_same_tokens_alone_and_among_seven_others(exl2_dir):
