@@ -129,3 +129,78 @@ def test_the_import_reader_sees_what_each_rule_forbids(tmp_path, source, rule, e
         "web": lambda m: named(m, "web"),
     }
     assert any(checks[rule](module) for module in found) is expected, found
+
+
+OWN_PACKAGES = ("starcoder2", "engine", "web", "tests")
+
+
+def defined_names(path: Path) -> set[str]:
+    """What a module defines at its top level: functions, classes, assignments and imports."""
+    names: set[str] = set()
+    for node in ast.parse(path.read_text(encoding="utf-8")).body:
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+            names.add(node.name)
+        elif isinstance(node, ast.Assign | ast.AnnAssign):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            for target in targets:
+                names |= {n.id for n in ast.walk(target) if isinstance(n, ast.Name)}
+        elif isinstance(node, ast.Import | ast.ImportFrom):
+            names |= {(a.asname or a.name).split(".")[0] for a in node.names}
+    return names
+
+
+def module_file(root: Path, module: str) -> Path | None:
+    base = root / module.replace(".", "/")
+    for path in (base.with_suffix(".py"), base / "__init__.py"):
+        if path.is_file():
+            return path
+    return None
+
+
+def unresolved(path: Path, root: Path = ROOT) -> list[str]:
+    """Imports of our own code in a file that name a missing module, or a name its module lacks."""
+    where = path.relative_to(root)
+    missing = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            if not named(node.module, *OWN_PACKAGES):
+                continue
+            source = module_file(root, node.module)
+            if source is None:
+                missing.append(f"{where}:{node.lineno} {node.module}")
+                continue
+            for alias in node.names:
+                if alias.name not in defined_names(source):
+                    if module_file(root, f"{node.module}.{alias.name}") is None:
+                        missing.append(f"{where}:{node.lineno} {node.module}.{alias.name}")
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                if named(alias.name, *OWN_PACKAGES) and module_file(root, alias.name) is None:
+                    missing.append(f"{where}:{node.lineno} {alias.name}")
+    return missing
+
+
+def test_every_import_of_our_own_code_in_the_benchmarks_and_tests_names_what_exists():
+    """Benchmarks import late and GPU test modules skip first on a CPU machine: read them."""
+    files = sources("bench", "tests")
+    assert len(files) > 20
+    assert [line for path in files for line in unresolved(path)] == []
+
+
+def test_the_import_reader_finds_a_name_its_module_no_longer_has(tmp_path):
+    (tmp_path / "engine" / "gpu").mkdir(parents=True)
+    (tmp_path / "engine" / "__init__.py").write_text("")
+    (tmp_path / "engine" / "gpu" / "__init__.py").write_text("")
+    (tmp_path / "engine" / "gpu" / "exl2_matmul.py").write_text("def prepare():\n    pass\n")
+    (tmp_path / "bench").mkdir()
+    probe = tmp_path / "bench" / "probe.py"
+    probe.write_text(
+        "def main():\n"
+        "    from engine.gpu.exl2_matmul import prepare\n"
+        "    from engine.gpu import exl2_matmul, prepare\n"
+        "    import engine.cpu\n"
+    )
+    assert unresolved(probe, tmp_path) == [
+        "bench/probe.py:3 engine.gpu.prepare",
+        "bench/probe.py:4 engine.cpu",
+    ]
