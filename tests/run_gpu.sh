@@ -11,11 +11,11 @@ summary=$out/summary.txt
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader > "$summary" \
   || echo "no nvidia-smi: no NVIDIA GPU here" > "$summary"
 # The two halves took 225 and 232 s on an H100; a new test file joins the second.
-kernels="test_exl2_layout_gpu test_exl2_matmul_gpu test_decode_matmul_gpu test_engine_gpu test_long_context_gpu"
+first_half="test_exl2_layout_gpu test_exl2_matmul_gpu test_decode_matmul_gpu test_engine_gpu test_long_context_gpu"
 first=() rest=()
 for file in tests/engine/test_*.py; do
   name=$(basename "$file" .py)
-  if [[ " $kernels " == *" $name "* ]]; then first+=("$file"); else rest+=("$file"); fi
+  if [[ " $first_half " == *" $name "* ]]; then first+=("$file"); else rest+=("$file"); fi
 done
 
 failed=0
@@ -27,9 +27,9 @@ group() {  # name, files...
   echo "$name: $(tail -n 1 "$out/$name.log") ($(( SECONDS - started )) s, exit $status)" >> "$summary"
   return "$status"
 }
-group engine-kernels "${first[@]}" "${@}" & kernels_pid=$!
+group engine-first "${first[@]}" "${@}" & first_pid=$!
 group engine-rest "${rest[@]}" "${@}" & rest_pid=$!
-wait "$kernels_pid" || failed=1
+wait "$first_pid" || failed=1
 wait "$rest_pid" || failed=1
 group web tests/web "${@}" || failed=1
 cat "$summary"

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import ast
+import functools
 from pathlib import Path
 
 import pytest
@@ -134,6 +135,7 @@ def test_the_import_reader_sees_what_each_rule_forbids(tmp_path, source, rule, e
 OWN_PACKAGES = ("starcoder2", "engine", "web", "tests")
 
 
+@functools.cache  # a module imported from many files is read once
 def defined_names(path: Path) -> set[str]:
     """What a module defines at its top level: functions, classes, assignments and imports."""
     names: set[str] = set()
