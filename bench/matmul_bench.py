@@ -69,9 +69,9 @@ def main() -> None:
     from exllamav2.ext import exllamav2_ext as ext_c
 
     from engine.gpu.decode_matmul import LAUNCHES, replay_ms
-    from engine.gpu.graphs import AUTOTUNE_CALLS
     from engine.gpu.exl2_matmul import matmul as ours
     from engine.gpu.exl2_matmul import prepare
+    from engine.gpu.graphs import AUTOTUNE_CALLS
     from tests.fakes.exl2_layers import exllamav2_matrix, random_layer
 
     scratch = torch.empty(HIDDEN * VOCAB, dtype=torch.float16, device="cuda")
