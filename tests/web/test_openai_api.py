@@ -126,6 +126,13 @@ def test_max_tokens_is_an_upper_bound_within_the_room_the_prompt_leaves():
     assert engine.calls[3].settings.max_new_tokens == 16  # completions: OpenAI's default
 
 
+def test_a_chat_without_max_tokens_on_a_long_context_stops_at_the_largest_max_tokens():
+    engine = FakeEngine(["x"], max_seq_len=32768)
+    with serve(engine) as (url, _):
+        client_for(url).chat.completions.create(model=MODEL_ID, messages=[user("Hi")])
+    assert engine.calls[0].settings.max_new_tokens == 8192  # as README's max_tokens row says
+
+
 def test_sampling_fields_reach_the_engine_and_unknown_fields_are_ignored():
     engine = FakeEngine(["ok"])
     with serve(engine) as (url, _):

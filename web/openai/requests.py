@@ -369,7 +369,7 @@ class ApiRequest:
 
     A chat request has `turns` (with its system text and response prefix), a completion has
     the prompt's `segments`; `default_max` is the reply's length when max_tokens is absent
-    (None: the rest of the context)."""
+    (None: the most max_tokens may ask)."""
 
     settings: SamplingSettings
     stops: tuple[str, ...]

@@ -139,8 +139,8 @@ class OpenAIRoutes:
 
     def _fitted(self, asked: ApiRequest, client: str | None) -> GenerationRequest:
         """Fit the prompt, keeping room for at least min(max_tokens, half the context); the
-        reply may then take max_tokens (its default if absent; None: all the room), at most the
-        room the prompt leaves (finish_reason "length" when it runs out)."""
+        reply may then take max_tokens (if absent, its default; without one, MAX_NEW_TOKENS), at
+        most the room the prompt leaves (finish_reason "length" when it runs out)."""
         context = self.gate.context_tokens
         given = asked.settings.max_new_tokens if asked.max_tokens_given else None
         wanted = given or asked.default_max or MAX_NEW_TOKENS
