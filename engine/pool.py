@@ -7,6 +7,7 @@ engine with the fewest replies running. Each engine holds a whole copy of the mo
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -58,19 +59,12 @@ class EnginePool(EngineClient):
             return EngineStatus(
                 state=first.state, message=" · ".join(status.message for status in statuses)
             )
-        base = ready[0]
-        return EngineStatus(
-            state="ready",
-            model_dir=base.model_dir,
-            max_seq_len=base.max_seq_len,
-            cache_mode=base.cache_mode,
-            batching=base.batching,
+        return dataclasses.replace(  # per GPU as the first (vram_used_gb: each holds a copy)
+            ready[0],
             max_concurrency=sum(status.max_concurrency for status in ready),
             load_seconds=max(status.load_seconds for status in ready),
-            vram_used_gb=base.vram_used_gb,  # per GPU: each holds a whole copy
             message=f"{len(ready)} of {len(statuses)} engines serving.",
             cache_tokens=sum(status.cache_tokens for status in ready),
-            attention=base.attention,
         )
 
     @property

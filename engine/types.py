@@ -97,7 +97,8 @@ class Faults:
 
 @dataclass(frozen=True)
 class LoadStep:
-    """How far a load has come: "compiling" the extension (objects of sources), or "layers"."""
+    """How far a load has come: "compiling" the extension (objects of sources), "layers", or
+    "graphs" (CUDA graphs captured)."""
 
     stage: str  # "compiling" | "layers" | "graphs"
     done: int

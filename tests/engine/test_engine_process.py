@@ -7,6 +7,7 @@ real engine through it).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import multiprocessing
 import os
 import signal
@@ -177,6 +178,18 @@ def test_a_follow_up_goes_elsewhere_when_its_engine_is_full():
     assert pool.running == [1, 1]
     gate.set()
     list(busy), list(elsewhere)
+
+
+def test_the_pools_status_adds_up_places_and_keeps_how_each_engine_runs():
+    engines = [FakeEngine(max_concurrency=n) for n in (3, 5)]
+    for engine in engines:
+        engine._status = dataclasses.replace(
+            engine.status, decode="decode: CUDA graphs for 1–8 jobs", attention="flash, paged"
+        )
+    status = EnginePool(engines).status
+    assert status.max_concurrency == 8 and status.message == "2 of 2 engines serving."
+    assert status.decode == "decode: CUDA graphs for 1–8 jobs"
+    assert status.attention == "flash, paged"
 
 
 def test_page_keys_name_whole_pages_only_and_chain_them():
