@@ -43,7 +43,7 @@ class AppConfig:
     port: int = 7860
     queue_size: int = 32
     auth: str | None = None
-    rate_limit: int = 30  # requests per minute per client for chat and /generate; 0 = no limit
+    rate_limit: int = 30  # requests a minute per client: chat, /generate, /v1; 0 = none
     max_jobs: int = 8  # jobs batched together on each GPU; the cache holds this many contexts
     stall_timeout: float = DEFAULT_STALL_TIMEOUT_S  # seconds without progress before a restart
     gpus: tuple[str, ...] | None = None  # one engine process per GPU; None: the first GPU
@@ -152,7 +152,8 @@ OPTIONS = (
            "requests that may wait in the queue before new ones are turned away"),
     Option("--auth", ("SC2_AUTH",), str, _BASE.auth, "require a login, given as `user:password`"),
     Option("--rate-limit", ("SC2_RATE_LIMIT",), int, _BASE.rate_limit,
-           "requests per minute per client for chat and `/generate`; `0` turns it off"),
+           "requests per minute per client for chat, `/generate` and the `/v1` routes; "
+           "`0` turns it off"),
     Option("--max-jobs", ("SC2_MAX_JOBS",), int, _BASE.max_jobs,
            "jobs batched together on each GPU (1–64); the cache holds this many full contexts, "
            "capped by free VRAM"),
