@@ -183,9 +183,9 @@ OPTIONS = (
     Option("--ray-replicas", ("SC2_RAY_REPLICAS",), int, _BASE.ray_replicas,
            "engine replicas on the Ray cluster, one GPU each (1–64)"),
     Option("--admin-token", ("SC2_ADMIN_TOKEN",), str, _BASE.admin_token,
-           "on a public server (a Space, or `--host` other than `127.0.0.1`) the page's "
-           "**Load** works only with this secret (12+ characters); without it, loading from "
-           "the page is off there"),
+           "on a public server (a Space, or a `--host` other than `127.0.0.1`, `localhost` or "
+           "`::1`) the page's **Load** works only with this secret (12+ characters); without it, "
+           "loading from the page is off there"),
 )  # fmt: skip
 KIND_WORDS = {int: "a whole number", float: "a number"}
 

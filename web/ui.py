@@ -173,7 +173,7 @@ def sampling_panel() -> dict:
         seed = gr.Textbox(
             label="Seed",
             placeholder="random",
-            info="Blank for a random seed; a number repeats an answer.",
+            info="Blank for a random seed; a number repeats the sampling.",
             elem_id="seed",
         )
     return dict(sliders=sliders, seed=seed)
