@@ -14,6 +14,7 @@ from engine.gpu_check import no_gpu_here
 from engine.loading import LoadProgressState, ModelLoader, available_vram_gb
 from engine.stall import DEFAULT_STALL_TIMEOUT_S
 from engine.types import (
+    DEFAULT_MAX_JOBS,
     HEALTH_STATES,
     STOP_REASONS,
     EngineClient,
@@ -29,6 +30,7 @@ from engine.types import (
 )
 
 __all__ = [
+    "DEFAULT_MAX_JOBS",
     "DEFAULT_STALL_TIMEOUT_S",
     "HEALTH_STATES",
     "STOP_REASONS",

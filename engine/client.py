@@ -25,10 +25,12 @@ from dataclasses import dataclass, field
 
 from engine import wire
 from engine.gpu_check import no_gpu_here
+from engine.process import REAL_ENGINE
 from engine.process import main as process_main
 from engine.stall import DEFAULT_STALL_TIMEOUT_S, ProgressClock
 from engine.types import (
     ALIVE_CHECK_S,
+    DEFAULT_MAX_JOBS,
     EngineClient,
     EngineStatus,
     EventStream,
@@ -45,7 +47,6 @@ from starcoder2.tokens import PromptEncoder
 
 logger = logging.getLogger(__name__)
 
-REAL_ENGINE = "engine.gpu.engine:Engine"
 START_TIMEOUT_S = 300.0  # importing torch and probing the GPU; a cold disk can be slow
 CALL_TIMEOUT_S = 5.0
 WATCH_EVERY_S = 0.1  # how often the web side checks that an engine with replies still moves
@@ -83,7 +84,7 @@ class EngineProcess(EngineClient):
         self,
         *,
         device: str | None = None,
-        max_jobs: int = 8,
+        max_jobs: int = DEFAULT_MAX_JOBS,
         backend: str = REAL_ENGINE,
         options: dict | None = None,
         start_timeout_s: float = START_TIMEOUT_S,

@@ -23,6 +23,8 @@ from starcoder2 import errors
 BEAT_S = 0.25  # how often the engine process says how far it has come
 GPU_EVERY_S = 1.0  # how often a beat carries a fresh reading of free GPU memory
 
+REAL_ENGINE = "engine.gpu.engine:Engine"  # what load_backend loads outside tests
+
 
 def load_backend(spec: str) -> Callable[..., Any]:
     """'package.module:Name' -> the class (the real engine, or a scripted one in tests)."""

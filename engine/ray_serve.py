@@ -27,9 +27,10 @@ from ray.serve.handle import DeploymentHandle
 
 from engine.hub import resolve_model_dir
 from engine.pool import page_keys
-from engine.process import load_backend
+from engine.process import REAL_ENGINE, load_backend
 from engine.stall import DEFAULT_STALL_TIMEOUT_S, ProgressClock
 from engine.types import (
+    DEFAULT_MAX_JOBS,
     EngineStatus,
     EventStream,
     Faults,
@@ -53,7 +54,6 @@ from starcoder2.tokens import PromptEncoder
 
 APP_NAME = "starcoder2-engines"
 DEPLOYMENT = "EngineReplica"
-REAL_ENGINE = "engine.gpu.engine:Engine"
 CONVERSATIONS_PER_REPLICA = 4096  # page keys a replica is preferred for (least recent go first)
 HEALTH_CHECK_S = 2.0  # how often Ray asks each replica whether it still moves
 REPLICA_LOST = "The replica serving this reply stopped; send the message again in a moment."
@@ -182,7 +182,7 @@ def deploy(
     max_seq_len: int = DEFAULT_CONTEXT,
     cache_mode: str = DEFAULT_CACHE_MODE,
     replicas: int = 1,
-    max_jobs: int = 8,
+    max_jobs: int = DEFAULT_MAX_JOBS,
     backend: str | None = None,
     options: dict | None = None,
     stall_timeout_s: float = DEFAULT_STALL_TIMEOUT_S,

@@ -17,6 +17,8 @@ HEALTH_STATES = ("empty", "loading", "ready", "degraded", "failed", "restarting"
 # Why a reply ended: "eos" | "stop_string" | "max_new_tokens" | "cancelled"
 STOP_REASONS = ("eos", "stop_string", "max_new_tokens", "cancelled")
 
+DEFAULT_MAX_JOBS = 8  # jobs batched together on each GPU; the cache holds this many contexts
+
 
 @dataclass(frozen=True)
 class GpuInfo:

@@ -10,7 +10,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from engine.api import DEFAULT_STALL_TIMEOUT_S
+from engine.api import DEFAULT_MAX_JOBS, DEFAULT_STALL_TIMEOUT_S
 from starcoder2.branches import (
     AUTO,
     BRANCHES,
@@ -44,7 +44,7 @@ class AppConfig:
     queue_size: int = 32
     auth: str | None = None
     rate_limit: int = 30  # requests a minute per client: chat, /generate, /v1; 0 = none
-    max_jobs: int = 8  # jobs batched together on each GPU; the cache holds this many contexts
+    max_jobs: int = DEFAULT_MAX_JOBS
     stall_timeout: float = DEFAULT_STALL_TIMEOUT_S  # seconds without progress before a restart
     gpus: tuple[str, ...] | None = None  # one engine process per GPU; None: the first GPU
     admin_token: str | None = None  # lets the page's Load button work on a public server

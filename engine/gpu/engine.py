@@ -23,6 +23,7 @@ from engine.gpu_check import no_gpu_here
 from engine.hub import check_model_dir
 from engine.stall import DEFAULT_STALL_TIMEOUT_S, ProgressClock
 from engine.types import (
+    DEFAULT_MAX_JOBS,
     EngineStatus,
     Finished,
     GpuInfo,
@@ -48,8 +49,6 @@ from starcoder2.prompt import STOP_STRINGS
 from starcoder2.settings import SamplingSettings
 
 logger = logging.getLogger(__name__)
-
-DEFAULT_MAX_JOBS = 8
 
 
 class Engine:
