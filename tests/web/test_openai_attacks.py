@@ -37,24 +37,33 @@ def nested(depth: int) -> str:
 # ---- the body: its size, its type, its nesting --------------------------------------------------
 
 
-def raw_post(url: str, path: str, head: dict[str, str], body: bytes = b"") -> tuple[int, float]:
-    """Send headers (and maybe part of a body) on a socket; the status line and how long it took."""
+def raw_post(
+    url: str, path: str, head: dict[str, str], body: bytes = b""
+) -> tuple[int, float, bytes]:
+    """Send headers (and maybe part of a body) on a socket; the status, how long it took, and
+    what else came back before the server went quiet for a second."""
     parts = urlsplit(url)
     started = time.perf_counter()
     with socket.create_connection((parts.hostname, parts.port), timeout=WAIT_S) as sock:
         lines = [f"POST /{path} HTTP/1.1", f"Host: {parts.netloc}"]
         lines += [f"{name}: {value}" for name, value in head.items()]
         sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode() + body)
-        status = sock.recv(4096).split(b" ", 2)[1]
-    return int(status), time.perf_counter() - started
+        answer = sock.recv(4096)
+        seconds = time.perf_counter() - started
+        sock.settimeout(1.0)
+        with contextlib.suppress(OSError):
+            while chunk := sock.recv(4096):
+                answer += chunk
+    return int(answer.split(b" ", 2)[1]), seconds, answer
 
 
 @pytest.mark.parametrize("path", [CHAT, "gradio_api/queue/join", "gradio_api/call/generate"])
 def test_a_body_announced_past_the_limit_is_refused_before_a_byte_of_it_is_read(path):
     with serve(FakeEngine()) as (url, _):
         head = {"Content-Type": "application/json", "Content-Length": str(300 * 2**20)}
-        status, seconds = raw_post(url, path, head, b'{"messages": [')  # and nothing more
+        status, seconds, answer = raw_post(url, path, head, b'{"messages": [')  # and no more
     assert status == 413 and seconds < 1.0
+    assert b"314,572,800 bytes or more; the limit is 16 MB" in answer
 
 
 def test_a_chunked_body_is_cut_off_at_the_limit_while_it_is_read():

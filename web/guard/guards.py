@@ -23,7 +23,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 from urllib.parse import parse_qs
 
-from web.guard.limits import MAX_BODY_BYTES, NESTS_TOO_DEEP, forwarded_client
+from web.guard.limits import MAX_BODY_BYTES, NESTS_TOO_DEEP, body_too_large, forwarded_client
 
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict]]
@@ -61,7 +61,6 @@ EVENT_ROUTES = re.compile(r"^/gradio_api/(queue/join|run/[^/]+|api/[^/]+)/?$")
 LOGIN_ROUTE = re.compile(r"^/login/?$")
 PAGE_ROUTE = re.compile(r"^/$")
 API_INFO_SCRIPT = re.compile(rb"window\.gradio_api_info = .*?;</script>", re.S)
-TOO_LARGE = "The request body is larger than the limit, 16 MB."
 QUEUE_STREAM = re.compile(r"^/gradio_api/queue/data/?$")
 CALL_STREAM = re.compile(r"^/gradio_api/call/(?:v2/)?[^/]+/([0-9a-f]+)/?$")
 
@@ -235,7 +234,7 @@ class Guards:
         and an event (fn_index) the app does not have; pass the rest on."""
         announced = dict(scope.get("headers", [])).get(b"content-length", b"")
         if announced.isdigit() and int(announced) > MAX_BODY_BYTES:
-            await _answer(send, 413, {"detail": TOO_LARGE})
+            await _answer(send, 413, {"detail": body_too_large(int(announced))})
             return
         chunks, size = [], 0
         while True:
@@ -245,7 +244,7 @@ class Guards:
             chunks.append(message.get("body", b""))
             size += len(chunks[-1])
             if size > MAX_BODY_BYTES:
-                await _answer(send, 413, {"detail": TOO_LARGE})
+                await _answer(send, 413, {"detail": body_too_large(size)})
                 return
             if not message.get("more_body"):
                 break

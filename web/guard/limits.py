@@ -22,6 +22,16 @@ TOO_LONG_FOR_ANY_CONTEXT = f"more than the largest context, {MAX_CONTEXT:,} toke
 # A request body: far more than the largest prompt, as JSON, with a conversation to trim; read no
 # further than this (an announced larger length is refused before reading).
 MAX_BODY_BYTES = 16 * 1024 * 1024
+
+
+def body_too_large(size: int) -> str:
+    """What a 413 says, with the size reached (announced, or read so far)."""
+    return (
+        f"The request body is {size:,} bytes or more; the limit is {MAX_BODY_BYTES // 2**20} MB. "
+        "Send less history."
+    )
+
+
 NESTS_TOO_DEEP = "The JSON body nests too deeply to read; send a plain request object."
 # Tab, newline and carriage return are text; other C0/C1 controls (NUL, ESC, …) mean binary or
 # terminal junk and are refused; lone UTF-16 surrogates cannot be encoded and are refused too.

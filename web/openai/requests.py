@@ -16,7 +16,14 @@ from starcoder2.errors import ChatError, InvalidSetting, NoGPU, NotReady, TooMan
 from starcoder2.prompt import BOS, Segment, fim_prompt
 from starcoder2.settings import FIELDS, SamplingSettings, validate_settings
 from web.errors import http_status, user_message
-from web.guard.limits import MAX_BODY_BYTES, NESTS_TOO_DEEP, Message, check_text, within_chars
+from web.guard.limits import (
+    MAX_BODY_BYTES,
+    NESTS_TOO_DEEP,
+    Message,
+    body_too_large,
+    check_text,
+    within_chars,
+)
 
 JSON_TYPE = "application/json"
 MAX_STOPS = 16  # OpenAI allows 4; Continue's autocomplete sends up to 12
@@ -116,12 +123,7 @@ def shown(value: Any) -> str:
 
 
 def too_large(size: int) -> ApiError:
-    return ApiError(
-        413,
-        f"The request body is {size:,} bytes or more; the limit is "
-        f"{MAX_BODY_BYTES // 2**20} MB. Send less history.",
-        code="request_too_large",
-    )
+    return ApiError(413, body_too_large(size), code="request_too_large")
 
 
 async def read_body(request: Request) -> dict:
