@@ -335,7 +335,7 @@ class EngineProcess(EngineClient):
     def stream(self, request: GenerationRequest) -> EventStream:
         """Send the ids and settings; yield what the engine streams; closing cancels the job."""
         status = self._status
-        if status.state != "ready":
+        if status.state != "ready":  # it went down after the web side checked (a restart)
             raise NotReady(f"The model is not ready ({status.state}): {status.message}")
         request_id = next(self._ids)
         events: queue.SimpleQueue = queue.SimpleQueue()

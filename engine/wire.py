@@ -15,9 +15,9 @@ from engine.types import EngineStatus, GpuInfo, LoadStep
 from starcoder2 import errors
 from starcoder2.settings import SamplingSettings
 
-# What the web side may call on an engine backend by name; a backend adds only what it lists
-# in its own CALLS (the scripted test backends add read-outs of their state).
-ENGINE_CALLS = ("load", "unload", "gpu_info", "cache_pages")
+# What the web side may call on an engine backend by name (the rest comes in beats); a backend
+# adds only what it lists in its own CALLS (the scripted test backends add read-outs of state).
+ENGINE_CALLS = ("load",)
 
 
 # ---- to the engine ------------------------------------------------------------------------------

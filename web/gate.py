@@ -58,7 +58,6 @@ class GpuGate:
         streams: StreamWatch,
         metrics: Metrics | None = None,
         proxy_hops: int = 0,
-        connect_grace_s: float | None = None,
     ) -> None:
         self.engine = engine
         self.metrics = metrics or Metrics()
@@ -66,7 +65,6 @@ class GpuGate:
         self.admission = admission
         self.streams = streams
         self.proxy_hops = proxy_hops
-        self.connect_grace_s = CONNECT_GRACE_S if connect_grace_s is None else connect_grace_s
 
     @property
     def context_tokens(self) -> int:
@@ -149,10 +147,10 @@ class GpuGate:
         ticket = self.admission.enter(
             self._gradio_client(), lambda: not keys or self.streams.is_open(keys)
         )
-        if keys and not self.streams.wait_open(keys, self.connect_grace_s):
+        if keys and not self.streams.wait_open(keys, CONNECT_GRACE_S):
             ticket.release()
             raise NoListener(
-                f"No client opened this reply's stream within {self.connect_grace_s:g} s, so it "
+                f"No client opened this reply's stream within {CONNECT_GRACE_S:g} s, so it "
                 "was not run. Read the stream your request returns (gradio_client and the page "
                 "do this for you)."
             )

@@ -55,12 +55,11 @@ class OpenAIRoutes:
         api_keys: Sequence[str] = (),
         login_required: bool = False,
         proxy_hops: int = 0,
-        failed_keys: LoginThrottle | None = None,
     ) -> None:
         self.gate = gate
         self.metrics = metrics
         self.api_keys = [key.encode() for key in api_keys]
-        self.failed_keys = failed_keys or LoginThrottle()
+        self.failed_keys = LoginThrottle()
         self.login_required = login_required
         self.proxy_hops = proxy_hops
 
