@@ -35,7 +35,7 @@ def test_branch_names_spell_their_bits():
         assert float(name.replace("_", ".")) == branch.bits
 
 
-def test_context_constants():
+def test_contexts_run_from_256_to_32768_in_steps_of_256_with_four_cache_modes():
     assert (MIN_CONTEXT, MAX_CONTEXT, CONTEXT_STEP) == (256, 32768, 256)
     assert CACHE_MODES == ("fp16", "q8", "q6", "q4")
 

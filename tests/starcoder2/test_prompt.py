@@ -81,7 +81,7 @@ class CountingCounter:
         return chars(segments)
 
 
-def test_constants_match_the_model_card_tokenizer():
+def test_the_prompt_constants_are_the_model_cards_literal_strings():
     assert BOS == "<|endoftext|>"
     assert EOS_TOKEN_ID == 0
     assert STOP_STRINGS == ("\n### Instruction",)
