@@ -24,10 +24,11 @@ from engine import loading as loader_module
 from tests.fakes.fake_engine import FakeEngine
 from tests.fakes.serving import serve
 from tests.web.test_app import resolved
+from tests.web.test_openai_attacks import CHAT
 from tests.web.test_reliability import API_DEFAULTS, stream_raw, until
 from web.config import AppConfig, parse_config
 from web.guard.guards import LoginThrottle
-from web.guard.limits import RateLimiter
+from web.guard.limits import MAX_JSON_VALUES, RateLimiter, json_values
 from web.server import build_app
 
 WAIT_S = 15
@@ -325,3 +326,107 @@ def test_a_finished_session_is_forgotten_only_after_two_sweeps():
     assert "done" not in queue.pending_event_ids_session
     assert "done" not in queue.pending_messages_per_session
     assert "reading" in queue.pending_event_ids_session  # its stream is open
+
+
+# ---- 9. bodies that cost far more than their bytes ----------------------------------------------
+
+
+def test_gradios_deep_links_which_write_a_sessions_state_to_disk_are_404():
+    with serve(FakeEngine(), public()) as (url, _):
+        for path in ("gradio_api/deep_link?session_hash=abc", "deep_link"):
+            assert httpx.get(f"{url}{path}").status_code == 404
+
+
+@pytest.mark.parametrize("route", ["gradio_api/run/predict", "gradio_api/queue/join", CHAT])
+def test_a_body_of_a_million_tiny_values_is_refused_before_anything_parses_it(route):
+    many = "[" + "{}," * 1_000_000 + "{}]"  # 3 MB that json.loads would make 1 GB of objects
+    body = (
+        '{"fn_index": 0, "session_hash": "s", "model": "m", '
+        f'"messages": [{{"role": "user", "content": "hi"}}], "data": [{many}]}}'
+    )
+    with serve(FakeEngine(), public()) as (url, _):
+        tracemalloc.start()
+        try:
+            answer = httpx.post(
+                f"{url}{route}", content=body, headers={"content-type": "application/json"}
+            )
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+    assert answer.status_code == 413
+    assert "holds about 2,000,0" in answer.text and "the limit is 100,000" in answer.text
+    assert peak < 64 * 2**20  # the body and its copies, no parsed objects
+
+
+def test_a_login_form_is_read_no_further_than_sixteen_kilobytes():
+    config = AppConfig(auth="me:secret", rate_limit=0, proxy_hops=1)
+    with serve(FakeEngine(), config) as (url, _):
+        padded = httpx.post(
+            f"{url}login",
+            data={"username": "me", "password": "secret"},
+            files={"blob": ("blob", b"x" * 2**20)},  # a file part would be spooled to disk
+        )
+        assert padded.status_code == 413
+        assert "the limit is 16 KB. Send only a name and a password." in padded.text
+        assert login(url, "secret").status_code == 200  # a plain login still works
+
+
+def test_a_client_cannot_hide_behind_a_second_forwarded_for_line():
+    config = public(rate_limit=5, proxy_hops=1)
+    with serve(FakeEngine(), config) as (url, _):
+        statuses = []
+        for n in range(8):  # its own line first, the proxy's line (the same address) last
+            headers = [("x-forwarded-for", f"10.9.0.{n}"), ("x-forwarded-for", "7.7.7.7")]
+            statuses.append(
+                httpx.post(
+                    f"{url}{CHAT}",
+                    json={"model": "m", "messages": [{"role": "user", "content": "hi"}]},
+                    headers=httpx.Headers(headers),
+                ).status_code
+            )
+    assert statuses[:5] == [200] * 5 and statuses[5:] == [429] * 3
+
+
+TRICKY = ['"', "\\", ",", "{", "[", "]", "}", ":", "a", "é", " "]
+
+
+def random_json(rng, depth: int = 0):
+    """A random JSON value whose strings are full of what a counter might mistake for structure."""
+    kind = rng.choice(["str", "num", "lit"] + ["list", "dict"] * (depth < 4))
+    if kind == "str":
+        return "".join(
+            rng.choice(['"', "\\", ",", "{", "[", "]", "}", ":", "a", "é", " "])
+            for _ in range(rng.randrange(12))
+        )
+    if kind == "num":
+        return rng.choice([0, -1, 2.5, 10**20])
+    if kind == "lit":
+        return rng.choice([True, False, None])
+    if kind == "list":
+        return [random_json(rng, depth + 1) for _ in range(rng.randrange(5))]
+    return {
+        random_json(rng, 4) if rng.random() < 0.5 else "k": random_json(rng, depth + 1)
+        for _ in range(rng.randrange(5))
+    }
+
+
+def values_in(value) -> int:
+    if isinstance(value, list):
+        return 1 + sum(values_in(item) for item in value)
+    if isinstance(value, dict):
+        return 1 + sum(values_in(item) for item in value.values())
+    return 1
+
+
+def test_a_json_bodys_values_are_never_undercounted_and_text_inside_strings_never_counts():
+    import json
+    import random
+
+    rng = random.Random(20261207)
+    for _ in range(2000):
+        doc = random_json(rng)
+        assert json_values(json.dumps(doc).encode()) >= values_in(doc), doc
+    text = 'for (a, b) in {"x": [1, 2]}: print("\\", a, b)\n' * 40  # code, commas and braces
+    history = [{"role": "user", "content": text}, {"role": "assistant", "content": text}] * 4000
+    body = json.dumps({"data": [history]}).encode()
+    assert len(body) > 15 * 10**6 // 4 and json_values(body) < MAX_JSON_VALUES

@@ -23,7 +23,16 @@ from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 from urllib.parse import parse_qs
 
-from web.guard.limits import MAX_BODY_BYTES, NESTS_TOO_DEEP, body_too_large, forwarded_client
+from web.guard.limits import (
+    MAX_BODY_BYTES,
+    MAX_JSON_VALUES,
+    MAX_LOGIN_BYTES,
+    NESTS_TOO_DEEP,
+    body_too_large,
+    forwarded_client,
+    json_values,
+    too_many_values,
+)
 
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict]]
@@ -53,7 +62,7 @@ SECURITY_HEADERS = [
 REFUSED_ROUTES = re.compile(
     r"^/(gradio_api/)?("
     r"upload|upload_progress|process_recording|stream/|vibe-|undo-vibe-edit|run-history|runs"
-    r"|monitoring|dev/reload|proxy=|custom_component/"
+    r"|monitoring|dev/reload|proxy=|custom_component/|deep_link"
     r")"
 )
 # Bodies naming an event (fn_index) by number; a bad number makes Gradio raise a KeyError.
@@ -137,10 +146,46 @@ class LoginThrottle:
 
 
 def _client(scope: Scope, proxy_hops: int) -> str:
-    headers = dict(scope.get("headers", []))
-    forwarded = headers.get(b"x-forwarded-for", b"").decode("latin-1") or None
+    lines = [value for name, value in scope.get("headers", []) if name == b"x-forwarded-for"]
+    forwarded = b",".join(lines).decode("latin-1") or None  # several lines are one list, in order
     peer = scope.get("client")
     return forwarded_client(forwarded, peer[0] if peer else None, proxy_hops) or "unknown"
+
+
+async def _bounded_body(
+    scope: Scope, receive: Receive, send: Send, limit: int, remedy: str = "Send less history."
+) -> bytes | None:
+    """The whole body, read no further than `limit` bytes (an announced larger length is refused
+    before reading); None once a 413 is sent or the client has gone."""
+    announced = dict(scope.get("headers", [])).get(b"content-length", b"")
+    if announced.isdigit() and int(announced) > limit:
+        await _answer(send, 413, {"detail": body_too_large(int(announced), limit, remedy)})
+        return None
+    chunks, size = [], 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return None
+        chunks.append(message.get("body", b""))
+        size += len(chunks[-1])
+        if size > limit:
+            await _answer(send, 413, {"detail": body_too_large(size, limit, remedy)})
+            return None
+        if not message.get("more_body"):
+            return b"".join(chunks)
+
+
+def _replaying(body: bytes, receive: Receive) -> Receive:
+    """A receive that gives the app the body already read, then whatever comes next."""
+    replayed = [False]
+
+    async def replay() -> dict:
+        if not replayed[0]:
+            replayed[0] = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
 
 
 async def _answer(send: Send, status: int, body: dict, headers: Iterable = ()) -> None:
@@ -230,25 +275,14 @@ class Guards:
         return match.group(1) if match else None
 
     async def _checked_post(self, scope: Scope, receive: Receive, send: Send, path: str) -> None:
-        """Read a body no further than the limit, refuse JSON nested too deep for Gradio to parse
-        and an event (fn_index) the app does not have; pass the rest on."""
-        announced = dict(scope.get("headers", [])).get(b"content-length", b"")
-        if announced.isdigit() and int(announced) > MAX_BODY_BYTES:
-            await _answer(send, 413, {"detail": body_too_large(int(announced))})
+        """Read a body no further than the limit, refuse JSON with too many values or nested too
+        deep for Gradio to parse and an event (fn_index) the app does not have; pass the rest on."""
+        body = await _bounded_body(scope, receive, send, MAX_BODY_BYTES)
+        if body is None:
             return
-        chunks, size = [], 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            chunks.append(message.get("body", b""))
-            size += len(chunks[-1])
-            if size > MAX_BODY_BYTES:
-                await _answer(send, 413, {"detail": body_too_large(size)})
-                return
-            if not message.get("more_body"):
-                break
-        body = b"".join(chunks)
+        if (values := json_values(body)) > MAX_JSON_VALUES:
+            await _answer(send, 413, {"detail": too_many_values(values)})
+            return
         try:
             parsed = json.loads(body) if body else None
         except RecursionError:
@@ -262,15 +296,7 @@ class Guards:
             if not (known and fn_index in set(self.event_ids())):
                 await _answer(send, 404, {"detail": f"There is no event {fn_index!r} in this app."})
                 return
-        replayed = [False]
-
-        async def replay() -> dict:
-            if not replayed[0]:
-                replayed[0] = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()
-
-        await self.app(scope, replay, send)
+        await self.app(scope, _replaying(body, receive), send)
 
     async def _login_page_without_api(self, scope: Scope, receive: Receive, send: Send) -> None:
         """The login page (Gradio's page before a login) with its API description left out."""
@@ -305,10 +331,14 @@ class Guards:
                 [(b"retry-after", str(wait).encode())],
             )
             return
+        remedy = "Send only a name and a password."
+        body = await _bounded_body(scope, receive, send, MAX_LOGIN_BYTES, remedy)
+        if body is None:
+            return
 
         async def watching(message: dict) -> None:
             if message["type"] == "http.response.start" and message["status"] in (400, 401):
                 self.logins.failed(client)
             await send(message)
 
-        await self.app(scope, receive, watching)
+        await self.app(scope, _replaying(body, receive), watching)

@@ -24,15 +24,45 @@ TOO_LONG_FOR_ANY_CONTEXT = f"more than the largest context, {MAX_CONTEXT:,} toke
 MAX_BODY_BYTES = 16 * 1024 * 1024
 
 
-def body_too_large(size: int) -> str:
+# A login form: a name and a password (Gradio's page sends them as multipart form data).
+MAX_LOGIN_BYTES = 16 * 1024
+
+
+def body_too_large(
+    size: int, limit: int = MAX_BODY_BYTES, remedy: str = "Send less history."
+) -> str:
     """What a 413 says, with the size reached (announced, or read so far)."""
+    shown = f"{limit // 2**20} MB" if limit >= 2**20 else f"{limit // 1024} KB"
+    return f"The request body is {size:,} bytes or more; the limit is {shown}. {remedy}"
+
+
+NESTS_TOO_DEEP = "The JSON body nests too deeply to read; send a plain request object."
+# Values in a JSON body: a long chat history as Gradio sends it holds some tens of thousands. Each
+# value costs memory and work in whatever parses and validates it (megabytes of `{},` become
+# gigabytes), so a body with more is refused before it is parsed.
+MAX_JSON_VALUES = 100_000
+JSON_STRING = re.compile(rb'"[^"]*"')  # once escaped quotes and backslashes are taken out
+
+
+def json_values(body: bytes) -> int:
+    """About how many values a JSON text holds (never fewer), counted at C speed without parsing:
+    its strings, and the commas, objects and arrays outside them."""
+    flat = body.replace(b"\\\\", b"").replace(b'\\"', b"")
+    strings = flat.count(b'"') // 2
+    rough = flat.count(b",") + flat.count(b"[") + flat.count(b"{") + 1
+    if strings > MAX_JSON_VALUES or rough <= MAX_JSON_VALUES:
+        return max(strings, rough)
+    bare = JSON_STRING.sub(b"", flat)  # at most MAX_JSON_VALUES strings: quick
+    return max(strings, bare.count(b",") + bare.count(b"[") + bare.count(b"{") + 1)
+
+
+def too_many_values(count: int) -> str:
     return (
-        f"The request body is {size:,} bytes or more; the limit is {MAX_BODY_BYTES // 2**20} MB. "
+        f"The JSON body holds about {count:,} values; the limit is {MAX_JSON_VALUES:,}. "
         "Send less history."
     )
 
 
-NESTS_TOO_DEEP = "The JSON body nests too deeply to read; send a plain request object."
 # Tab, newline and carriage return are text; other C0/C1 controls (NUL, ESC, …) mean binary or
 # terminal junk and are refused; lone UTF-16 surrogates cannot be encoded and are refused too.
 CONTROL_CHARACTERS = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
@@ -166,4 +196,9 @@ def client_address(request: Any, proxy_hops: int) -> str | None:
     if request is None:
         return None
     peer = getattr(getattr(request, "client", None), "host", None)
-    return forwarded_client(request.headers.get("x-forwarded-for"), peer, proxy_hops)
+    headers = request.headers
+    if hasattr(headers, "getlist"):  # several lines are one list, in order
+        forwarded = ",".join(headers.getlist("x-forwarded-for")) or None
+    else:  # a queued event's copy, which kept the last line (its rightmost entries)
+        forwarded = headers.get("x-forwarded-for")
+    return forwarded_client(forwarded, peer, proxy_hops)
