@@ -170,6 +170,10 @@ class EngineProcess(EngineClient):
         with self._reap_lock:
             process.join(5)
             exitcode = process.exitcode
+        deadline = time.monotonic() + 2  # multiprocessing may be reaping it in another thread
+        while exitcode is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+            exitcode = process.exitcode
         if not self._closing:
             self._died(exitcode)
 
