@@ -52,6 +52,18 @@ class WebApp:
         """The Python function behind one of the page's events (tests call handlers directly)."""
         return next(fn.fn for fn in self.demo.fns.values() if fn.name == name)
 
+    def _stream_exists(self, key: str) -> bool:
+        """Whether Gradio's queue holds messages for this session hash or event id, found as its
+        stream routes find them (for an unknown one they answer 404 after starting the reply)."""
+        queue = self.demo._queue
+        event = queue.event_ids_to_events.get(key)
+        if event is not None:
+            key = event.session_hash
+        else:
+            pending = queue.pending_event_ids_session.items()
+            key = next((session for session, ids in pending if key in ids), key)
+        return key in queue.pending_messages_per_session
+
     def launch_options(self) -> dict[str, Any]:
         """Keyword arguments for demo.launch(), the same for main() and the tests."""
         config = self.config
@@ -60,6 +72,7 @@ class WebApp:
         guards = Middleware(
             Guards,
             event_ids=lambda: self.demo.fns.keys(),
+            stream_exists=self._stream_exists,
             streams=self.streams,
             logins=self.logins,
             proxy_hops=config.proxy_hops,

@@ -28,7 +28,7 @@ from tests.web.test_openai_attacks import CHAT
 from tests.web.test_reliability import API_DEFAULTS, stream_raw, until
 from web.config import AppConfig, parse_config
 from web.guard.guards import LoginThrottle
-from web.guard.limits import MAX_JSON_VALUES, RateLimiter, json_values
+from web.guard.limits import MAX_BODY_BYTES, MAX_JSON_VALUES, RateLimiter, json_values
 from web.server import build_app
 
 WAIT_S = 15
@@ -265,6 +265,23 @@ def test_unknown_events_get_a_404_and_leave_no_traceback_in_the_log(caplog, capf
     assert "Traceback" not in logged and "KeyError" not in logged
 
 
+def test_streams_of_unknown_sessions_or_events_get_a_404_and_leave_no_traceback(caplog, capfd):
+    caplog.set_level(logging.INFO)
+    paths = [
+        "gradio_api/queue/data?session_hash=nosuch",
+        "gradio_api/call/generate/0123abcd",
+        "gradio_api/call/v2/generate/0123abcd",
+    ]
+    with serve(FakeEngine()) as (url, _):
+        for path in paths * 10:
+            answered = httpx.get(f"{url}{path}", timeout=WAIT_S)
+            assert answered.status_code == 404, path
+            assert "No reply is waiting" in answered.json()["detail"]
+        assert "event: complete" in stream_raw(url)  # a real one still streams
+    logged = caplog.text + "".join(capfd.readouterr())
+    assert "Traceback" not in logged and "RuntimeError" not in logged
+
+
 # ---- 10. memory -------------------------------------------------------------------------------
 
 
@@ -328,7 +345,7 @@ def test_a_finished_session_is_forgotten_only_after_two_sweeps():
     assert "reading" in queue.pending_event_ids_session  # its stream is open
 
 
-# ---- 9. bodies that cost far more than their bytes ----------------------------------------------
+# ---- 11. bodies that cost far more than their bytes ---------------------------------------------
 
 
 def test_gradios_deep_links_which_write_a_sessions_state_to_disk_are_404():
@@ -427,6 +444,6 @@ def test_a_json_bodys_values_are_never_undercounted_and_text_inside_strings_neve
         doc = random_json(rng)
         assert json_values(json.dumps(doc).encode()) >= values_in(doc), doc
     text = 'for (a, b) in {"x": [1, 2]}: print("\\", a, b)\n' * 40  # code, commas and braces
-    history = [{"role": "user", "content": text}, {"role": "assistant", "content": text}] * 4000
-    body = json.dumps({"data": [history]}).encode()
-    assert len(body) > 15 * 10**6 // 4 and json_values(body) < MAX_JSON_VALUES
+    history = [{"role": "user", "content": text}, {"role": "assistant", "content": text}] * 3000
+    body = json.dumps({"data": [history]}).encode()  # 6,000 messages, 13 MB: under the byte limit
+    assert 10 * 10**6 < len(body) < MAX_BODY_BYTES and json_values(body) < MAX_JSON_VALUES

@@ -70,6 +70,7 @@ EVENT_ROUTES = re.compile(r"^/gradio_api/(queue/join|run/[^/]+|api/[^/]+)/?$")
 LOGIN_ROUTE = re.compile(r"^/login/?$")
 PAGE_ROUTE = re.compile(r"^/$")
 API_INFO_SCRIPT = re.compile(rb"window\.gradio_api_info = .*?;</script>", re.S)
+NO_SUCH_STREAM = "No reply is waiting under this session or event id; send the request first."
 QUEUE_STREAM = re.compile(r"^/gradio_api/queue/data/?$")
 CALL_STREAM = re.compile(r"^/gradio_api/call/(?:v2/)?[^/]+/([0-9a-f]+)/?$")
 
@@ -206,13 +207,15 @@ async def _answer(send: Send, status: int, body: dict, headers: Iterable = ()) -
 
 
 class Guards:
-    """One ASGI middleware holding the rules above; `event_ids()` names the app's events."""
+    """One ASGI middleware holding the rules above; `event_ids()` names the app's events and
+    `stream_exists(key)` says whether a reply waits under a session hash or event id."""
 
     def __init__(
         self,
         app: ASGIApp,
         *,
         event_ids: Callable[[], Iterable[int]],
+        stream_exists: Callable[[str], bool],
         streams: StreamWatch,
         logins: LoginThrottle,
         proxy_hops: int = 0,
@@ -220,6 +223,7 @@ class Guards:
     ) -> None:
         self.app = app
         self.event_ids = event_ids
+        self.stream_exists = stream_exists
         self.streams = streams
         self.logins = logins
         self.proxy_hops = proxy_hops
@@ -246,6 +250,9 @@ class Guards:
         key = self._stream_key(scope, path)
         if key is None:
             await self.app(scope, receive, send)
+            return
+        if not self.stream_exists(key):
+            await _answer(send, 404, {"detail": NO_SUCH_STREAM})
             return
         self.streams.opened(key)
         try:
