@@ -261,6 +261,9 @@ def test_unknown_events_get_a_404_and_leave_no_traceback_in_the_log(caplog, capf
         for _ in range(50):
             answered = httpx.post(f"{url}gradio_api/run/predict", json={"fn_index": 1234})
             assert answered.status_code == 404
+        body = {"component_id": 99999, "fn_name": "x", "session_hash": "s", "data": None}
+        answered = httpx.post(f"{url}gradio_api/component_server", json=body)
+        assert answered.status_code == 404  # no component of this app has server functions
     logged = caplog.text + "".join(capfd.readouterr())
     assert "Traceback" not in logged and "KeyError" not in logged
 

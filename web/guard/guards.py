@@ -62,7 +62,7 @@ SECURITY_HEADERS = [
 REFUSED_ROUTES = re.compile(
     r"^/(gradio_api/)?("
     r"upload|upload_progress|process_recording|stream/|vibe-|undo-vibe-edit|run-history|runs"
-    r"|monitoring|dev/reload|proxy=|custom_component/|deep_link"
+    r"|monitoring|dev/reload|proxy=|custom_component/|deep_link|component_server"
     r")"
 )
 # Bodies naming an event (fn_index) by number; a bad number makes Gradio raise a KeyError.
