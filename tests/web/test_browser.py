@@ -522,11 +522,12 @@ def test_the_busy_state_ends_in_the_same_update_as_a_failed_reply(browser, scree
                   }).observe(chat, { childList: true, subtree: true, characterData: true });
                 }"""
             )
+            bubbles = page.locator(BUBBLES)
             for attempt in range(5):
                 send(page, f"Attempt {attempt}")
-                expect(page.locator("#chatbot")).to_contain_text(
-                    f"Attempt {attempt}", timeout=WAIT_MS
-                )
+                expect(bubbles.nth(-2)).to_have_text(f"Attempt {attempt}", timeout=WAIT_MS)
+                # This attempt's failure, not the last one's (Send is on until the lock lands).
+                expect(bubbles.last).to_contain_text("Not answered", timeout=WAIT_MS)
                 expect(page.locator("#send")).to_be_enabled(timeout=WAIT_MS)
             seen = page.evaluate("window.seen")
     assert len(seen) >= 5 and all(
