@@ -15,6 +15,7 @@ from web.config import AppConfig
 from web.gate import GpuGate
 from web.gradio_api import GenerateApi
 from web.guard.admission import Admission
+from web.guard.events import check_inputs, server_events
 from web.guard.guards import Guards, LoginThrottle, StreamWatch
 from web.guard.limits import RateLimiter
 from web.guard.sessions import SessionSweeper
@@ -71,7 +72,7 @@ class WebApp:
         places = config.places
         guards = Middleware(
             Guards,
-            event_ids=lambda: self.demo.fns.keys(),
+            event_ids=lambda: server_events(self.demo),
             stream_exists=self._stream_exists,
             streams=self.streams,
             logins=self.logins,
@@ -148,6 +149,7 @@ def build_app(
     os.environ.setdefault("GRADIO_ANALYTICS_MAX_EVENTS", str(ANALYTICS_EVENTS))
     demo.queue(max_size=config.places, default_concurrency_limit=1)
     SessionSweeper(demo, streams.is_open).start()
+    check_inputs(demo)
     return WebApp(
         config, engine, loader, admission, limiter, streams, logins, panel, metrics, openai, demo
     )

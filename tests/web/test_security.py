@@ -414,10 +414,7 @@ def random_json(rng, depth: int = 0):
     """A random JSON value whose strings are full of what a counter might mistake for structure."""
     kind = rng.choice(["str", "num", "lit"] + ["list", "dict"] * (depth < 4))
     if kind == "str":
-        return "".join(
-            rng.choice(['"', "\\", ",", "{", "[", "]", "}", ":", "a", "é", " "])
-            for _ in range(rng.randrange(12))
-        )
+        return "".join(rng.choice(TRICKY) for _ in range(rng.randrange(12)))
     if kind == "num":
         return rng.choice([0, -1, 2.5, 10**20])
     if kind == "lit":
@@ -450,3 +447,71 @@ def test_a_json_bodys_values_are_never_undercounted_and_text_inside_strings_neve
     history = [{"role": "user", "content": text}, {"role": "assistant", "content": text}] * 3000
     body = json.dumps({"data": [history]}).encode()  # 6,000 messages, 13 MB: under the byte limit
     assert 10 * 10**6 < len(body) < MAX_BODY_BYTES and json_values(body) < MAX_JSON_VALUES
+
+
+# ---- 12. event data that does not fit the event -------------------------------------------------
+
+
+def run_event(url: str, fn, index: int, data, session: str) -> str:
+    """Call one of the page's events as the page does; what came back (its stream if queued)."""
+    body = {"fn_index": index, "data": data, "session_hash": session, "trigger_id": None}
+    if not fn.queue:
+        return httpx.post(f"{url}gradio_api/run/predict", json=body, timeout=WAIT_S).text
+    joined = httpx.post(f"{url}gradio_api/queue/join", json=body, timeout=WAIT_S)
+    assert joined.status_code == 200, joined.text
+    return httpx.get(f"{url}gradio_api/queue/data?session_hash={session}", timeout=WAIT_S).text
+
+
+SLIDERS = [0.2, 0.95, 50, 1.0, 0.0, 256]  # respond's sampling sliders, all in range
+MISFITS = [
+    ("add_user_message", ["Hi"], "The event 'add_user_message' takes a list of 3 input values; "
+     "1 came."),
+    ("add_user_message", [12.5, [], None], "Input 1 of the event 'add_user_message' (Message to "
+     "the model) must be text, not a number."),
+    ("add_user_message", ["Hi", [{"role": "user", "content": "x"}] * 20_000, None], "Input 2 of "
+     "the event 'add_user_message' (Chat) is not a chat history in the chat's format (20,000 "
+     "problems; at 0.content: Input should be a valid list)."),
+    ("respond", [[], "", "", "hot", *SLIDERS[1:], ""], "Input 4 of the event 'respond' "
+     "(Temperature) must be a number, not 'hot'."),
+    ("respond", [[], "", "", 1e9, *SLIDERS[1:], ""], "(Temperature) must be from 0 to 2, not "
+     "1e+09."),
+    ("respond", [[], 7, "", *SLIDERS, ""], "Input 2 of the event 'respond' (System text) must "
+     "be text, not a number."),
+    ("refresh", ["9_9", 4096, "fp16"], "must be one of ['auto', '3_5', '4_25', '5_0', '6_5', "
+     "'8_0'], not '9_9'."),
+    ("retry_history", [{"role": "user"}], "Input 1 of the event 'retry_history' (Chat) must be a "
+     "chat history (a list of messages), not an object."),
+    ("generate", ["Hi"], "The event 'generate' takes a list of 8 input values; 1 came."),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("event", "data", "why"), MISFITS, ids=[m[2][:40] for m in MISFITS])
+def test_event_data_that_does_not_fit_its_inputs_is_named_in_one_line_and_never_logged(
+    event, data, why, caplog, capfd
+):
+    caplog.set_level(logging.INFO)
+    engine = FakeEngine(["ok"])
+    with serve(engine, public()) as (url, web):
+        index = event_index(web, event)
+        answer = run_event(url, web.demo.fns[index], index, data, uuid.uuid4().hex)
+    assert why in answer
+    assert engine.calls == []
+    logged = caplog.text + "".join(capfd.readouterr())
+    assert "Traceback" not in logged and "validation error" not in logged
+
+
+def test_random_data_for_any_event_never_logs_a_traceback_and_the_chat_still_answers(caplog, capfd):
+    import random
+
+    caplog.set_level(logging.INFO)
+    rng = random.Random(20261208)
+    with serve(FakeEngine(["ok"]), public()) as (url, web):
+        events = [(index, fn) for index, fn in web.demo.fns.items() if fn.fn is not None]
+        for n in range(150):
+            index, fn = rng.choice(events)
+            count = max(0, len(fn.inputs) + rng.choice([-1, 0, 0, 0, 1]))
+            data = [random_json(rng) for _ in range(count)]
+            run_event(url, fn, index, data, f"fuzz{n}")
+        assert "event: complete" in stream_raw(url)
+    logged = caplog.text + "".join(capfd.readouterr())
+    assert "Traceback" not in logged, logged[-3000:]
