@@ -18,7 +18,7 @@ from web.guard.admission import Admission
 from web.guard.events import check_inputs, server_events
 from web.guard.guards import Guards, LoginThrottle, StreamWatch
 from web.guard.limits import RateLimiter
-from web.guard.sessions import SessionSweeper
+from web.guard.sessions import LeanSessions, SessionSweeper
 from web.health import health_route
 from web.metrics import Metrics, metrics_route
 from web.openai.routes import OpenAIRoutes
@@ -149,6 +149,7 @@ def build_app(
     os.environ.setdefault("GRADIO_ANALYTICS_MAX_EVENTS", str(ANALYTICS_EVENTS))
     demo.queue(max_size=config.places, default_concurrency_limit=1)
     SessionSweeper(demo, streams.is_open).start()
+    LeanSessions.install(demo)
     check_inputs(demo)
     return WebApp(
         config, engine, loader, admission, limiter, streams, logins, panel, metrics, openai, demo

@@ -12,6 +12,7 @@ import logging
 import os
 import sys
 import threading
+import time
 import tracemalloc
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -330,6 +331,37 @@ def test_memory_stays_flat_across_rounds_of_streams(monkeypatch):
     print(f"after each round of 100 streams: traced {sizes} bytes; RSS {rss} MB")
     # Before: 85 KB of page state per session, and Gradio's message tables, kept for good.
     assert growth < 250_000, f"{growth:,} bytes more after 400 more streams ({sizes})"
+
+
+def test_a_chat_history_a_session_sent_is_not_kept_once_its_event_is_over():
+    text = "def f(x):\n    return x\n" * 90  # 2 KB of code a message, 1,000 messages: 2 MB
+    history = [
+        {"role": ("user", "assistant")[n % 2], "content": [{"type": "text", "text": text}]}
+        for n in range(1000)
+    ]
+    with serve(FakeEngine(), public()) as (url, web):
+        index = event_index(web, "add_user_message")
+        fn = web.demo.fns[index]
+
+        def sessions_sending_it(count: int, name: str) -> int:
+            for n in range(count):
+                answer = run_event(url, fn, index, ["Hi", history, None], f"{name}{n}")
+                assert '"success":true' in answer
+            time.sleep(0.5)  # Gradio's statistics of the events are computed after them
+            gc.collect()
+            return tracemalloc.get_traced_memory()[0]
+
+        sessions_sending_it(2, "warm-up")  # Gradio's first statistics import pandas
+        tracemalloc.start()
+        try:
+            before = sessions_sending_it(4, "first")
+            after = sessions_sending_it(8, "then")
+        finally:
+            tracemalloc.stop()
+        assert len(web.demo.state_holder.session_data) >= 14  # the sessions are still there
+    per_session = (after - before) / 8
+    print(f"each session that sent a 2 MB history keeps {per_session / 1e3:,.0f} KB")
+    assert per_session < 256 * 1024  # Gradio kept each history: ~2.5 MB a session
 
 
 def test_a_finished_session_is_forgotten_only_after_two_sweeps():

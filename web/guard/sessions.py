@@ -1,16 +1,22 @@
-"""Gradio keeps a message queue and a set of event ids per session and never drops finished ones.
+"""What Gradio keeps per session, bounded.
 
-So memory grew with every client served (a gradio_client, each `/call` request, every tab). A
-sweep forgets sessions whose events are all over, with no stream open, for two sweeps in a row:
-a client that reads its stream a little late still finds its messages.
+- Gradio keeps a message queue and a set of event ids per session and never drops finished ones,
+  so memory grew with every client served (a gradio_client, each `/call` request, every tab). A
+  sweep forgets sessions whose events are all over, with no stream open, for two sweeps in a row:
+  a client that reads its stream a little late still finds its messages.
+- Gradio also keeps, per session, a copy of every value the session's events carried in or out,
+  used only to write deep links (which this app refuses): a 14 MB chat history sent once stayed
+  for as long as the session did, in each of hundreds of sessions. `LeanSessions` keeps none.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from typing import Any
 
 import gradio as gr
+from gradio.state_holder import SessionState, StateHolder
 
 SWEEP_EVERY_S = 30.0
 
@@ -54,3 +60,30 @@ class SessionSweeper:
             tasks.append(asyncio.get_running_loop().create_task(sweeping()))
 
         self.demo.extra_startup_events.append(start)
+
+
+class _LeanSession(SessionState):
+    """A session that keeps its gr.State values and the components' settings, not their values."""
+
+    def _update_value_in_config(self, key: int, value: Any) -> None:
+        pass
+
+
+class LeanSessions(StateHolder):
+    """Gradio's table of sessions, holding _LeanSession ones."""
+
+    def __getitem__(self, session_id: str) -> SessionState:
+        if session_id not in self.session_data:
+            self.session_data[session_id] = _LeanSession(self.blocks)
+        return super().__getitem__(session_id)
+
+    @classmethod
+    def install(cls, demo: gr.Blocks) -> None:
+        """Serve `demo`'s sessions from a LeanSessions table once the app has started."""
+
+        async def start() -> None:
+            sessions = cls()
+            sessions.set_blocks(demo)  # demo.state_holder, with the capacity launch() was given
+            demo.server_app.state_holder = sessions
+
+        demo.extra_startup_events.append(start)
