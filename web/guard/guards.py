@@ -25,12 +25,10 @@ from urllib.parse import parse_qs
 
 from web.guard.limits import (
     MAX_BODY_BYTES,
-    MAX_JSON_VALUES,
     MAX_LOGIN_BYTES,
     NESTS_TOO_DEEP,
     body_too_large,
     forwarded_client,
-    json_values,
     too_many_values,
 )
 
@@ -287,8 +285,8 @@ class Guards:
         body = await _bounded_body(scope, receive, send, MAX_BODY_BYTES)
         if body is None:
             return
-        if (values := json_values(body)) > MAX_JSON_VALUES:
-            await _answer(send, 413, {"detail": too_many_values(values)})
+        if why := too_many_values(body):
+            await _answer(send, 413, {"detail": why})
             return
         try:
             parsed = json.loads(body) if body else None

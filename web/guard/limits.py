@@ -56,7 +56,10 @@ def json_values(body: bytes) -> int:
     return max(strings, bare.count(b",") + bare.count(b"[") + bare.count(b"{") + 1)
 
 
-def too_many_values(count: int) -> str:
+def too_many_values(body: bytes) -> str | None:
+    """Why a JSON body holds too many values to parse (None: it does not)."""
+    if (count := json_values(body)) <= MAX_JSON_VALUES:
+        return None
     return (
         f"The JSON body holds about {count:,} values; the limit is {MAX_JSON_VALUES:,}. "
         "Send less history."

@@ -18,12 +18,10 @@ from starcoder2.settings import FIELDS, SamplingSettings, validate_settings
 from web.errors import http_status, user_message
 from web.guard.limits import (
     MAX_BODY_BYTES,
-    MAX_JSON_VALUES,
     NESTS_TOO_DEEP,
     Message,
     body_too_large,
     check_text,
-    json_values,
     too_many_values,
     within_chars,
 )
@@ -160,8 +158,8 @@ async def read_body(request: Request) -> dict:
 
 
 def parse_object(raw: bytes) -> dict:
-    if (values := json_values(raw)) > MAX_JSON_VALUES:
-        raise ApiError(413, too_many_values(values), code="request_too_large")
+    if why := too_many_values(raw):
+        raise ApiError(413, why, code="request_too_large")
     try:
         body = json.loads(raw)
     except RecursionError:
