@@ -15,7 +15,7 @@ from web.config import AppConfig
 from web.gate import GpuGate
 from web.gradio_api import GenerateApi
 from web.guard.admission import Admission
-from web.guard.events import check_inputs, server_events
+from web.guard.events import call_by_name_misfit, check_inputs, server_events
 from web.guard.guards import Guards, LoginThrottle, StreamWatch
 from web.guard.limits import RateLimiter
 from web.guard.sessions import LeanSessions, SessionSweeper
@@ -73,6 +73,7 @@ class WebApp:
         guards = Middleware(
             Guards,
             event_ids=lambda: server_events(self.demo),
+            named_misfit=lambda name, arguments: call_by_name_misfit(self.demo, name, arguments),
             stream_exists=self._stream_exists,
             streams=self.streams,
             logins=self.logins,

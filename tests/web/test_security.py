@@ -269,6 +269,36 @@ def test_unknown_events_get_a_404_and_leave_no_traceback_in_the_log(caplog, capf
     assert "Traceback" not in logged and "KeyError" not in logged
 
 
+def test_calls_by_an_unknown_api_name_or_with_misfit_named_arguments_leave_no_traceback(
+    caplog, capfd
+):
+    caplog.set_level(logging.INFO)
+    engine = FakeEngine(["ok"])
+    calls = [
+        ("call/nosuch", {"data": []}, 404, "There is no API endpoint /nosuch in this app; it has "
+         "/generate."),
+        ("run/nosuch", {"data": []}, 404, "no API endpoint /nosuch"),
+        ("api/nosuch", {"data": []}, 404, "no API endpoint /nosuch"),
+        ("call/v2/nosuch", {"a": 1}, 404, "no API endpoint /nosuch"),
+        ("call/v2/respond", {}, 404, "no API endpoint /respond"),  # the page's, not the API's
+        ("call/v2/generate", {}, 400, "/generate needs the argument 'prompt'; its arguments are "
+         "prompt, temperature, top_p, top_k, min_p, repetition_penalty, max_new_tokens, seed."),
+        ("call/v2/generate", {"prompt": "Hi", "bogus": 1}, 400, "has no argument 'bogus'"),
+        ("call/v2/generate", ["Hi"], 400, "takes a JSON object of named arguments, not a list."),
+    ]  # fmt: skip
+    with serve(engine, public()) as (url, _):
+        for path, body, status, why in calls:
+            answered = httpx.post(f"{url}gradio_api/{path}", json=body, timeout=WAIT_S)
+            assert answered.status_code == status and why in answered.json()["detail"], path
+        assert engine.calls == []
+        named = httpx.post(f"{url}gradio_api/call/v2/generate", json={"prompt": "Hi", "top_k": 5})
+        assert named.status_code == 200  # a call with fitting named arguments is served
+        stream = httpx.get(f"{url}gradio_api/call/generate/{named.json()['event_id']}")
+        assert "event: complete" in stream.text and engine.calls[-1].settings.top_k == 5
+    logged = caplog.text + "".join(capfd.readouterr())
+    assert "Traceback" not in logged and "KeyError" not in logged and "TypeError" not in logged
+
+
 def test_streams_of_unknown_sessions_or_events_get_a_404_and_leave_no_traceback(caplog, capfd):
     caplog.set_level(logging.INFO)
     paths = [

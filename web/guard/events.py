@@ -11,6 +11,7 @@ caller and nothing is logged.
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -22,6 +23,32 @@ from pydantic import ValidationError
 def server_events(demo: gr.Blocks) -> set[int]:
     """The events the server runs (an event of the page's own script has no function here)."""
     return {index for index, fn in demo.fns.items() if fn.fn is not None}
+
+
+def call_by_name_misfit(
+    demo: gr.Blocks, name: str, arguments: Any = None
+) -> tuple[int, str] | None:
+    """For a call naming an event by its API name: (404, why) if no event has the name, (400, why)
+    if `arguments` (a call's named arguments, where it has them) do not fit the event's
+    parameters; None if the call may go on. Gradio answers both with a traceback in the log."""
+    fn = next((f for f in demo.fns.values() if f.api_name == name), None)
+    function = fn.fn if fn else None
+    if fn is None or function is None or (arguments is not None and fn.api_visibility != "public"):
+        public = [f"/{f.api_name}" for f in demo.fns.values() if f.api_visibility == "public"]
+        return 404, f"There is no API endpoint /{name} in this app; it has {', '.join(public)}."
+    if arguments is None:
+        return None
+    if not isinstance(arguments, dict):
+        return 400, f"/{name} takes a JSON object of named arguments, not {_a(arguments)}."
+    parameters = inspect.signature(function).parameters
+    names = ", ".join(parameters)
+    unknown = [key for key in arguments if key not in parameters and key != "oauth_token"]
+    if unknown:
+        return 400, f"/{name} has no argument {unknown[0]!r}; its arguments are {names}."
+    needed = [n for n, p in parameters.items() if p.default is p.empty and n not in arguments]
+    if needed:
+        return 400, f"/{name} needs the argument {needed[0]!r}; its arguments are {names}."
+    return None
 
 
 def check_inputs(demo: gr.Blocks) -> None:

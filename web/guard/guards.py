@@ -3,7 +3,8 @@
 - Every page forbids loading anything from other origins (a reply's image or CSS `url()` must not
   make a visitor's browser call a third party, carrying the conversation in its address).
 - Routes the app does not use are not served: uploads, recordings, Gradio's monitoring pages.
-- A call naming an event the app does not have gets a 404, not a 500 with a traceback in the log;
+- A call naming an event the app does not have (by number or API name) gets a 404, and named
+  arguments that do not fit the event a 400, not a 500 with a traceback in the log;
   a body past the size limit gets a 413 before it is read (or as soon as it passes the limit),
   and JSON nesting too deep to parse a 400.
 - Failed logins are slowed per client address; with a login set, the login page does not carry
@@ -65,6 +66,9 @@ REFUSED_ROUTES = re.compile(
 )
 # Bodies naming an event (fn_index) by number; a bad number makes Gradio raise a KeyError.
 EVENT_ROUTES = re.compile(r"^/gradio_api/(queue/join|run/[^/]+|api/[^/]+)/?$")
+# Calls naming an event by its API name (`predict` takes a number); `v2/` calls take named
+# arguments. An unknown name, or an argument that does not fit, makes Gradio raise.
+NAMED_ROUTES = re.compile(r"^/gradio_api/(?:(?:run|api)/(?!predict/?$)|call/)(v2/)?([^/]+)/?$")
 LOGIN_ROUTE = re.compile(r"^/login/?$")
 PAGE_ROUTE = re.compile(r"^/$")
 API_INFO_SCRIPT = re.compile(rb"window\.gradio_api_info = .*?;</script>", re.S)
@@ -205,7 +209,8 @@ async def _answer(send: Send, status: int, body: dict, headers: Iterable = ()) -
 
 
 class Guards:
-    """One ASGI middleware holding the rules above; `event_ids()` names the app's events and
+    """One ASGI middleware holding the rules above; `event_ids()` names the app's events,
+    `named_misfit(name, arguments)` checks a call by API name (web.guard.events), and
     `stream_exists(key)` says whether a reply waits under a session hash or event id."""
 
     def __init__(
@@ -213,6 +218,7 @@ class Guards:
         app: ASGIApp,
         *,
         event_ids: Callable[[], Iterable[int]],
+        named_misfit: Callable[[str, Any], tuple[int, str] | None],
         stream_exists: Callable[[str], bool],
         streams: StreamWatch,
         logins: LoginThrottle,
@@ -221,6 +227,7 @@ class Guards:
     ) -> None:
         self.app = app
         self.event_ids = event_ids
+        self.named_misfit = named_misfit
         self.stream_exists = stream_exists
         self.streams = streams
         self.logins = logins
@@ -300,6 +307,11 @@ class Guards:
         if EVENT_ROUTES.match(path) and fn_index is not None:
             if not (known and fn_index in set(self.event_ids())):
                 await _answer(send, 404, {"detail": f"There is no event {fn_index!r} in this app."})
+                return
+        if named := NAMED_ROUTES.match(path):
+            arguments = parsed if named[1] else None
+            if refused := self.named_misfit(named[2], arguments):
+                await _answer(send, refused[0], {"detail": refused[1]})
                 return
         await self.app(scope, _replaying(body, receive), send)
 
