@@ -69,8 +69,8 @@ def main() -> None:
     from exllamav2.ext import exllamav2_ext as ext_c
 
     from engine.gpu.decode_matmul import LAUNCHES, replay_ms
+    from engine.gpu.exl2_matmul import DEFAULT, prepare
     from engine.gpu.exl2_matmul import matmul as ours
-    from engine.gpu.exl2_matmul import prepare
     from engine.gpu.graphs import AUTOTUNE_CALLS
     from tests.fakes.exl2_layers import exllamav2_matrix, random_layer
 
@@ -110,9 +110,9 @@ def main() -> None:
             for (_, handle, k, _), out in zip(layers, outputs, strict=True):
                 ext_c.gemm_half_q_half(inputs[k], handle, out, False)
 
-        def mine(inputs=inputs, launch=(64, 2)):
+        def mine(inputs=inputs, launch=DEFAULT):
             for layer, _, k, _ in layers:
-                ours(inputs[k], layer, block_n=launch[0], programs_per_sm=launch[1])
+                ours(inputs[k], layer, launch)
 
         for i in firsts.values():  # exllamav2 times a shape's first calls, waiting: not capturable
             _, handle, k, _ = layers[i]
@@ -124,11 +124,11 @@ def main() -> None:
             worst = 0.0
             for i in firsts.values():
                 layer, _, k, _ = layers[i]
-                got = ours(inputs[k], layer, block_n=launch[0], programs_per_sm=launch[1])
+                got = ours(inputs[k], layer, launch)
                 top = outputs[i].float().abs().max()
                 worst = max(worst, float((got.float() - outputs[i].float()).abs().max() / top))
             ms = replay_ms(lambda launch=launch: mine(launch=launch))
-            launches[f"{launch[0]}x{launch[1]}"] = {"ms": round(ms, 3), "diff": round(worst, 5)}
+            launches[launch.name] = {"ms": round(ms, 3), "diff": round(worst, 5)}
         best = min(launches, key=lambda key: launches[key]["ms"])
         cell = {"ours_ms": launches[best]["ms"], "exllamav2_ms": round(replay_ms(theirs), 3)}
         cell["ours_launch"] = best

@@ -22,26 +22,35 @@ from typing import Any
 import torch
 
 from engine.gpu.exl2_matmul import (
-    BLOCK_N,
+    DEFAULT,
     MAX_ROWS,
-    PROGRAMS_PER_SM,
     Exl2Weights,
+    Launch,
     Unsupported,
     matmul,
     prepare,
 )
 from engine.gpu.loading import is_oom
 
-# Launch shapes tried: (columns per program, programs per SM).
-LAUNCHES = ((64, 2), (128, 2), (128, 1), (256, 1), (32, 4))
+# Launch variants timed per layer shape. Shared memory per program is about
+# (stages - 1) · (block_k · bits / 8 · block_n + block_k · 32 + the scales' words); they fit
+# an L4's 99 KB at 1 program, an A100's 163 KB and an H100's 227 KB at per_sm programs for the
+# widths of a 4-6.5 bpw model. A variant that cannot run on this GPU is skipped.
+LAUNCHES = (
+    DEFAULT,  # 64 columns, 256 rows a step, 4 warps, 3 stages, 2 programs per SM
+    Launch(block_n=64, block_k=512, warps=4, stages=3, per_sm=1),
+    Launch(block_n=32, block_k=512, warps=2, stages=4, per_sm=4),
+    Launch(block_n=128, block_k=256, warps=4, stages=3, per_sm=1),
+    Launch(block_n=128, block_k=128, warps=4, stages=4, per_sm=2),
+    Launch(block_n=256, block_k=128, warps=8, stages=3, per_sm=1),
+    Launch(block_n=64, block_k=128, warps=4, stages=4, per_sm=3),
+)
 # Largest difference from exllamav2's product, relative to its largest output, that is still the
 # same product: each kernel is within 4e-3 of the exact one (tests/engine/test_exl2_matmul_gpu.py).
 SAME_PRODUCT = 1e-2
 # The same for a whole decode step's logits: 40 layers of such differences, never a wrong layout
 # (which parts by the size of the logits themselves).
 SAME_STEP = 5e-2
-
-Launch = tuple[int, int]
 
 
 def replay_ms(step: Callable[[], Any], repeats: int = 20) -> float:
@@ -143,13 +152,12 @@ class DecodeMatmul:
             by_shape.setdefault(layer.shape, []).append(layer)
         for shape, layers in by_shape.items():
             if not self.faster_only:
-                self.launches[batch][shape] = (BLOCK_N, PROGRAMS_PER_SM)
+                self.launches[batch][shape] = DEFAULT
                 continue
             times = _times(layers, torch.randn((batch, shape[0]), device="cuda").half())
             best = min(times, key=times.__getitem__)
-            if best != "exllamav2":
-                block_n, per_sm = best.split("x")
-                self.launches[batch][shape] = (int(block_n), int(per_sm))
+            if best is not None:
+                self.launches[batch][shape] = best
 
     def prepare_batch(self, model: Any, batch: int, step: Callable[[], torch.Tensor]) -> None:
         """Choose for this batch size, then run the whole step both ways and keep exllamav2's
@@ -218,17 +226,22 @@ class DecodeMatmul:
         return line
 
 
-def _times(layers: list[Layer], x: torch.Tensor) -> dict[str, float]:
-    """Milliseconds for all these layers (one shape) at x's rows: exllamav2's, ours per launch."""
+def _times(layers: list[Layer], x: torch.Tensor) -> dict[Launch | None, float]:
+    """Milliseconds for all these layers (one shape) at x's rows: exllamav2's (key None), ours
+    per launch variant that runs on this GPU."""
 
-    def ours(block_n: int, per_sm: int) -> Callable[[], list[torch.Tensor]]:
-        return lambda: [
-            matmul(x, layer.weights, block_n=block_n, programs_per_sm=per_sm) for layer in layers
-        ]
+    def ours(launch: Launch) -> Callable[[], list[torch.Tensor]]:
+        return lambda: [matmul(x, layer.weights, launch) for layer in layers]
 
-    times = {"exllamav2": replay_ms(lambda: [layer.theirs(x) for layer in layers])}
-    for block_n, per_sm in LAUNCHES:
-        times[f"{block_n}x{per_sm}"] = replay_ms(ours(block_n, per_sm))
+    times: dict[Launch | None, float] = {
+        None: replay_ms(lambda: [layer.theirs(x) for layer in layers])
+    }
+    for launch in LAUNCHES:
+        try:
+            times[launch] = replay_ms(ours(launch))
+        except Exception as error:  # too much shared memory for this GPU, say
+            if is_oom(error):
+                raise
     return times
 
 
@@ -237,7 +250,7 @@ def _forward(weights: Exl2Weights, launch: Launch) -> Callable[..., torch.Tensor
 
     def forward(hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         x = hidden_states.reshape(-1, hidden_states.shape[-1])
-        y = matmul(x, weights, block_n=launch[0], programs_per_sm=launch[1])
+        y = matmul(x, weights, launch)
         return y.view(*hidden_states.shape[:-1], weights.width)
 
     return forward

@@ -1,21 +1,37 @@
 """An EXL2 matmul for decode steps (1 to 16 rows) in Triton, on exllamav2's loaded weights in place.
 
 y = x · W + bias for x (M ≤ 16, K) fp16. W's K input rows sit in q_weight sorted by bit width,
-each width one segment (engine/gpu/exl2_layout.py). There is one launch per segment: a program
-takes BLOCK_N columns and a run of the segment's 32-row tiles, reads each weight word once for all
-M rows, unpacks the values through its width's bit map, multiplies them with the M rows' inputs
-(gathered through q_perm) on the tensor cores and scales each tile's sums by its group's column
-scales in fp32. Each program writes its partial sums to a slot of its own, and a second kernel
-adds the slots in a fixed order: a row's result depends on its own inputs only, never on timing
-or on the other rows (no atomics). The decode graphs take it per layer where it matches
-exllamav2's product and is faster (engine/gpu/decode_matmul.py) unless --no-custom-matmul is
+each width one segment of whole chunks (engine/gpu/exl2_layout.py): a chunk is VALUES rows packed
+into WORDS words per column, and each value of a chunk lies at the same bits of the same words in
+every chunk (`runs`). So one value's rows over a run of chunks form a (chunks, columns) tile that
+shifts and masks take out of the chunks' (chunks, columns) word tiles, with no gather.
+
+A call first gathers x through `Exl2Weights.order` into a (M, K') buffer whose columns hold each
+segment's rows value by value (value 0 of every chunk, then value 1, ...), each value's run
+padded to a multiple of 8 columns. Then one launch covers every segment: a program takes
+BLOCK_N columns and the steps of a range of word rows. A step is STEP ≥ 16 chunks (16: the K of
+an fp16 tensor-core product) of one segment; it loads the chunks' WORDS word tiles
+(STEP, BLOCK_N), their groups' scales and each value's (M, STEP) run of x, then for each value
+of the chunk takes its tile out of the words, scales it to fp16 and adds its product with the
+run of x on the tensor cores, in fp32. Every address is affine in the step (a segment whose
+groups are all one size, as exllamav2's converter makes them, counts each chunk's group; any
+other looks it up), so Triton's pipeliner copies the next `Launch.stages - 1` steps into shared
+memory while one is multiplied, and the unpacking runs on the words as the product reads them
+(tests/fakes/compiled_dots.py shows both in the compiled code).
+
+Split-K: where the column blocks are too few to fill the GPU, the layer's word rows are cut into
+`splits` equal ranges; each program of a column block takes the steps that start in its range
+and writes its sums to a slot of its own, and a second kernel adds the slots in a fixed order
+and the bias (with one split, the program writes y itself). A row's result depends on its own
+inputs and the launch only, never on timing or on the other rows (no atomics). The decode graphs
+take it per layer shape where it matches exllamav2's product and is faster
+(engine/gpu/decode_matmul.py, which times the `Launch` variants) unless --no-custom-matmul is
 given; tests/engine/test_exl2_matmul*.py check it, bench/matmul_bench.py times it.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import cache
 
 import torch
 import triton
@@ -25,16 +41,40 @@ from engine.gpu.decode_attention import processors
 from engine.gpu.exl2_layout import CHUNKS, bit_map, row_order, segments
 
 MAX_ROWS = 16  # the rows of one decode step this kernel serves (BLOCK_M)
-TILE = 32  # input rows per step of a program: every width's chunk divides it
-BLOCK_N = 64  # columns per program, and programs per SM: the defaults until tuned per GPU
-PROGRAMS_PER_SM = 2
+TILE = 32  # rows per group unit: every group is whole 32-row tiles
+DOT_DEPTH = 16  # chunks per step at least: the K of an fp16 tensor-core product
+RUN_ALIGN = 8  # x's runs start at multiples of 8 fp16 (16 bytes): whole vector copies
 
 
-@cache
-def lookup(bits: int) -> torch.Tensor:
-    """(pieces, values, 4) int32: for each value of a chunk, each run of its bits in one word as
-    (word, shift, mask, where the run goes in the value); unused pieces have mask 0."""
-    runs = []
+@dataclass(frozen=True)
+class Launch:
+    """How the kernel is launched: a variant the engine times per layer shape at load."""
+
+    block_n: int  # output columns per program
+    block_k: int  # input rows per step of a program (at least 16 chunks of the width)
+    warps: int
+    stages: int  # steps in flight per program (Triton's software pipeline)
+    per_sm: int  # programs per multiprocessor that split-K aims to fill
+
+    @property
+    def name(self) -> str:
+        return f"n{self.block_n}k{self.block_k}w{self.warps}s{self.stages}p{self.per_sm}"
+
+
+DEFAULT = Launch(block_n=64, block_k=256, warps=4, stages=3, per_sm=2)
+
+
+def step_chunks(bits: int, block_k: int) -> int:
+    """Chunks per step of a segment of this width: block_k rows, or 16 chunks if more."""
+    values, _ = CHUNKS[bits]
+    return max(DOT_DEPTH, block_k // values)
+
+
+def runs(bits: int) -> tuple[tuple[tuple[int, int, int, int], ...], ...]:
+    """For each value of a chunk, each run of its bits that lies in one word, as (word, shift,
+    mask, place in the value): from the layout's bit map. Values lie whole in one word, but at
+    6 bits (values 12-15: 4 + 2 bits) and 3 and 5 bits (values 30 and 31: a bit in each word)."""
+    out = []
     for places in bit_map(bits):
         value_runs: list[list[int]] = []
         for bit, (word, at) in enumerate(places):
@@ -43,48 +83,35 @@ def lookup(bits: int) -> torch.Tensor:
                 last[2] = (last[2] << 1) | 1
             else:
                 value_runs.append([word, at, 1, bit])
-        runs.append(value_runs)
-    pieces = max(len(r) for r in runs)
-    table = torch.zeros((pieces, len(runs), 4), dtype=torch.int32)
-    for value, value_runs in enumerate(runs):
-        for piece, run in enumerate(value_runs):
-            table[piece, value] = torch.tensor(run, dtype=torch.int32)
-    return table
+        out.append(tuple((w, shift, mask, place) for w, shift, mask, place in value_runs))
+    return tuple(out)
 
 
-def extras(bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The values of a 32-row tile whose bits span words: their rows in the tile (E,) and the
-    runs after their first, (pieces - 1, E, 4) as in `lookup`, with words counted from the
-    tile's first. 3 and 5 bits: 2 such values a tile; 6 bits: 8; others: none."""
-    table = lookup(bits)
-    values, words = CHUNKS[bits]
-    spans = [v for v in range(values) if bool(table[1:, v, 2].any())]
-    rows = [chunk * values + v for chunk in range(TILE // values) for v in spans]
-    runs = torch.zeros((max(len(table) - 1, 0), len(rows), 4), dtype=torch.int32)
-    for e, row in enumerate(rows):
-        chunk, value = divmod(row, values)
-        runs[:, e] = table[1:, value]
-        runs[:, e, 0] += chunk * words
-    return torch.tensor(rows, dtype=torch.int32), runs
+RUNS = {bits: runs(bits) for bits in CHUNKS}
 
 
-@cache
-def _tables(bits: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """lookup(bits) and extras(bits) on a device: made once, shared by every layer."""
-    rows, runs = extras(bits)
-    return lookup(bits).to(device), rows.to(device), runs.to(device)
+@triton.constexpr_function
+def run_count(bits: int, value: int) -> int:
+    return len(RUNS[bits][value])
+
+
+@triton.constexpr_function
+def run_of(bits: int, value: int, piece: int) -> tuple[int, int, int, int]:
+    return RUNS[bits][value][piece]
 
 
 @dataclass(frozen=True)
 class Segment:
+    """The rows of one width: consecutive groups merged."""
+
     bits: int
     row: int  # first sorted input row
-    tiles: int  # 32-row tiles
+    chunks: int
     word: int  # first word row in q_weight
-    tile_groups: torch.Tensor  # (tiles,) int32: each tile's group
-    table: torch.Tensor  # lookup(bits), on the weights' device
-    extra_rows: torch.Tensor  # extras(bits), on the weights' device
-    extra_runs: torch.Tensor
+    x_row: int  # first column of its runs in the gathered x
+    x_run: int  # columns per value's run in the gathered x: chunks padded to RUN_ALIGN
+    group: int  # its first group
+    group_tiles: int  # tiles per group if all its groups but the last have that many, else 0
 
 
 @dataclass(frozen=True)
@@ -92,17 +119,28 @@ class Exl2Weights:
     """One quantized layer, read in place: nothing here copies q_weight."""
 
     q_weight: torch.Tensor
-    q_perm: torch.Tensor
     q_scale: torch.Tensor
     q_scale_max: torch.Tensor  # fp32 copy of the (groups,) maxima
     bias: torch.Tensor | None
     height: int
     width: int
     segments: tuple[Segment, ...]
+    table: torch.Tensor  # (segments, 6) int32: each segment's numbers, as FIELDS, for the kernel
+    tile_groups: torch.Tensor  # (height / 32,) int32: each 32-row tile's group
+    nibbles: torch.Tensor  # (8,) int32: the shift of column n's scale in its word, for n % 8
+    order: torch.Tensor  # (K',) int64: the input row of each column of the gathered x (K' ≥ K)
+
+    @property
+    def words(self) -> int:
+        return self.q_weight.shape[0]
 
 
 class Unsupported(ValueError):
     """A layer this kernel does not take (exllamav2's kernel keeps it)."""
+
+
+# The kernel's per-segment numbers, in this order (Exl2Weights.table); x_row and x_run in 8s.
+FIELDS = ("tile", "chunks", "word", "x_row", "x_run", "group")
 
 
 def prepare(tensors: dict[str, torch.Tensor], height: int) -> Exl2Weights:
@@ -111,171 +149,281 @@ def prepare(tensors: dict[str, torch.Tensor], height: int) -> Exl2Weights:
     width = q_weight.shape[1]
     if width % 8:
         raise Unsupported(f"{height}x{width}: the width must be a multiple of 8")
+    if q_weight.numel() >= 2**31:
+        raise Unsupported(f"{height}x{width}: q_weight has 2^31 words or more")
     device = q_weight.device
-    groups = segments(tensors["q_groups"].cpu(), height, q_weight.shape[0])
-    merged: list[tuple[int, int, int, int, list[int]]] = []  # bits, row, rows, word, groups
-    for index, (bits, row, rows, word) in enumerate(groups):
-        if rows % TILE or bits not in CHUNKS:
-            raise Unsupported(f"a group of {rows} rows at {bits} bits is not whole 32-row tiles")
-        tile_groups = [index] * (rows // TILE)
-        if merged and merged[-1][0] == bits:
-            last = merged[-1]
-            merged[-1] = (bits, last[1], last[2] + rows, last[3], last[4] + tile_groups)
-        else:
-            merged.append((bits, row, rows, word, tile_groups))
+    segments_, tile_groups = _segments(tensors["q_groups"].cpu(), height, q_weight.shape[0])
+    perm = row_order(tensors, height).to(device=device, dtype=torch.int64) & 0xFFFF
+    table = [
+        [s.row // TILE, s.chunks, s.word, s.x_row // 8, s.x_run // 8, s.group] for s in segments_
+    ]
     return Exl2Weights(
         q_weight=q_weight,
-        q_perm=row_order(tensors, height),
         q_scale=tensors["q_scale"],
         q_scale_max=tensors["q_scale_max"].float(),
         bias=tensors.get("bias"),
         height=height,
         width=width,
-        segments=tuple(
-            Segment(
-                bits,
-                row,
-                rows // TILE,
-                word,
-                torch.tensor(tile_groups, dtype=torch.int32, device=device),
-                *_tables(bits, device),
-            )  # fmt: skip
-            for bits, row, rows, word, tile_groups in merged
-        ),
+        segments=segments_,
+        table=torch.tensor(table, dtype=torch.int32, device=device),
+        tile_groups=torch.tensor(tile_groups, dtype=torch.int32, device=device),
+        nibbles=torch.arange(0, 32, 4, dtype=torch.int32, device=device),
+        order=perm[_gather_rows(segments_).to(device)],
     )
 
 
-def splits_for(tiles: int, column_blocks: int, programs: int) -> int:
-    """How many runs to cut a segment's tiles into so the grid fills `programs` programs."""
-    return max(1, min(tiles, -(-programs // column_blocks)))
+def _segments(
+    q_groups: torch.Tensor, height: int, words: int
+) -> tuple[tuple[Segment, ...], list[int]]:
+    """The groups merged into one segment per width, and each 32-row tile's group."""
+    merged: list[list] = []  # bits, first row, rows, first word, first group, tiles per group
+    tile_groups: list[int] = []
+    for index, (bits, row, rows, word) in enumerate(segments(q_groups, height, words)):
+        if rows % TILE or bits not in CHUNKS:
+            raise Unsupported(f"a group of {rows} rows at {bits} bits is not whole 32-row tiles")
+        tile_groups += [index] * (rows // TILE)
+        if merged and merged[-1][0] == bits:
+            merged[-1][2] += rows
+            merged[-1][5].append(rows // TILE)
+        else:
+            merged.append([bits, row, rows, word, index, [rows // TILE]])
+    out, x_row = [], 0
+    for bits, row, rows, word, group, sizes in merged:
+        values, _ = CHUNKS[bits]
+        chunks = rows // values
+        x_run = -(-chunks // RUN_ALIGN) * RUN_ALIGN
+        uniform = all(size == sizes[0] for size in sizes[:-1]) and sizes[-1] <= sizes[0]
+        tiles = sizes[0] if uniform else 0
+        out.append(Segment(bits, row, chunks, word, x_row, x_run, group, tiles))
+        x_row += values * x_run
+    return tuple(out), tile_groups
 
 
-@triton.jit(do_not_specialize=["M", "row0", "word0", "tiles", "per_split", "slot0"])
-def _segment_kernel(
-    x, x_stride, perm, q_weight, q_scale, scale_max, tile_groups, table, extra_rows, extra_runs,
-    partial, M, N, row0, word0, tiles, per_split, slot0,
-    BITS: tl.constexpr, VALUES: tl.constexpr, WORDS: tl.constexpr, EXTRA: tl.constexpr,
-    EXTRA_PIECES: tl.constexpr,
-    TILE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+def _gather_rows(segments_: tuple[Segment, ...]) -> torch.Tensor:
+    """For each column of the gathered x, the sorted input row it takes: per segment, value v of
+    chunk c at x_row + v·x_run + c; the padding repeats the segment's first row (never used)."""
+    columns = sum(CHUNKS[s.bits][0] * s.x_run for s in segments_)
+    rows = torch.zeros(-(-columns // 16) * 16, dtype=torch.int64)
+    for s in segments_:
+        values, _ = CHUNKS[s.bits]
+        by_value = torch.full((values, s.x_run), s.row, dtype=torch.int64)
+        by_value[:, : s.chunks] = s.row + torch.arange(s.chunks * values).view(-1, values).t()
+        rows[s.x_row : s.x_row + values * s.x_run] = by_value.flatten()
+    return rows
+
+
+@dataclass(frozen=True)
+class Plan:
+    column_blocks: int
+    splits: int
+    per_split: int  # word rows of each split's range
+
+
+def plan(weights: Exl2Weights, launch: Launch, programs: int) -> Plan:
+    """How many ranges of word rows to cut the layer into so the grid fills `programs`."""
+    column_blocks = triton.cdiv(weights.width, launch.block_n)
+    steps = sum(
+        triton.cdiv(s.chunks, step_chunks(s.bits, launch.block_k)) for s in weights.segments
+    )
+    splits = max(1, min(steps, triton.cdiv(programs, column_blocks)))
+    return Plan(column_blocks, splits, triton.cdiv(weights.words, splits))
+
+
+@triton.jit
+def _magic(q):
+    """Non-negative int32 values below 2^23 as fp32 plus 2^23, exactly: their bits under the
+    exponent of 2^23 (no conversion instruction; less 2^23 after, it is q)."""
+    return (q | 0x4B000000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _groups(segment, chunk, chunk_ok, tile_groups, VALUES: tl.constexpr, GROUP_TILES: tl.constexpr):
+    """(STEP,) int32: the group of each chunk of a step. A segment whose groups are all
+    GROUP_TILES tiles but its last counts them; any other looks each tile up."""
+    tile0, _, _, _, _, group0 = segment
+    tile = chunk * VALUES // 32
+    if GROUP_TILES > 0:
+        return group0 + tile // GROUP_TILES
+    else:
+        return tl.load(tile_groups + tile0 + tile, mask=chunk_ok, other=0)
+
+
+@triton.jit
+def _scales(scales, group, chunk_ok, cols, col_ok, N):
+    """(STEP, BLOCK_N) fp32: each chunk's group scale at each column; 0 past the segment's end,
+    where x's run holds padding."""
+    q_scale, scale_max, nibble = scales
+    packed = tl.load(
+        q_scale + group[:, None] * (N // 8) + (cols // 8)[None, :],
+        mask=chunk_ok[:, None] & col_ok[None, :],
+        other=0,
+    )
+    quarter = ((packed >> nibble[None, :]) & 15) + 1
+    top = tl.load(scale_max + group, mask=chunk_ok, other=0.0)
+    return (_magic(quarter * quarter) - 8388608.0) * top[:, None]
+
+
+# 1.5 · 2^23: a float whose last mantissa bit is worth 1, with room for ± 2^22 below it.
+BIAS = tl.constexpr(12582912.0)
+
+
+@triton.jit
+def _product(acc, x_in, at, x_run, chunk, q, scale, offset, BITS: tl.constexpr):
+    """acc plus one value's run of x (BLOCK_M, STEP) from column `at` of the gathered x times its
+    weights (q - 2^(BITS-1)) · scale for the value tile q (STEP, BLOCK_N), in fp16.
+
+    q + BIAS's bits - 2^(BITS-1), read as a float, is BIAS + q - 2^(BITS-1) exactly; times the
+    scale plus offset (-BIAS · scale, exact: a scale has at most 19 significant bits) it is the
+    weight, rounded once by the fused multiply-add."""
+    xs, XK, rows_m, row_ok = x_in
+    x = tl.load(
+        xs + rows_m[:, None] * XK + (at + chunk)[None, :],
+        mask=row_ok[:, None] & (chunk < x_run)[None, :],
+        other=0.0,
+    )
+    biased = (q + (0x4B400000 - (1 << (BITS - 1)))).to(tl.float32, bitcast=True)
+    weights = tl.fma(biased, scale, offset).to(tl.float16)
+    return tl.dot(x, weights, acc)
+
+
+@triton.jit
+def _piece(words, RUN: tl.constexpr):
+    """One run of a value's bits, (word, shift, mask, place), from a step's word tiles."""
+    return ((words[RUN[0]] >> RUN[1]) & RUN[2]) << RUN[3]
+
+
+@triton.jit
+def _step(acc, x_in, w_in, scales, tile_groups, segment, i, SEGMENT: tl.constexpr):
+    """acc plus step i of a segment: STEP chunks, each value's tile one product."""
+    BITS: tl.constexpr = SEGMENT[0]
+    VALUES: tl.constexpr = SEGMENT[1]
+    WORDS: tl.constexpr = SEGMENT[2]
+    STEP: tl.constexpr = SEGMENT[3]
+    q_weight, N, cols, col_ok = w_in
+    _, chunks, word0, x_row, x_run, _ = segment
+    chunk = i * STEP + tl.arange(0, STEP)
+    chunk_ok = chunk < chunks
+    group = _groups(segment, chunk, chunk_ok, tile_groups, VALUES, SEGMENT[4])
+    scale = _scales(scales, group, chunk_ok, cols, col_ok, N)
+    offset = -BIAS * scale
+    words = ()  # (STEP, BLOCK_N) int32 each: word w of every chunk of the step
+    for w in tl.static_range(WORDS):
+        at = (word0 + chunk * WORDS + w)[:, None] * N + cols[None, :]
+        mask = chunk_ok[:, None] & col_ok[None, :]
+        words = words + (tl.load(q_weight + at, mask=mask, other=0),)  # type: ignore[assignment]
+    for v in tl.static_range(VALUES):
+        q = _piece(words, run_of(BITS, v, 0))
+        for p in tl.static_range(1, run_count(BITS, v)):  # bits that span words: 6, 5, 3 bits
+            q |= _piece(words, run_of(BITS, v, p))
+        acc = _product(acc, x_in, x_row + v * x_run, x_run, chunk, q, scale, offset, BITS)
+    return acc
+
+
+@triton.jit
+def _segment(acc, x_in, w_in, scales, tile_groups, entry, first, last, SEGMENT: tl.constexpr):
+    """acc plus the steps of one segment that start in word rows [first, last). SEGMENT: its
+    (bits, values, words, step chunks, group tiles); entry: its row of the layer's table."""
+    WORDS: tl.constexpr = SEGMENT[2]
+    STEP: tl.constexpr = SEGMENT[3]
+    chunks = tl.load(entry + 1)
+    word0 = tl.load(entry + 2)
+    x_row = tl.load(entry + 3) * 8  # multiples of 8 columns: 16-byte aligned runs of x
+    x_run = tl.load(entry + 4) * 8
+    segment = (tl.load(entry), chunks, word0, x_row, x_run, tl.load(entry + 5))
+    span = STEP * WORDS
+    steps = (chunks + STEP - 1) // STEP
+    lo = tl.minimum((tl.maximum(first - word0, 0) + span - 1) // span, steps)
+    hi = tl.minimum((tl.maximum(last - word0, 0) + span - 1) // span, steps)
+    for i in range(lo, hi):
+        acc = _step(acc, x_in, w_in, scales, tile_groups, segment, i, SEGMENT)
+    return acc
+
+
+@triton.jit(do_not_specialize=["M", "per_split", "splits"])
+def _matmul_kernel(
+    xs, XK, q_weight, q_scale, scale_max, nibbles, tile_groups, table, bias, y, partial,
+    M, N, per_split, splits,
+    SEGMENTS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr,
 ):  # fmt: skip
-    column_block = tl.program_id(0)
-    split = tl.program_id(1)
-    cols = column_block * BLOCK_N + tl.arange(0, BLOCK_N)
+    """One program: BLOCK_N columns over the steps of every segment that start in its split's
+    word rows. SEGMENTS: each segment's (bits, values, words, step chunks, group tiles). With
+    one split it writes y, else its slot of partial."""
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < N
     rows_m = tl.arange(0, BLOCK_M)
     row_ok = rows_m < M
-    r = tl.arange(0, TILE)
-    value = r % VALUES
-    chunk_word = (r // VALUES) * WORDS  # the word row of each row's chunk within a tile
-    scale_shift = (cols % 8) * 4
-    shifts = tl.load(table + tl.arange(0, VALUES) * 4 + 1)  # one-word chunks: each value's shift
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    split = tl.program_id(1)
     first = split * per_split
-    last = tl.minimum(first + per_split, tiles)
-    for t in range(first, last):
-        k = tl.load(perm + row0 + t * TILE + r).to(tl.int32) & 0xFFFF
-        xs = tl.load(x + rows_m[:, None] * x_stride + k[None, :], mask=row_ok[:, None], other=0.0)
-        base = word0 + t * (TILE // VALUES) * WORDS
-        if WORDS == 1:
-            # 8, 4 and 2 bits: each value lies whole in one word; read the tile's words once
-            # and spread each over the values it holds.
-            words = tl.load(
-                q_weight + (base + tl.arange(0, TILE // VALUES))[:, None] * N + cols[None, :],
-                mask=col_ok[None, :],
-                other=0,
-            )
-            spread = (words[:, None, :] >> shifts[None, :, None]) & ((1 << BITS) - 1)
-            q = tl.reshape(spread, (TILE, BLOCK_N))
-        else:
-            # 6, 5 and 3 bits: every value's first run of bits, read from its word; the few
-            # values whose bits span words get the rest below.
-            entry = table + value * 4
-            words = tl.load(
-                q_weight + (base + chunk_word + tl.load(entry))[:, None] * N + cols[None, :],
-                mask=col_ok[None, :],
-                other=0,
-            )
-            q = (words >> tl.load(entry + 1)[:, None]) & tl.load(entry + 2)[:, None]
-        weights = (q - (1 << (BITS - 1))).to(tl.float16)
-        part = tl.dot(xs.to(tl.float16), weights)
-        # The values whose bits span words: the rest of their bits, one row at a time as an
-        # outer product (a sum over the EXTRA rows would compile to a tensor-core dot whose K is
-        # below the instruction's, which counts each product several times).
-        for j in tl.static_range(EXTRA):
-            k_j = tl.load(perm + row0 + t * TILE + tl.load(extra_rows + j)).to(tl.int32) & 0xFFFF
-            x_j = tl.load(x + rows_m * x_stride + k_j, mask=row_ok, other=0.0).to(tl.float32)
-            rest = tl.zeros((BLOCK_N,), dtype=tl.int32)
-            for piece in tl.static_range(EXTRA_PIECES):
-                run = extra_runs + (piece * EXTRA + j) * 4
-                shift, bits, place = tl.load(run + 1), tl.load(run + 2), tl.load(run + 3)
-                # an unused piece (mask 0) reads the tile's first word and keeps nothing of it
-                words = tl.load(q_weight + (base + tl.load(run)) * N + cols, mask=col_ok, other=0)
-                rest |= ((words >> shift) & bits) << place
-            part += x_j[:, None] * rest.to(tl.float32)[None, :]
-        group = tl.load(tile_groups + t)
-        packed = tl.load(q_scale + group * (N // 8) + cols // 8, mask=col_ok, other=0)
-        quarter = ((packed >> scale_shift) & 15) + 1
-        scale = (quarter * quarter).to(tl.float32) * tl.load(scale_max + group)
-        acc += part * scale[None, :]
-    out = partial + (slot0 + split) * BLOCK_M * N + rows_m[:, None] * N + cols[None, :]
-    tl.store(out, acc, mask=row_ok[:, None] & col_ok[None, :])
+    x_in = (xs, XK, rows_m, row_ok)
+    w_in = (q_weight, N, cols, col_ok)
+    scales = (q_scale, scale_max, tl.load(nibbles + cols % 8))  # each column's shift in its word
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for s in tl.static_range(len(SEGMENTS)):
+        entry = table + s * 6  # its row of FIELDS
+        last = first + per_split
+        acc = _segment(acc, x_in, w_in, scales, tile_groups, entry, first, last, SEGMENTS[s])
+    ok = row_ok[:, None] & col_ok[None, :]
+    if splits > 1:
+        tl.store(partial + (split * M + rows_m)[:, None] * N + cols[None, :], acc, mask=ok)
+    else:
+        if HAS_BIAS:
+            acc += tl.load(bias + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        tl.store(y + rows_m[:, None] * N + cols[None, :], acc.to(tl.float16), mask=ok)
 
 
 @triton.jit
 def _sum_kernel(
-    partial, bias, y, y_stride, M, N, slots,
+    partial, bias, y, M, N, slots,
     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
+    """y = the slots' sums added in slot order, plus the bias, in fp16."""
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rows_m = tl.arange(0, BLOCK_M)
     ok = (rows_m[:, None] < M) & (cols[None, :] < N)
+    at = rows_m[:, None] * N + cols[None, :]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for slot in range(0, slots):  # in order: the same sum whatever ran when
-        acc += tl.load(partial + slot * BLOCK_M * N + rows_m[:, None] * N + cols[None, :], mask=ok)
+        acc += tl.load(partial + slot * M * N + at, mask=ok, other=0.0)
     if HAS_BIAS:
         acc += tl.load(bias + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
-    tl.store(y + rows_m[:, None] * y_stride + cols[None, :], acc.to(tl.float16), mask=ok)
+    tl.store(y + at, acc.to(tl.float16), mask=ok)
 
 
-def matmul(
-    x: torch.Tensor,
-    weights: Exl2Weights,
-    *,
-    block_n: int = BLOCK_N,
-    programs_per_sm: int = PROGRAMS_PER_SM,
-) -> torch.Tensor:
+def kernel_segments(weights: Exl2Weights, block_k: int) -> tuple[tuple[int, ...], ...]:
+    """The kernel's SEGMENTS: (bits, values, words, step chunks, group tiles) of each."""
+    return tuple(
+        (s.bits, *CHUNKS[s.bits], step_chunks(s.bits, block_k), s.group_tiles)
+        for s in weights.segments
+    )
+
+
+def matmul(x: torch.Tensor, weights: Exl2Weights, launch: Launch = DEFAULT) -> torch.Tensor:
     """x (M ≤ 16, K) fp16 -> (M, N) fp16."""
-    programs = programs_per_sm * processors(x.device)
     rows, depth = x.shape
     if rows > MAX_ROWS or depth != weights.height or x.stride(1) != 1:
         raise ValueError(
             f"x is {tuple(x.shape)}; this matmul takes up to {MAX_ROWS} contiguous rows of "
             f"{weights.height}."
         )
+    if x.dtype != torch.float16:
+        raise ValueError(f"x is {x.dtype}; this matmul takes float16")
     n = weights.width
-    column_blocks = triton.cdiv(n, block_n)
-    plan = [
-        splits_for(s.tiles, column_blocks, programs // len(weights.segments))
-        for s in weights.segments
-    ]
-    partial = torch.empty((sum(plan), MAX_ROWS, n), dtype=torch.float32, device=x.device)
-    slot = 0
-    for segment, splits in zip(weights.segments, plan, strict=True):
-        values, words = CHUNKS[segment.bits]
-        _segment_kernel[(column_blocks, splits)](
-            x, x.stride(0), weights.q_perm, weights.q_weight, weights.q_scale,
-            weights.q_scale_max, segment.tile_groups, segment.table, segment.extra_rows,
-            segment.extra_runs, partial,
-            rows, n, segment.row, segment.word, segment.tiles, -(-segment.tiles // splits), slot,
-            BITS=segment.bits, VALUES=values, WORDS=words, EXTRA=segment.extra_rows.numel(),
-            EXTRA_PIECES=segment.extra_runs.shape[0],
-            TILE=TILE, BLOCK_M=MAX_ROWS, BLOCK_N=block_n,
-        )  # fmt: skip
-        slot += splits
+    cut = plan(weights, launch, launch.per_sm * processors(x.device))
+    xs = x.index_select(1, weights.order)  # contiguous (M, K'): every load below is affine
     y = torch.empty((rows, n), dtype=torch.float16, device=x.device)
+    slots = cut.splits if cut.splits > 1 else 0
+    partial = torch.empty((slots, rows, n), dtype=torch.float32, device=x.device)
     bias = weights.bias if weights.bias is not None else y
-    _sum_kernel[(column_blocks,)](
-        partial, bias, y, y.stride(0), rows, n, slot,
-        HAS_BIAS=weights.bias is not None, BLOCK_M=MAX_ROWS, BLOCK_N=block_n,
+    _matmul_kernel[(cut.column_blocks, cut.splits)](
+        xs, xs.shape[1], weights.q_weight, weights.q_scale, weights.q_scale_max, weights.nibbles,
+        weights.tile_groups, weights.table, bias, y, partial, rows, n, cut.per_split, cut.splits,
+        SEGMENTS=kernel_segments(weights, launch.block_k), BLOCK_M=MAX_ROWS,
+        BLOCK_N=launch.block_n, HAS_BIAS=weights.bias is not None,
+        num_warps=launch.warps, num_stages=launch.stages,
     )  # fmt: skip
+    if slots:
+        _sum_kernel[(cut.column_blocks,)](
+            partial, bias, y, rows, n, slots,
+            HAS_BIAS=weights.bias is not None, BLOCK_M=MAX_ROWS, BLOCK_N=launch.block_n,
+        )  # fmt: skip
     return y

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from engine.gpu.decode_matmul import DecodeMatmul, Layer, parted
-from engine.gpu.exl2_matmul import BLOCK_N, PROGRAMS_PER_SM, prepare
+from engine.gpu.exl2_matmul import DEFAULT, prepare
 from tests.fakes.exl2_layers import random_layer
 
 
@@ -53,10 +53,7 @@ def test_within_serving_the_chosen_layers_call_ours_and_their_modules_leave_the_
     handles = (attention.q_handle, mlp.q_handle, head.q_handle)
     matmul = DecodeMatmul(layers, {}, faster_only=False)
     matmul.choose(3)
-    assert matmul.launches[3] == {
-        (96, 48): (BLOCK_N, PROGRAMS_PER_SM),
-        (96, 64): (BLOCK_N, PROGRAMS_PER_SM),
-    }
+    assert matmul.launches[3] == {(96, 48): DEFAULT, (96, 64): DEFAULT}
     x = torch.randn(3, 1, 96).half()
     with matmul.serving(loaded, 3):
         assert attention.q_handle is None and mlp.q_handle is None

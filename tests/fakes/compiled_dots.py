@@ -1,43 +1,120 @@
-"""The tensor-core products (M, K) in the EXL2 matmul kernel as Triton compiles it for sm_80 and
-sm_90, per bit width, printed as JSON. Runs without a GPU; TRITON_INTERPRET must be unset."""
+"""The EXL2 matmul kernel (engine/gpu/exl2_matmul.py) as Triton compiles it for sm_80 and sm_90,
+without a GPU (TRITON_INTERPRET must be unset).
+
+`python -m tests.fakes.compiled_dots CAPABILITY` prints, per width at the default launch, as
+JSON: the tensor-core products (M, K), and the main loop's reads: the async copies into shared
+memory by pointer type, the loads that are not (plain `tt.load`s), and how many steps of copies
+the pipeline keeps buffered. `--launches` prints, per launch variant and width on sm_90, the
+shared memory, the weight bytes a program has in flight and the main loop's instructions per
+weight (from the SASS).
+"""
 
 from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
 
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from engine.gpu.exl2_layout import CHUNKS, WIDTHS
-from engine.gpu.exl2_matmul import BLOCK_N, MAX_ROWS, TILE, _segment_kernel, extras
+from engine.gpu.exl2_matmul import DEFAULT, MAX_ROWS, Launch, _matmul_kernel, step_chunks
 
-POINTERS = {"x": "*fp16", "perm": "*i16", "scale_max": "*fp32", "partial": "*fp32"}
-INTEGERS = {"x_stride", "M", "N", "row0", "word0", "tiles", "per_split", "slot0"}
+POINTERS = {"xs": "*fp16", "scale_max": "*fp32", "bias": "*fp16", "y": "*fp16", "partial": "*fp32"}
+INTEGERS = {"XK", "M", "N", "per_split", "splits"}
+# What a launch passes aligned: torch's buffers start at 16 bytes, the real widths and the
+# gathered x's row length are multiples of 16.
+ALIGNED = {"xs", "XK", "q_weight", "q_scale", "scale_max", "nibbles", "tile_groups", "table"}
+ALIGNED |= {"bias", "y", "partial", "N"}
 DOT = re.compile(r"tt\.dot .*?: tensor<(\d+)x(\d+)x")
+COPY = re.compile(r"ttg\.async_copy_global_to_local .*?: tensor<([0-9x]+)x!tt\.ptr<(\w+)>")
+LOAD = re.compile(r"= tt\.load .*?: tensor<([0-9x]+)x!tt\.ptr<(\w+)>")
+BUFFERS = re.compile(r"ttg\.local_alloc .*?!ttg\.memdesc<(\d+)x(\d+)x(\d+)xi32")
 
 
-def signature(constants: dict[str, int]) -> dict[str, str]:
-    def kind(name: str) -> str:
-        if name in constants:
-            return "constexpr"
-        return POINTERS.get(name, "i32" if name in INTEGERS else "*i32")
+def compile_kernel(bits: tuple[int, ...], launch: Launch, capability: int, group_tiles: int = 1):
+    """The kernel for a layer of these widths (groups of `group_tiles` tiles; 0: looked up)."""
+    segments = tuple((b, *CHUNKS[b], step_chunks(b, launch.block_k), group_tiles) for b in bits)
+    constants = dict(SEGMENTS=segments, BLOCK_M=MAX_ROWS, BLOCK_N=launch.block_n, HAS_BIAS=True)
+    names = _matmul_kernel.arg_names
+    signature = {
+        name: "constexpr"
+        if name in constants
+        else POINTERS.get(name, "i32" if name in INTEGERS else "*i32")
+        for name in names
+    }
+    attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(names) if name in ALIGNED}
+    source = ASTSource(_matmul_kernel, signature, constants, attrs)
+    options = dict(num_warps=launch.warps, num_stages=launch.stages)
+    return triton.compile(source, target=GPUTarget("cuda", capability, 32), options=options)
 
-    return {name: kind(name) for name in _segment_kernel.arg_names}
+
+def main_loop(ttgir: str) -> dict:
+    """The products and reads of the kernel's loops (scf.for bodies, one per width)."""
+    loops = ttgir.split("scf.for")[1:]
+    body = "".join(loop.split("scf.yield")[0] for loop in loops)
+    return {
+        "dots": [[int(m), int(k)] for m, k in DOT.findall(ttgir)],
+        "copies": sorted(f"{shape} {kind}" for shape, kind in COPY.findall(body)),
+        "plain_loads": sorted(f"{shape} {kind}" for shape, kind in LOAD.findall(body)),
+        "buffers": sorted({int(n) for n, _, _ in BUFFERS.findall(ttgir)}),
+    }
 
 
-def dots(bits: int, capability: int) -> list[list[int]]:
-    values, words = CHUNKS[bits]
-    rows, runs = extras(bits)
-    constants = dict(
-        BITS=bits, VALUES=values, WORDS=words, EXTRA=rows.numel(), EXTRA_PIECES=runs.shape[0],
-        TILE=TILE, BLOCK_M=MAX_ROWS, BLOCK_N=BLOCK_N,
-    )  # fmt: skip
-    source = ASTSource(_segment_kernel, signature(constants), constants)
-    ttgir = triton.compile(source, target=GPUTarget("cuda", capability, 32)).asm["ttgir"]
-    return [[int(m), int(k)] for m, k in DOT.findall(ttgir)]
+def loop_instructions(cubin: bytes) -> int:
+    """SASS instructions in the kernel's longest loop (a backward branch's span)."""
+    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as file:
+        file.write(cubin)
+        file.flush()
+        sass = subprocess.run(
+            [str(cuobjdump), "-sass", file.name], capture_output=True, text=True, check=True
+        ).stdout
+    at = [(int(a, 16), text) for a, text in re.findall(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
+    spans = [
+        (int(m.group(1), 16), address)
+        for address, text in at
+        if (m := re.search(r"BRA\s+0x([0-9a-f]+)", text)) and int(m.group(1), 16) < address
+    ]
+    return max(sum(1 for a, _ in at if start <= a <= end) for start, end in spans)
+
+
+def launch_report(launch: Launch) -> dict:
+    """Per width on sm_90: shared bytes, weight bytes per step and in flight, instructions per
+    weight in the main loop."""
+    out = {}
+    for bits in WIDTHS:
+        values, words = CHUNKS[bits]
+        step = step_chunks(bits, launch.block_k)
+        kernel = compile_kernel((bits,), launch, 90)
+        weights_per_thread = step * values * launch.block_n / (launch.warps * 32)
+        per_step = step * words * launch.block_n * 4
+        out[f"{bits} bits"] = {
+            "shared_bytes": kernel.metadata.shared,
+            "rows_per_step": step * values,
+            "weight_bytes_per_step": per_step,
+            "weight_bytes_in_flight": per_step * (launch.stages - 1),
+            "loop_instructions_per_weight": round(
+                loop_instructions(kernel.asm["cubin"]) / weights_per_thread, 2
+            ),
+        }
+    return out
 
 
 if __name__ == "__main__":
-    print(json.dumps({f"sm_{c} {b} bits": dots(b, c) for c in (80, 90) for b in WIDTHS}))
+    if sys.argv[1] == "--launches":
+        from engine.gpu.decode_matmul import LAUNCHES
+
+        print(json.dumps({launch.name: launch_report(launch) for launch in LAUNCHES}, indent=1))
+    else:
+        capability = int(sys.argv[1])
+        found = {
+            f"{bits} bits": main_loop(compile_kernel((bits,), DEFAULT, capability).asm["ttgir"])
+            for bits in WIDTHS
+        }
+        print(json.dumps(found))
