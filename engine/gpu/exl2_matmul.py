@@ -8,25 +8,26 @@ shifts and masks take out of the chunks' (chunks, columns) word tiles, with no g
 
 A call first gathers x through `Exl2Weights.order` into a (M, K') buffer whose columns hold each
 segment's rows value by value (value 0 of every chunk, then value 1, ...), each value's run
-padded to a multiple of 8 columns. Then one launch covers every segment: a program takes
-BLOCK_N columns and the steps of a range of word rows. A step is STEP ≥ 16 chunks (16: the K of
-an fp16 tensor-core product) of one segment; it loads the chunks' WORDS word tiles
-(STEP, BLOCK_N), their groups' scales and each value's (M, STEP) run of x, then for each value
-of the chunk takes its tile out of the words, scales it to fp16 and adds its product with the
-run of x on the tensor cores, in fp32. Every address is affine in the step (a segment whose
-groups are all one size, as exllamav2's converter makes them, counts each chunk's group; any
-other looks it up), so Triton's pipeliner copies the next `Launch.stages - 1` steps into shared
-memory while one is multiplied, and the unpacking runs on the words as the product reads them
-(tests/fakes/compiled_dots.py shows both in the compiled code).
+padded to a multiple of 8 columns. Then there is one launch per segment (a width's groups, of
+one size as exllamav2's converter makes them): a program takes BLOCK_N columns and a range of
+the segment's steps. A step is STEP ≥ 16 chunks (16: the K of an fp16 tensor-core product); it
+loads the chunks' WORDS word tiles (STEP, BLOCK_N), their groups' scales and each value's
+(M, STEP) run of x, then for each value of the chunk takes its tile out of the words, scales it
+to fp16 and adds its product with the run of x on the tensor cores, in fp32. Every address is
+affine in the step (a chunk's group is counted, not looked up), so Triton's pipeliner copies the
+next `Launch.stages - 1` steps into shared memory while one is multiplied, and the unpacking
+runs on the words as the product reads them (tests/fakes/compiled_dots.py shows both in the
+compiled code). A kernel is compiled per width and launch variant, whatever the layer.
 
-Split-K: where the column blocks are too few to fill the GPU, the layer's word rows are cut into
-`splits` equal ranges; each program of a column block takes the steps that start in its range
-and writes its sums to a slot of its own, and a second kernel adds the slots in a fixed order
-and the bias (with one split, the program writes y itself). A row's result depends on its own
-inputs and the launch only, never on timing or on the other rows (no atomics). The decode graphs
-take it per layer shape where it matches exllamav2's product and is faster
-(engine/gpu/decode_matmul.py, which times the `Launch` variants) unless --no-custom-matmul is
-given; tests/engine/test_exl2_matmul*.py check it, bench/matmul_bench.py times it.
+Split-K: where the column blocks are too few to fill the GPU, a segment's steps are cut into
+ranges, one program each per column block, each writing its sums to a slot of its own. The
+layer's last launch, where it has one program per column block, adds the earlier slots in slot
+order, its own sums and the bias into y; else a second kernel adds all the slots so. A row's
+result depends on its own inputs and the launch variant only, never on timing or on the other
+rows (no atomics). The decode graphs take it per layer shape where it matches exllamav2's
+product and is faster (engine/gpu/decode_matmul.py, which times the `Launch` variants) unless
+--no-custom-matmul is given; tests/engine/test_exl2_matmul*.py check it, bench/matmul_bench.py
+times it.
 """
 
 from __future__ import annotations
@@ -102,16 +103,17 @@ def run_of(bits: int, value: int, piece: int) -> tuple[int, int, int, int]:
 
 @dataclass(frozen=True)
 class Segment:
-    """The rows of one width: consecutive groups merged."""
+    """Consecutive groups of one width and one size (the last may be shorter): one launch. In
+    exllamav2's layers, as its converter makes them, one width's groups are all one size."""
 
     bits: int
-    row: int  # first sorted input row
     chunks: int
     word: int  # first word row in q_weight
-    x_row: int  # first column of its runs in the gathered x
+    x_row: int  # first column of its runs in the gathered x (a multiple of RUN_ALIGN)
     x_run: int  # columns per value's run in the gathered x: chunks padded to RUN_ALIGN
     group: int  # its first group
-    group_tiles: int  # tiles per group if all its groups but the last have that many, else 0
+    group_rows: int  # rows per group: 32 times a power of 2
+    row: int  # first sorted input row
 
 
 @dataclass(frozen=True)
@@ -125,22 +127,12 @@ class Exl2Weights:
     height: int
     width: int
     segments: tuple[Segment, ...]
-    table: torch.Tensor  # (segments, 6) int32: each segment's numbers, as FIELDS, for the kernel
-    tile_groups: torch.Tensor  # (height / 32,) int32: each 32-row tile's group
     nibbles: torch.Tensor  # (8,) int32: the shift of column n's scale in its word, for n % 8
     order: torch.Tensor  # (K',) int64: the input row of each column of the gathered x (K' ≥ K)
-
-    @property
-    def words(self) -> int:
-        return self.q_weight.shape[0]
 
 
 class Unsupported(ValueError):
     """A layer this kernel does not take (exllamav2's kernel keeps it)."""
-
-
-# The kernel's per-segment numbers, in this order (Exl2Weights.table); x_row and x_run in 8s.
-FIELDS = ("tile", "chunks", "word", "x_row", "x_run", "group")
 
 
 def prepare(tensors: dict[str, torch.Tensor], height: int) -> Exl2Weights:
@@ -152,11 +144,8 @@ def prepare(tensors: dict[str, torch.Tensor], height: int) -> Exl2Weights:
     if q_weight.numel() >= 2**31:
         raise Unsupported(f"{height}x{width}: q_weight has 2^31 words or more")
     device = q_weight.device
-    segments_, tile_groups = _segments(tensors["q_groups"].cpu(), height, q_weight.shape[0])
+    segments_ = _segments(tensors["q_groups"].cpu(), height, q_weight.shape[0])
     perm = row_order(tensors, height).to(device=device, dtype=torch.int64) & 0xFFFF
-    table = [
-        [s.row // TILE, s.chunks, s.word, s.x_row // 8, s.x_run // 8, s.group] for s in segments_
-    ]
     return Exl2Weights(
         q_weight=q_weight,
         q_scale=tensors["q_scale"],
@@ -165,38 +154,34 @@ def prepare(tensors: dict[str, torch.Tensor], height: int) -> Exl2Weights:
         height=height,
         width=width,
         segments=segments_,
-        table=torch.tensor(table, dtype=torch.int32, device=device),
-        tile_groups=torch.tensor(tile_groups, dtype=torch.int32, device=device),
         nibbles=torch.arange(0, 32, 4, dtype=torch.int32, device=device),
         order=perm[_gather_rows(segments_).to(device)],
     )
 
 
-def _segments(
-    q_groups: torch.Tensor, height: int, words: int
-) -> tuple[tuple[Segment, ...], list[int]]:
-    """The groups merged into one segment per width, and each 32-row tile's group."""
-    merged: list[list] = []  # bits, first row, rows, first word, first group, tiles per group
-    tile_groups: list[int] = []
+def _segments(q_groups: torch.Tensor, height: int, words: int) -> tuple[Segment, ...]:
+    """The groups, merged where consecutive ones have one width and one size of 32 times a
+    power of 2 rows, and a group after them of that width is no larger."""
+    merged: list[list[int]] = []  # bits, first row, rows, first word, first group, group rows
     for index, (bits, row, rows, word) in enumerate(segments(q_groups, height, words)):
         if rows % TILE or bits not in CHUNKS:
             raise Unsupported(f"a group of {rows} rows at {bits} bits is not whole 32-row tiles")
-        tile_groups += [index] * (rows // TILE)
-        if merged and merged[-1][0] == bits:
-            merged[-1][2] += rows
-            merged[-1][5].append(rows // TILE)
+        last = merged[-1] if merged else None
+        size = last[5] if last else 0
+        if last and last[0] == bits and last[2] % size == 0 and rows <= size:
+            last[2] += rows
         else:
-            merged.append([bits, row, rows, word, index, [rows // TILE]])
+            power = rows & -rows == rows  # else the group is a segment of its own
+            merged.append([bits, row, rows, word, index, rows if power else 2 * height])
     out, x_row = [], 0
-    for bits, row, rows, word, group, sizes in merged:
+    for bits, row, rows, word, group, group_rows in merged:
         values, _ = CHUNKS[bits]
         chunks = rows // values
         x_run = -(-chunks // RUN_ALIGN) * RUN_ALIGN
-        uniform = all(size == sizes[0] for size in sizes[:-1]) and sizes[-1] <= sizes[0]
-        tiles = sizes[0] if uniform else 0
-        out.append(Segment(bits, row, chunks, word, x_row, x_run, group, tiles))
+        group_rows = min(group_rows, 1 << (rows - 1).bit_length())  # a power of 2, ≥ rows
+        out.append(Segment(bits, chunks, word, x_row, x_run, group, group_rows, row))
         x_row += values * x_run
-    return tuple(out), tile_groups
+    return tuple(out)
 
 
 def _gather_rows(segments_: tuple[Segment, ...]) -> torch.Tensor:
@@ -214,19 +199,35 @@ def _gather_rows(segments_: tuple[Segment, ...]) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class Plan:
+    """How a launch variant cuts a layer: per segment, its split-K (programs per column block)
+    and the steps each program takes."""
+
     column_blocks: int
-    splits: int
-    per_split: int  # word rows of each split's range
+    splits: tuple[int, ...]
+    per_split: tuple[int, ...]
+
+    @property
+    def finishes(self) -> bool:
+        """Whether the last segment's one program per column block writes y (else a sum kernel
+        does, from every program's slot)."""
+        return self.splits[-1] == 1
+
+    @property
+    def slots(self) -> int:
+        """Slots of partial sums written: one per program but a finishing one."""
+        return sum(self.splits) - self.finishes
 
 
 def plan(weights: Exl2Weights, launch: Launch, programs: int) -> Plan:
-    """How many ranges of word rows to cut the layer into so the grid fills `programs`."""
+    """Each segment's launch fills `programs` programs, as far as its steps go."""
     column_blocks = triton.cdiv(weights.width, launch.block_n)
-    steps = sum(
-        triton.cdiv(s.chunks, step_chunks(s.bits, launch.block_k)) for s in weights.segments
-    )
-    splits = max(1, min(steps, triton.cdiv(programs, column_blocks)))
-    return Plan(column_blocks, splits, triton.cdiv(weights.words, splits))
+    splits, per_split = [], []
+    for s in weights.segments:
+        steps = triton.cdiv(s.chunks, step_chunks(s.bits, launch.block_k))
+        split = max(1, min(steps, triton.cdiv(programs, column_blocks)))
+        per_split.append(triton.cdiv(steps, split))
+        splits.append(triton.cdiv(steps, per_split[-1]))  # none left without a step
+    return Plan(column_blocks, tuple(splits), tuple(per_split))
 
 
 @triton.jit
@@ -237,15 +238,10 @@ def _magic(q):
 
 
 @triton.jit
-def _groups(segment, chunk, chunk_ok, tile_groups, VALUES: tl.constexpr, GROUP_TILES: tl.constexpr):
-    """(STEP,) int32: the group of each chunk of a step. A segment whose groups are all
-    GROUP_TILES tiles but its last counts them; any other looks each tile up."""
-    tile0, _, _, _, _, group0 = segment
-    tile = chunk * VALUES // 32
-    if GROUP_TILES > 0:
-        return group0 + tile // GROUP_TILES
-    else:
-        return tl.load(tile_groups + tile0 + tile, mask=chunk_ok, other=0)
+def _groups(segment, chunk, VALUES: tl.constexpr):
+    """(STEP,) int32: the group of each chunk of a step."""
+    _, _, _, _, group0, group_shift = segment
+    return group0 + ((chunk * VALUES) >> group_shift)
 
 
 @triton.jit
@@ -293,17 +289,17 @@ def _piece(words, RUN: tl.constexpr):
 
 
 @triton.jit
-def _step(acc, x_in, w_in, scales, tile_groups, segment, i, SEGMENT: tl.constexpr):
+def _step(acc, x_in, w_in, scales, segment, i, SEGMENT: tl.constexpr):
     """acc plus step i of a segment: STEP chunks, each value's tile one product."""
     BITS: tl.constexpr = SEGMENT[0]
     VALUES: tl.constexpr = SEGMENT[1]
     WORDS: tl.constexpr = SEGMENT[2]
     STEP: tl.constexpr = SEGMENT[3]
     q_weight, N, cols, col_ok = w_in
-    _, chunks, word0, x_row, x_run, _ = segment
+    chunks, word0, x_row, x_run, _, _ = segment
     chunk = i * STEP + tl.arange(0, STEP)
     chunk_ok = chunk < chunks
-    group = _groups(segment, chunk, chunk_ok, tile_groups, VALUES, SEGMENT[4])
+    group = _groups(segment, chunk, VALUES)
     scale = _scales(scales, group, chunk_ok, cols, col_ok, N)
     offset = -BIAS * scale
     words = ()  # (STEP, BLOCK_N) int32 each: word w of every chunk of the step
@@ -320,55 +316,50 @@ def _step(acc, x_in, w_in, scales, tile_groups, segment, i, SEGMENT: tl.constexp
 
 
 @triton.jit
-def _segment(acc, x_in, w_in, scales, tile_groups, entry, first, last, SEGMENT: tl.constexpr):
-    """acc plus the steps of one segment that start in word rows [first, last). SEGMENT: its
-    (bits, values, words, step chunks, group tiles); entry: its row of the layer's table."""
-    WORDS: tl.constexpr = SEGMENT[2]
-    STEP: tl.constexpr = SEGMENT[3]
-    chunks = tl.load(entry + 1)
-    word0 = tl.load(entry + 2)
-    x_row = tl.load(entry + 3) * 8  # multiples of 8 columns: 16-byte aligned runs of x
-    x_run = tl.load(entry + 4) * 8
-    segment = (tl.load(entry), chunks, word0, x_row, x_run, tl.load(entry + 5))
-    span = STEP * WORDS
-    steps = (chunks + STEP - 1) // STEP
-    lo = tl.minimum((tl.maximum(first - word0, 0) + span - 1) // span, steps)
-    hi = tl.minimum((tl.maximum(last - word0, 0) + span - 1) // span, steps)
-    for i in range(lo, hi):
-        acc = _step(acc, x_in, w_in, scales, tile_groups, segment, i, SEGMENT)
-    return acc
-
-
-@triton.jit(do_not_specialize=["M", "per_split", "splits"])
-def _matmul_kernel(
-    xs, XK, q_weight, q_scale, scale_max, nibbles, tile_groups, table, bias, y, partial,
-    M, N, per_split, splits,
-    SEGMENTS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr,
-):  # fmt: skip
-    """One program: BLOCK_N columns over the steps of every segment that start in its split's
-    word rows. SEGMENTS: each segment's (bits, values, words, step chunks, group tiles). With
-    one split it writes y, else its slot of partial."""
-    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_ok = cols < N
-    rows_m = tl.arange(0, BLOCK_M)
-    row_ok = rows_m < M
-    split = tl.program_id(1)
-    first = split * per_split
-    x_in = (xs, XK, rows_m, row_ok)
-    w_in = (q_weight, N, cols, col_ok)
-    scales = (q_scale, scale_max, tl.load(nibbles + cols % 8))  # each column's shift in its word
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for s in tl.static_range(len(SEGMENTS)):
-        entry = table + s * 6  # its row of FIELDS
-        last = first + per_split
-        acc = _segment(acc, x_in, w_in, scales, tile_groups, entry, first, last, SEGMENTS[s])
-    ok = row_ok[:, None] & col_ok[None, :]
-    if splits > 1:
-        tl.store(partial + (split * M + rows_m)[:, None] * N + cols[None, :], acc, mask=ok)
-    else:
+def _finish(acc, y, partial, bias, slot, finish, M, N, rows_m, cols, HAS_BIAS: tl.constexpr):
+    """Write a program's sums: to its slot of partial; or, for the layer's last launch where
+    one program takes a column block (finish), to y after the slots before it, in slot order
+    (as _sum_kernel adds them), and the bias."""
+    ok = (rows_m < M)[:, None] & (cols < N)[None, :]
+    at = rows_m[:, None] * N + cols[None, :]
+    if finish:
+        total = tl.zeros_like(acc)
+        for earlier in range(0, slot):
+            total += tl.load(partial + earlier * M * N + at, mask=ok, other=0.0)
+        total += acc
         if HAS_BIAS:
-            acc += tl.load(bias + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-        tl.store(y + rows_m[:, None] * N + cols[None, :], acc.to(tl.float16), mask=ok)
+            total += tl.load(bias + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+        tl.store(y + at, total.to(tl.float16), mask=ok)
+    else:
+        tl.store(partial + slot * M * N + at, acc, mask=ok)
+
+
+NOT_SPECIALIZED = ["M", "chunks", "word0", "x_row8", "x_run8", "group0", "group_shift"]
+
+
+@triton.jit(do_not_specialize=NOT_SPECIALIZED + ["per_split", "slot0", "finish"])
+def _segment_kernel(
+    xs, XK, q_weight, q_scale, scale_max, nibbles, bias, y, partial, M, N,
+    chunks, word0, x_row8, x_run8, group0, group_shift, per_split, slot0, finish,
+    SEGMENT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr,
+):  # fmt: skip
+    """One program: BLOCK_N columns over its split's steps of one segment. SEGMENT: (bits,
+    values, words, step chunks); x_row8 and x_run8 in 8s of columns (so the compiler knows the
+    runs of x are 16-byte aligned); group_shift: log2 of the rows per group."""
+    STEP: tl.constexpr = SEGMENT[3]
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows_m = tl.arange(0, BLOCK_M)
+    split = tl.program_id(1)
+    x_in = (xs, XK, rows_m, rows_m < M)
+    w_in = (q_weight, N, cols, cols < N)
+    scales = (q_scale, scale_max, tl.load(nibbles + cols % 8))  # each column's shift in its word
+    segment = (chunks, word0, x_row8 * 8, x_run8 * 8, group0, group_shift)
+    first = split * per_split
+    last = tl.minimum(first + per_split, (chunks + STEP - 1) // STEP)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for i in range(first, last):
+        acc = _step(acc, x_in, w_in, scales, segment, i, SEGMENT)
+    _finish(acc, y, partial, bias, slot0 + split, finish, M, N, rows_m, cols, HAS_BIAS)
 
 
 @triton.jit
@@ -389,12 +380,9 @@ def _sum_kernel(
     tl.store(y + at, acc.to(tl.float16), mask=ok)
 
 
-def kernel_segments(weights: Exl2Weights, block_k: int) -> tuple[tuple[int, ...], ...]:
-    """The kernel's SEGMENTS: (bits, values, words, step chunks, group tiles) of each."""
-    return tuple(
-        (s.bits, *CHUNKS[s.bits], step_chunks(s.bits, block_k), s.group_tiles)
-        for s in weights.segments
-    )
+def kernel_segment(segment: Segment, block_k: int) -> tuple[int, int, int, int]:
+    """The kernel's SEGMENT: (bits, values, words, step chunks)."""
+    return (segment.bits, *CHUNKS[segment.bits], step_chunks(segment.bits, block_k))
 
 
 def matmul(x: torch.Tensor, weights: Exl2Weights, launch: Launch = DEFAULT) -> torch.Tensor:
@@ -411,19 +399,26 @@ def matmul(x: torch.Tensor, weights: Exl2Weights, launch: Launch = DEFAULT) -> t
     cut = plan(weights, launch, launch.per_sm * processors(x.device))
     xs = x.index_select(1, weights.order)  # contiguous (M, K'): every load below is affine
     y = torch.empty((rows, n), dtype=torch.float16, device=x.device)
-    slots = cut.splits if cut.splits > 1 else 0
+    slots = max(cut.slots, 1)  # (at least one: no launch takes a null pointer)
     partial = torch.empty((slots, rows, n), dtype=torch.float32, device=x.device)
     bias = weights.bias if weights.bias is not None else y
-    _matmul_kernel[(cut.column_blocks, cut.splits)](
-        xs, xs.shape[1], weights.q_weight, weights.q_scale, weights.q_scale_max, weights.nibbles,
-        weights.tile_groups, weights.table, bias, y, partial, rows, n, cut.per_split, cut.splits,
-        SEGMENTS=kernel_segments(weights, launch.block_k), BLOCK_M=MAX_ROWS,
-        BLOCK_N=launch.block_n, HAS_BIAS=weights.bias is not None,
-        num_warps=launch.warps, num_stages=launch.stages,
-    )  # fmt: skip
-    if slots:
+    slot = 0
+    for index, segment in enumerate(weights.segments):
+        splits = cut.splits[index]
+        finish = cut.finishes and index == len(weights.segments) - 1
+        _segment_kernel[(cut.column_blocks, splits)](
+            xs, xs.shape[1], weights.q_weight, weights.q_scale, weights.q_scale_max,
+            weights.nibbles, bias, y, partial, rows, n,
+            segment.chunks, segment.word, segment.x_row // 8, segment.x_run // 8, segment.group,
+            segment.group_rows.bit_length() - 1, cut.per_split[index], slot, int(finish),
+            SEGMENT=kernel_segment(segment, launch.block_k), BLOCK_M=MAX_ROWS,
+            BLOCK_N=launch.block_n, HAS_BIAS=weights.bias is not None,
+            num_warps=launch.warps, num_stages=launch.stages,
+        )  # fmt: skip
+        slot += splits
+    if not cut.finishes:
         _sum_kernel[(cut.column_blocks,)](
-            partial, bias, y, rows, n, slots,
+            partial, bias, y, rows, n, cut.slots,
             HAS_BIAS=weights.bias is not None, BLOCK_M=MAX_ROWS, BLOCK_N=launch.block_n,
         )  # fmt: skip
     return y

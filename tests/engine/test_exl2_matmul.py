@@ -51,7 +51,7 @@ def test_the_runs_rebuild_every_bit_of_every_value(bits):
 def test_each_width_alone_multiplies_as_its_weights_do_at_any_launch_shape(bits):
     tensors, height, weights = random_layer(bits, [(bits, 64), (bits, 32)], width=104)
     layer = prepare(tensors, height)
-    assert layer.segments[0].group_tiles == 2  # 2 tiles a group, the last shorter: counted
+    assert [s.group_rows for s in layer.segments] == [64]  # the last group shorter
     shapes = ((1, Launch(32, 64, 2, 3, 1)), (MAX_ROWS, Launch(128, 256, 4, 2, 3)))
     for rows, launch in shapes:
         x = torch.randn(rows, height, generator=torch.Generator().manual_seed(rows)).half()
@@ -102,13 +102,22 @@ def test_every_launch_variant_multiplies_as_the_weights_do():
                 assert close(matmul(x, layer, launch), want), (layer.segments, launch, rows)
 
 
-def test_the_layers_tested_take_both_ways_to_a_chunks_group_and_split_k():
+def test_a_width_is_one_launch_where_its_groups_are_one_size():
     rng = random.Random(11)
-    layer = prepare(*uniform_layer(0, rng)[:2])
-    assert all(s.group_tiles for s in layer.segments)
-    tensors, height, _ = random_layer(0, [(4, 32), (4, 64), (4, 32)], width=16)
-    assert prepare(tensors, height).segments[0].group_tiles == 0  # sizes vary: looked up
-    assert plan(layer, DEFAULT, programs=16).splits > 1
+    tensors, height, _ = uniform_layer(0, rng)
+    layer = prepare(tensors, height)
+    assert len(layer.segments) == len(
+        {bits for bits, _ in tensors["q_groups"].view(-1, 2).tolist()}
+    )
+    tensors, height, _ = random_layer(0, [(4, 32), (4, 64), (4, 64), (4, 96), (3, 32)], width=16)
+    layer = prepare(tensors, height)
+    assert [(s.bits, s.chunks * 8, s.group_rows) for s in layer.segments[:3]] == [
+        (4, 32, 32),
+        (4, 128, 64),
+        (4, 96, 128),  # not a power of 2: a segment of its own
+    ]
+    assert max(plan(layer, DEFAULT, programs=16).splits) == 1  # one step each
+    assert plan(prepare(*random_layer(0, [(4, 1024)], 16)[:2]), DEFAULT, 16).splits == (4,)
 
 
 @pytest.mark.parametrize("launch", LAUNCHES, ids=lambda launch: launch.name)
@@ -144,17 +153,22 @@ def test_a_layer_the_load_left_without_q_perm_takes_its_input_rows_in_order():
     assert torch.equal(dequantize(tensors, height), sorted_weights)
 
 
-def test_one_split_writes_the_output_itself_and_several_add_up_in_a_second_kernel(
+def test_the_last_launch_finishes_the_sum_where_it_has_one_program_a_column_block(
     bounds_checked,
 ):
-    tensors, height, weights = random_layer(2, [(4, 512)], width=512)
+    """Each width is a launch; their programs' sums meet in slots, added in slot order by the
+    last launch where it has one program per column block, else by a sum kernel."""
+    tensors, height, weights = random_layer(2, [(5, 512), (4, 512)], width=512)
     layer = prepare(tensors, height)
     x = torch.randn(2, height, generator=torch.Generator().manual_seed(2)).half()
-    for per_sm, kernels in ((1, ["_matmul_kernel"]), (8, ["_matmul_kernel", "_sum_kernel"])):
+    kernel = "_segment_kernel"
+    cases = ((1, [kernel, kernel]), (8, [kernel, kernel, "_sum_kernel"]))  # 8 column blocks
+    for per_sm, kernels in cases:
         bounds_checked.clear()
-        launch = Launch(64, 128, 4, 3, per_sm)  # 4 steps of 128 rows, 8 column blocks
+        launch = Launch(64, 128, 4, 3, per_sm)  # 4 steps of 128 rows at 4 bits, 1 at 5
         assert close(matmul(x, layer, launch), x.float() @ weights)
         assert bounds_checked == kernels or not bounds_checked  # (none listed on a GPU)
+    assert plan(layer, Launch(64, 128, 4, 3, 8), programs=64).splits == (1, 4)
 
 
 def test_a_step_is_at_least_the_depth_of_a_tensor_core_product():

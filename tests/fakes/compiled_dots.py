@@ -23,25 +23,25 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from engine.gpu.exl2_layout import CHUNKS, WIDTHS
-from engine.gpu.exl2_matmul import DEFAULT, MAX_ROWS, Launch, _matmul_kernel, step_chunks
+from engine.gpu.exl2_matmul import DEFAULT, MAX_ROWS, Launch, _segment_kernel, step_chunks
 
 POINTERS = {"xs": "*fp16", "scale_max": "*fp32", "bias": "*fp16", "y": "*fp16", "partial": "*fp32"}
-INTEGERS = {"XK", "M", "N", "per_split", "splits"}
+INTEGERS = {"XK", "M", "N", "chunks", "word0", "x_row8", "x_run8", "group0", "group_shift"}
+INTEGERS |= {"per_split", "slot0", "finish"}
 # What a launch passes aligned: torch's buffers start at 16 bytes, the real widths and the
-# gathered x's row length are multiples of 16.
-ALIGNED = {"xs", "XK", "q_weight", "q_scale", "scale_max", "nibbles", "tile_groups", "table"}
-ALIGNED |= {"bias", "y", "partial", "N"}
+# gathered x's row length are multiples of 16 (the kernel's other integers are not specialized).
+ALIGNED = {"xs", "XK", "q_weight", "q_scale", "scale_max", "nibbles", "bias", "y", "partial", "N"}
 DOT = re.compile(r"tt\.dot .*?: tensor<(\d+)x(\d+)x")
 COPY = re.compile(r"ttg\.async_copy_global_to_local .*?: tensor<([0-9x]+)x!tt\.ptr<(\w+)>")
 LOAD = re.compile(r"= tt\.load .*?: tensor<([0-9x]+)x!tt\.ptr<(\w+)>")
 BUFFERS = re.compile(r"ttg\.local_alloc .*?!ttg\.memdesc<(\d+)x(\d+)x(\d+)xi32")
 
 
-def compile_kernel(bits: tuple[int, ...], launch: Launch, capability: int, group_tiles: int = 1):
-    """The kernel for a layer of these widths (groups of `group_tiles` tiles; 0: looked up)."""
-    segments = tuple((b, *CHUNKS[b], step_chunks(b, launch.block_k), group_tiles) for b in bits)
-    constants = dict(SEGMENTS=segments, BLOCK_M=MAX_ROWS, BLOCK_N=launch.block_n, HAS_BIAS=True)
-    names = _matmul_kernel.arg_names
+def compile_kernel(bits: int, launch: Launch, capability: int):
+    """The kernel for a segment of this width."""
+    segment = (bits, *CHUNKS[bits], step_chunks(bits, launch.block_k))
+    constants = dict(SEGMENT=segment, BLOCK_M=MAX_ROWS, BLOCK_N=launch.block_n, HAS_BIAS=True)
+    names = _segment_kernel.arg_names
     signature = {
         name: "constexpr"
         if name in constants
@@ -49,15 +49,16 @@ def compile_kernel(bits: tuple[int, ...], launch: Launch, capability: int, group
         for name in names
     }
     attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(names) if name in ALIGNED}
-    source = ASTSource(_matmul_kernel, signature, constants, attrs)
+    source = ASTSource(_segment_kernel, signature, constants, attrs)
     options = dict(num_warps=launch.warps, num_stages=launch.stages)
     return triton.compile(source, target=GPUTarget("cuda", capability, 32), options=options)
 
 
 def main_loop(ttgir: str) -> dict:
-    """The products and reads of the kernel's loops (scf.for bodies, one per width)."""
-    loops = ttgir.split("scf.for")[1:]
-    body = "".join(loop.split("scf.yield")[0] for loop in loops)
+    """The products and reads of the kernel's main loop (the scf.for bodies but the finishing
+    one, which reads earlier slots)."""
+    loops = [loop.split("scf.yield")[0] for loop in ttgir.split("scf.for")[1:]]
+    body = "".join(loop for loop in loops if "tt.dot" in loop)
     return {
         "dots": [[int(m), int(k)] for m, k in DOT.findall(ttgir)],
         "copies": sorted(f"{shape} {kind}" for shape, kind in COPY.findall(body)),
@@ -91,7 +92,7 @@ def launch_report(launch: Launch) -> dict:
     for bits in WIDTHS:
         values, words = CHUNKS[bits]
         step = step_chunks(bits, launch.block_k)
-        kernel = compile_kernel((bits,), launch, 90)
+        kernel = compile_kernel(bits, launch, 90)
         weights_per_thread = step * values * launch.block_n / (launch.warps * 32)
         per_step = step * words * launch.block_n * 4
         out[f"{bits} bits"] = {
@@ -114,7 +115,7 @@ if __name__ == "__main__":
     else:
         capability = int(sys.argv[1])
         found = {
-            f"{bits} bits": main_loop(compile_kernel((bits,), DEFAULT, capability).asm["ttgir"])
+            f"{bits} bits": main_loop(compile_kernel(bits, DEFAULT, capability).asm["ttgir"])
             for bits in WIDTHS
         }
         print(json.dumps(found))
