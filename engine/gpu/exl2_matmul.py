@@ -245,16 +245,18 @@ def _groups(segment, chunk, VALUES: tl.constexpr):
 
 
 @triton.jit
-def _scales(scales, group, chunk_ok, cols, col_ok, N):
+def _scales(scales, group, chunk_ok, N, BLOCK_N: tl.constexpr):
     """(STEP, BLOCK_N) fp32: each chunk's group scale at each column; 0 past the segment's end,
-    where x's run holds padding."""
-    q_scale, scale_max, nibble = scales
+    where x's run holds padding. Each word of q_scale is read once (it holds 8 columns')."""
+    q_scale, scale_max, scale_words, nibble = scales
     packed = tl.load(
-        q_scale + group[:, None] * (N // 8) + (cols // 8)[None, :],
-        mask=chunk_ok[:, None] & col_ok[None, :],
+        q_scale + group[:, None] * (N // 8) + scale_words[None, :],
+        mask=chunk_ok[:, None] & (scale_words < N // 8)[None, :],
         other=0,
     )
-    quarter = ((packed >> nibble[None, :]) & 15) + 1
+    STEP: tl.constexpr = group.shape[0]
+    spread = tl.broadcast_to(packed[:, :, None], (STEP, BLOCK_N // 8, 8))
+    quarter = ((spread.reshape(STEP, BLOCK_N) >> nibble[None, :]) & 15) + 1
     top = tl.load(scale_max + group, mask=chunk_ok, other=0.0)
     return (_magic(quarter * quarter) - 8388608.0) * top[:, None]
 
@@ -300,7 +302,7 @@ def _step(acc, x_in, w_in, scales, segment, i, SEGMENT: tl.constexpr):
     chunk = i * STEP + tl.arange(0, STEP)
     chunk_ok = chunk < chunks
     group = _groups(segment, chunk, VALUES)
-    scale = _scales(scales, group, chunk_ok, cols, col_ok, N)
+    scale = _scales(scales, group, chunk_ok, N, cols.shape[0])
     offset = -BIAS * scale
     words = ()  # (STEP, BLOCK_N) int32 each: word w of every chunk of the step
     for w in tl.static_range(WORDS):
@@ -352,7 +354,8 @@ def _segment_kernel(
     split = tl.program_id(1)
     x_in = (xs, XK, rows_m, rows_m < M)
     w_in = (q_weight, N, cols, cols < N)
-    scales = (q_scale, scale_max, tl.load(nibbles + cols % 8))  # each column's shift in its word
+    scale_words = tl.program_id(0) * (BLOCK_N // 8) + tl.arange(0, BLOCK_N // 8)
+    scales = (q_scale, scale_max, scale_words, tl.load(nibbles + cols % 8))  # shift in its word
     segment = (chunks, word0, x_row8 * 8, x_run8 * 8, group0, group_shift)
     first = split * per_split
     last = tl.minimum(first + per_split, (chunks + STEP - 1) // STEP)
