@@ -246,8 +246,8 @@ def _groups(segment, chunk, VALUES: tl.constexpr):
 
 @triton.jit
 def _scales(scales, group, chunk_ok, N, BLOCK_N: tl.constexpr):
-    """(STEP, BLOCK_N) fp32: each chunk's group scale at each column; 0 past the segment's end,
-    where x's run holds padding. Each word of q_scale is read once (it holds 8 columns')."""
+    """(STEP, BLOCK_N) fp32, exact: each chunk's group scale at each column; 0 past the segment's
+    end, where x's run holds padding. Each word of q_scale is read once (it holds 8 columns')."""
     q_scale, scale_max, scale_words, nibble = scales
     packed = tl.load(
         q_scale + group[:, None] * (N // 8) + scale_words[None, :],
@@ -261,26 +261,23 @@ def _scales(scales, group, chunk_ok, N, BLOCK_N: tl.constexpr):
     return (_magic(quarter * quarter) - 8388608.0) * top[:, None]
 
 
-# 1.5 · 2^23: a float whose last mantissa bit is worth 1, with room for ± 2^22 below it.
-BIAS = tl.constexpr(12582912.0)
-
-
 @triton.jit
-def _product(acc, x_in, at, x_run, chunk, q, scale, offset, BITS: tl.constexpr):
+def _product(acc, x_in, at, x_run, chunk, q, scale, BITS: tl.constexpr):
     """acc plus one value's run of x (BLOCK_M, STEP) from column `at` of the gathered x times its
     weights (q - 2^(BITS-1)) · scale for the value tile q (STEP, BLOCK_N), in fp16.
 
-    q + BIAS's bits - 2^(BITS-1), read as a float, is BIAS + q - 2^(BITS-1) exactly; times the
-    scale plus offset (-BIAS · scale, exact: a scale has at most 19 significant bits) it is the
-    weight, rounded once by the fused multiply-add."""
+    q's bits under the fp16 exponent of 1024 read 1024 + q exactly (no conversion instruction);
+    less 1024 + 2^(BITS-1) it is q - 2^(BITS-1) exactly, and times the scale (fp16, as
+    exllamav2's kernel takes it) the weight, rounded once. The compiler packs two weights to a
+    register for this (half2 arithmetic)."""
     xs, XK, rows_m, row_ok = x_in
     x = tl.load(
         xs + rows_m[:, None] * XK + (at + chunk)[None, :],
         mask=row_ok[:, None] & (chunk < x_run)[None, :],
         other=0.0,
     )
-    biased = (q + (0x4B400000 - (1 << (BITS - 1)))).to(tl.float32, bitcast=True)
-    weights = tl.fma(biased, scale, offset).to(tl.float16)
+    magic = (q | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
+    weights = (magic - (1024.0 + (1 << (BITS - 1)))) * scale
     return tl.dot(x, weights, acc)
 
 
@@ -302,8 +299,7 @@ def _step(acc, x_in, w_in, scales, segment, i, SEGMENT: tl.constexpr):
     chunk = i * STEP + tl.arange(0, STEP)
     chunk_ok = chunk < chunks
     group = _groups(segment, chunk, VALUES)
-    scale = _scales(scales, group, chunk_ok, N, cols.shape[0])
-    offset = -BIAS * scale
+    scale = _scales(scales, group, chunk_ok, N, cols.shape[0]).to(tl.float16)
     words = ()  # (STEP, BLOCK_N) int32 each: word w of every chunk of the step
     for w in tl.static_range(WORDS):
         at = (word0 + chunk * WORDS + w)[:, None] * N + cols[None, :]
@@ -313,7 +309,7 @@ def _step(acc, x_in, w_in, scales, segment, i, SEGMENT: tl.constexpr):
         q = _piece(words, run_of(BITS, v, 0))
         for p in tl.static_range(1, run_count(BITS, v)):  # bits that span words: 6, 5, 3 bits
             q |= _piece(words, run_of(BITS, v, p))
-        acc = _product(acc, x_in, x_row + v * x_run, x_run, chunk, q, scale, offset, BITS)
+        acc = _product(acc, x_in, x_row + v * x_run, x_run, chunk, q, scale, BITS)
     return acc
 
 
