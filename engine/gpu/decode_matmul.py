@@ -1,14 +1,16 @@
 """Our EXL2 matmul (engine/gpu/exl2_matmul.py) in the decode graphs, where it is right and faster.
 
 At load every EXL2 layer is indexed in place (nothing is copied) and multiplied once by random rows
-with both kernels: a layer whose product parts from exllamav2's `gemm_half_q_half` by more than
-fp16 noise keeps exllamav2's kernel. Before each batch size is captured, each layer shape (in, out)
-is timed with both kernels over all of its layers in a CUDA graph, as a step runs them, and ours
-takes the shapes where it is faster. While that batch size is captured, those layers call ours, and
-the attention and MLP modules holding them run exllamav2's Python forward (the same norms, rotary
+with both kernels: a layer whose product parts from exllamav2's `gemm_half_q_half` by more than fp16
+noise keeps exllamav2's kernel. Before each batch size is captured, each layer shape (in, out) is
+timed with exllamav2's kernel and each of our launch variants (LAUNCHES) over all of its layers in a
+CUDA graph, as a step runs them, and ours takes the shapes where a variant is faster, with that
+variant. (The first load compiles a kernel per bit width and variant, a few seconds each; Triton
+keeps them on disk for the next.) While that batch size is captured, those layers call ours, and the
+attention and MLP modules holding them run exllamav2's Python forward (the same norms, rotary
 embedding and attention, each projection through its layer's forward) instead of the fused C++ one.
-Last, the whole step is computed both ways: where the logits part, the batch size keeps
-exllamav2's kernels throughout. Prefill and eager decode always use exllamav2's. An engine made with
+Last, the whole step is computed both ways: where the logits part, the batch size keeps exllamav2's
+kernels throughout. Prefill and eager decode always use exllamav2's. An engine made with
 custom_matmul=False (--no-custom-matmul) skips all of this.
 """
 
@@ -32,18 +34,18 @@ from engine.gpu.exl2_matmul import (
 )
 from engine.gpu.loading import is_oom
 
-# Launch variants timed per layer shape. Shared memory per program is about
-# (stages - 1) · (block_k · bits / 8 · block_n + block_k · 32 + the scales' words); they fit
-# an L4's 99 KB at 1 program, an A100's 163 KB and an H100's 227 KB at per_sm programs for the
-# widths of a 4-6.5 bpw model. A variant that cannot run on this GPU is skipped.
+# Launch variants timed per layer shape (engine/gpu/exl2_matmul.py, Launch). Compiled for sm_90
+# (python -m tests.fakes.compiled_dots --launches), a program takes 19-169 KB of shared memory and
+# 72-255 registers a thread by width and variant, and as many as fit an H100 multiprocessor keep
+# 33-164 KB of weights in flight; the main loop runs 5-8 instructions per weight. A variant that
+# needs more shared memory than this GPU has (some widths on an A100 or L4) is skipped.
 LAUNCHES = (
     DEFAULT,  # 64 columns, 256 rows a step, 4 warps, 3 stages, 2 programs per SM
-    Launch(block_n=64, block_k=512, warps=4, stages=3, per_sm=1),
-    Launch(block_n=32, block_k=512, warps=2, stages=4, per_sm=4),
-    Launch(block_n=128, block_k=256, warps=4, stages=3, per_sm=1),
-    Launch(block_n=128, block_k=128, warps=4, stages=4, per_sm=2),
-    Launch(block_n=256, block_k=128, warps=8, stages=3, per_sm=1),
-    Launch(block_n=64, block_k=128, warps=4, stages=4, per_sm=3),
+    Launch(block_n=64, block_k=256, warps=4, stages=4, per_sm=2),  # a step more in flight
+    Launch(block_n=64, block_k=128, warps=4, stages=4, per_sm=4),  # short steps, more programs
+    Launch(block_n=32, block_k=256, warps=2, stages=4, per_sm=4),  # narrow: few columns (k, v)
+    Launch(block_n=128, block_k=256, warps=8, stages=3, per_sm=2),
+    Launch(block_n=256, block_k=128, warps=8, stages=3, per_sm=1),  # wide: many columns
 )
 # Largest difference from exllamav2's product, relative to its largest output, that is still the
 # same product: each kernel is within 4e-3 of the exact one (tests/engine/test_exl2_matmul_gpu.py).

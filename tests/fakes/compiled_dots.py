@@ -67,15 +67,19 @@ def main_loop(ttgir: str) -> dict:
     }
 
 
-def loop_instructions(cubin: bytes) -> int:
-    """SASS instructions in the kernel's longest loop (a backward branch's span)."""
+def _cuobjdump(cubin: bytes, *flags: str) -> str:
     cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
     with tempfile.NamedTemporaryFile(suffix=".cubin") as file:
         file.write(cubin)
         file.flush()
-        sass = subprocess.run(
-            [str(cuobjdump), "-sass", file.name], capture_output=True, text=True, check=True
-        ).stdout
+        done = subprocess.run([str(cuobjdump), *flags, file.name], capture_output=True, text=True)
+    done.check_returncode()
+    return done.stdout
+
+
+def loop_instructions(cubin: bytes) -> int:
+    """SASS instructions in the kernel's longest loop (a backward branch's span)."""
+    sass = _cuobjdump(cubin, "-sass")
     at = [(int(a, 16), text) for a, text in re.findall(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
     spans = [
         (int(m.group(1), 16), address)
@@ -85,23 +89,45 @@ def loop_instructions(cubin: bytes) -> int:
     return max(sum(1 for a, _ in at if start <= a <= end) for start, end in spans)
 
 
+def resources(cubin: bytes) -> tuple[int, int]:
+    """Registers a thread, and bytes of stack (registers spilled, among others)."""
+    usage = re.search(r"REG:(\d+) STACK:(\d+)", _cuobjdump(cubin, "-res-usage"))
+    assert usage, "no resource usage"
+    return int(usage.group(1)), int(usage.group(2))
+
+
+# An H100's multiprocessor: shared memory (less 1 KB a program), registers, threads.
+H100_SM = {"shared": 233472, "reserved": 1024, "registers": 65536, "threads": 2048}
+
+
 def launch_report(launch: Launch) -> dict:
-    """Per width on sm_90: shared bytes, weight bytes per step and in flight, instructions per
-    weight in the main loop."""
+    """Per width on sm_90: shared bytes, registers and stack a thread, programs an H100
+    multiprocessor holds at once, weight bytes per step and in flight a program, and the main
+    loop's SASS instructions per weight."""
     out = {}
     for bits in WIDTHS:
         values, words = CHUNKS[bits]
         step = step_chunks(bits, launch.block_k)
         kernel = compile_kernel(bits, launch, 90)
-        weights_per_thread = step * values * launch.block_n / (launch.warps * 32)
+        threads = launch.warps * 32
+        regs, stack = resources(kernel.asm["cubin"])
+        fit = min(
+            H100_SM["shared"] // (kernel.metadata.shared + H100_SM["reserved"]),
+            H100_SM["registers"] // (regs * threads),
+            H100_SM["threads"] // threads,
+        )
         per_step = step * words * launch.block_n * 4
         out[f"{bits} bits"] = {
             "shared_bytes": kernel.metadata.shared,
+            "registers": regs,
+            "stack_bytes": stack,
+            "programs_per_h100_sm": fit,
             "rows_per_step": step * values,
             "weight_bytes_per_step": per_step,
             "weight_bytes_in_flight": per_step * (launch.stages - 1),
             "loop_instructions_per_weight": round(
-                loop_instructions(kernel.asm["cubin"]) / weights_per_thread, 2
+                loop_instructions(kernel.asm["cubin"]) * threads / (step * values * launch.block_n),
+                2,
             ),
         }
     return out
