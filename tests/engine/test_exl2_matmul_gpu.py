@@ -12,21 +12,22 @@ torch = pytest.importorskip("torch")
 if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU (run `pytest -m gpu` on a GPU machine)", allow_module_level=True)
 
+from engine.gpu.decode_matmul import LAUNCHES  # noqa: E402
 from engine.gpu.exl2_layout import WIDTHS, dequantize  # noqa: E402
-from engine.gpu.exl2_matmul import MAX_ROWS, matmul, prepare  # noqa: E402
+from engine.gpu.exl2_matmul import DEFAULT, MAX_ROWS, matmul, prepare  # noqa: E402
 from tests.engine.test_engine_gpu import load_exllamav2  # noqa: E402
 from tests.fakes.exl2_layers import exllamav2_matrix, quantized_layers, random_layer  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 
 
-def errors(x, layer, handle, want):
+def errors(x, layer, handle, want, launch=DEFAULT):
     """Largest error of ours and of exllamav2's, relative to the largest output."""
     from exllamav2.ext import exllamav2_ext as ext_c
 
     theirs = torch.empty((x.shape[0], want.shape[1]), dtype=torch.half, device="cuda")
     ext_c.gemm_half_q_half(x, handle, theirs, False)
-    ours = matmul(x, layer)
+    ours = matmul(x, layer, launch)
     top = want.abs().max()
     return float((ours.float() - want).abs().max() / top), float(
         (theirs.float() - want).abs().max() / top
@@ -98,3 +99,36 @@ def test_the_matmul_replays_from_a_cuda_graph():
     torch.cuda.synchronize()
     assert torch.equal(y, matmul(x, layer))
     assert torch.allclose(y.float(), x.float() @ weights, rtol=0, atol=4e-3 * y.abs().max())
+
+
+def test_every_launch_variant_that_fits_this_gpu_multiplies_right_and_row_by_row():
+    """Each variant the engine may choose, on layers whose K and N are no multiple of its step or
+    column block, with each width's groups of one size (as exllamav2's converter makes them) or
+    not; a variant needing more shared memory than this GPU has is skipped, as the engine does."""
+    from triton.runtime.errors import OutOfResources
+
+    layers = [
+        [(8, 64), (8, 64), (6, 32), (5, 128), (5, 128), (5, 96), (4, 128), (3, 64), (2, 32)],
+        [(6, 32), (6, 32), (4, 64), (4, 64), (4, 32)],
+    ]
+    ran = 0
+    for seed, groups in enumerate(layers):
+        tensors, height, weights = random_layer(seed, groups, 8 * 301, loaded=False, device="cuda")
+        handle, scratch = exllamav2_matrix(tensors)
+        layer = prepare(tensors, height)
+        x = torch.randn(MAX_ROWS, height, device="cuda").half()
+        for launch in LAUNCHES:
+            try:
+                together = matmul(x, layer, launch)
+            except OutOfResources:
+                continue
+            ran += 1
+            for rows in (1, 7):
+                want = x[:rows].float() @ weights
+                ours, theirs = errors(x[:rows], layer, handle, want, launch)
+                assert ours < 4e-3 and ours <= 2 * theirs + 1e-3, (launch, rows, ours, theirs)
+            for row in (0, 9, 15):
+                alone = matmul(x[row : row + 1].contiguous(), layer, launch)
+                assert torch.equal(alone, together[row : row + 1]), (launch, row)
+        del scratch
+    assert ran >= len(layers)  # the default fits every GPU the app runs on
