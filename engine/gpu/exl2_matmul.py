@@ -145,6 +145,7 @@ def prepare(tensors: dict[str, torch.Tensor], height: int) -> Exl2Weights:
         raise Unsupported(f"{height}x{width}: q_weight has 2^31 words or more")
     device = q_weight.device
     segments_ = _segments(tensors["q_groups"].cpu(), height, q_weight.shape[0])
+    _check_extents(tensors, segments_, height, width)
     perm = row_order(tensors, height).to(device=device, dtype=torch.int64) & 0xFFFF
     return Exl2Weights(
         q_weight=q_weight,
@@ -159,12 +160,31 @@ def prepare(tensors: dict[str, torch.Tensor], height: int) -> Exl2Weights:
     )
 
 
+def _check_extents(
+    tensors: dict[str, torch.Tensor], segments_: tuple[Segment, ...], height: int, width: int
+) -> None:
+    """Every word, scale and bias the kernel reads lies in its tensor (on a GPU a read past one
+    is an illegal address): a layer whose tensors disagree with its q_groups is refused."""
+    groups = tensors["q_groups"].numel() // 2
+    last = segments_[-1]
+    wants = {
+        "q_weight": (last.word + last.chunks * CHUNKS[last.bits][1], width),
+        "q_scale": (groups, width // 8),
+        "q_scale_max": (groups,),
+        "bias": (width,),
+    }
+    for name, shape in wants.items():
+        if name in tensors and tuple(tensors[name].shape) != shape:
+            got = tuple(tensors[name].shape)
+            raise Unsupported(f"{height}x{width}: {name} is {got}; its groups make it {shape}")
+
+
 def _segments(q_groups: torch.Tensor, height: int, words: int) -> tuple[Segment, ...]:
     """The groups, merged where consecutive ones have one width and one size of 32 times a
     power of 2 rows, and a group after them of that width is no larger."""
     merged: list[list[int]] = []  # bits, first row, rows, first word, first group, group rows
     for index, (bits, row, rows, word) in enumerate(segments(q_groups, height, words)):
-        if rows % TILE or bits not in CHUNKS:
+        if rows <= 0 or rows % TILE or bits not in CHUNKS:
             raise Unsupported(f"a group of {rows} rows at {bits} bits is not whole 32-row tiles")
         last = merged[-1] if merged else None
         size = last[5] if last else 0

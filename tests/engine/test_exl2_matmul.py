@@ -134,6 +134,14 @@ def test_layers_the_kernel_cannot_take_are_refused_with_the_reason():
     tensors, height, _ = random_layer(0, [(4, 48)], width=16)  # 48 rows: not whole 32-row tiles
     with pytest.raises(Unsupported, match="48 rows at 4 bits"):
         prepare(tensors, height)
+    tensors, height, _ = random_layer(0, [(6, 64), (4, 32)], width=16)
+    short = dict(tensors, q_scale=tensors["q_scale"][:1])  # its reads would leave the tensor
+    with pytest.raises(
+        Unsupported, match=r"96x16: q_scale is \(1, 2\); its groups make it \(2, 2\)"
+    ):
+        prepare(short, height)
+    with pytest.raises(Unsupported, match=r"q_weight is \(12, 16\); its groups make it \(16, 16\)"):
+        prepare(dict(tensors, q_weight=tensors["q_weight"][:-4]), height)
     tensors, height, _ = random_layer(0, [(4, 32)], width=16)
     with pytest.raises(ValueError, match="up to 16 contiguous rows of 32"):
         matmul(torch.zeros(17, 32).half(), prepare(tensors, height))
