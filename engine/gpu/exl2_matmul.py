@@ -54,7 +54,7 @@ class Launch:
     block_n: int  # output columns per program
     block_k: int  # input rows per step of a program (at least 16 chunks of the width)
     warps: int
-    stages: int  # steps in flight per program (Triton's software pipeline)
+    stages: int  # Triton's software pipeline: the loads of stages - 1 steps ahead in flight
     per_sm: int  # programs per multiprocessor that split-K aims to fill
 
     @property
@@ -103,8 +103,8 @@ def run_of(bits: int, value: int, piece: int) -> tuple[int, int, int, int]:
 
 @dataclass(frozen=True)
 class Segment:
-    """Consecutive groups of one width and one size (the last may be shorter): one launch. In
-    exllamav2's layers, as its converter makes them, one width's groups are all one size."""
+    """Consecutive groups of one width and one size (the last of them may be shorter): one
+    launch. In exllamav2's layers, as its converter makes them, a width's groups are one size."""
 
     bits: int
     chunks: int
@@ -128,7 +128,7 @@ class Exl2Weights:
     width: int
     segments: tuple[Segment, ...]
     nibbles: torch.Tensor  # (8,) int32: the shift of column n's scale in its word, for n % 8
-    order: torch.Tensor  # (K',) int64: the input row of each column of the gathered x (K' ≥ K)
+    order: torch.Tensor  # (K',) int32: the input row of each column of the gathered x (K' ≥ K)
 
 
 class Unsupported(ValueError):
@@ -156,7 +156,7 @@ def prepare(tensors: dict[str, torch.Tensor], height: int) -> Exl2Weights:
         width=width,
         segments=segments_,
         nibbles=torch.arange(0, 32, 4, dtype=torch.int32, device=device),
-        order=perm[_gather_rows(segments_).to(device)],
+        order=perm[_gather_rows(segments_).to(device)].int(),
     )
 
 
