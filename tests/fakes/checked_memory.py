@@ -55,13 +55,14 @@ def checked_memory() -> Iterator[list[str]]:
         if not inside.all():
             raise OutOfBounds(f"a {what} of {int((~inside).sum())} element(s) outside every tensor")
 
-    def load_checked(ptrs, mask, other, cache_policy, is_volatile):
+    # (the arguments after these differ between Triton versions)
+    def load_checked(ptrs, mask, *rest):
         check(ptrs, mask, "load")
-        return load(ptrs, mask, other, cache_policy, is_volatile)
+        return load(ptrs, mask, *rest)
 
-    def store_checked(ptrs, value, mask, cache_policy):
+    def store_checked(ptrs, value, mask, *rest):
         check(ptrs, mask, "store")
-        return store(ptrs, value, mask, cache_policy)
+        return store(ptrs, value, mask, *rest)
 
     interpreter.GridExecutor._init_args_hst = init_checked
     builder.create_masked_load, builder.create_masked_store = load_checked, store_checked
