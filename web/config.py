@@ -140,7 +140,9 @@ OPTIONS = (
            "(graphs need the `fp16` cache)"),
     Option("--no-custom-matmul", ("SC2_NO_CUSTOM_MATMUL",), bool, False,
            "keep exllamav2's EXL2 matmul in the decode graphs instead of ours (ours is used per "
-           "layer shape where, checked at load, it matches exllamav2's and is faster)"),
+           "layer shape where, checked at load, it matches exllamav2's and is faster; the first "
+           "load compiles it with Triton, a kernel per bit width and launch variant, which "
+           "Triton keeps in its cache, `~/.triton`, for the next)"),
     Option("--context", ("SC2_CONTEXT",), int, _BASE.context,
            f"context size in tokens ({MIN_CONTEXT}–{MAX_CONTEXT}, multiple of {CONTEXT_STEP})"),
     Option("--cache-mode", ("SC2_CACHE_MODE",), str, _BASE.cache_mode,
